@@ -1,0 +1,5 @@
+"""`python -m soragen`."""
+
+from soragen.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The `soragen` command: flags become config values, the library does the work.
+
+Every error a user can cause prints one line on stderr and exits with code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+try:  # recent typer vendors click; older releases use the click package
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
+
+from soragen.errors import UserError
+
+app = typer.Typer(
+    name="soragen",
+    help="Text-to-video from the command line: T5 text encoder, diffusion transformer, causal video VAE, MP4.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset to start from.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a config value, e.g. --set dit.depth=4 (repeatable).")
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """soragen: prompt -> T5 -> DiT over spacetime latent patches -> causal video VAE -> MP4."""
+    _state["debug"] = debug
+
+
+def _flag_values(**flags: Any) -> dict[str, Any]:
+    """Map CLI flags that were given to dotted config keys."""
+    keys = {
+        "seconds": "video.seconds", "fps": "video.fps", "width": "video.width", "height": "video.height",
+        "upscale": "video.upscale", "crf": "video.crf", "steps": "sampler.steps", "guidance": "sampler.guidance",
+        "negative_prompt": "sampler.negative_prompt", "sampler": "sampler.kind", "seed": "seed", "model": "model",
+    }
+    return {keys[name]: value for name, value in flags.items() if value is not None}
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
+    )
+
+
+def default_output(prompt: str, seed: int) -> Path:
+    """outputs/<prompt slug>_seed<seed>.mp4, numbered if that name is taken."""
+    from soragen.naming import slugify
+
+    folder = Path("outputs")
+    stem = f"{slugify(prompt)}_seed{seed}"
+    path = folder / f"{stem}.mp4"
+    n = 2
+    while path.exists() or path.with_suffix(".json").exists():
+        path = folder / f"{stem}_{n}.mp4"
+        n += 1
+    return path
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds.")] = None,
+    fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
+    upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = off).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the initial noise.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim or ddpm.")] = None,
+    crf: Annotated[Optional[int], typer.Option(help="H.264 quality, 0 (lossless) to 51.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="MP4 path (default: outputs/<prompt>_seed<seed>.mp4).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Generate a video from a text prompt."""
+    from soragen.config import load_config
+    from soragen.pipeline import Pipeline, check_prompt, plan_video
+    from soragen.video_io import check_writable, sidecar_path
+
+    prompt = check_prompt(prompt)
+    values = _flag_values(
+        seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model,
+    )
+    cfg = load_config(config, set_ or [], values)
+    plan_video(cfg)  # fail on a bad request before loading any model
+    output = output if output is not None else default_output(prompt, cfg.seed)
+    check_writable(output, overwrite)
+    check_writable(sidecar_path(output), overwrite)
+    pipe = Pipeline.from_config(cfg)
+    with _progress() as progress:
+        task = progress.add_task("denoising", total=cfg.sampler.steps)
+        sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
+    t = sidecar["timings_seconds"]
+    v = sidecar["video"]
+    typer.echo(
+        f"wrote {output} ({v['frames']} frames, {v['width']}x{v['height']} at {v['fps']} fps) in {sum(t.values()):.1f} s "
+        f"[text {t['text_encoding']:.2f} s, denoise {t['denoising']:.2f} s, decode {t['vae_decoding']:.2f} s, "
+        f"mp4 {t['mp4_encoding']:.2f} s]"
+    )
+
+
+@app.command()
+def info(
+    model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Describe the model: its config, parameters per part and the prompts it understands."""
+    from soragen.config import load_config
+    from soragen.pipeline import Pipeline
+
+    cfg = load_config(config, set_ or [], _flag_values(model=model))
+    pipe = Pipeline.from_config(cfg)
+    counts = pipe.parameter_counts()
+    typer.echo(f"model: {pipe.model_name}")
+    typer.echo("parameters:")
+    for part, n in counts.items():
+        typer.echo(f"  {part:<13} {n / 1e6:8.3f} M")
+    typer.echo(f"  {'total':<13} {sum(counts.values()) / 1e6:8.3f} M")
+    typer.echo("prompts it understands:")
+    if cfg.model is None:
+        typer.echo(
+            "  none: these are random, untrained weights (configs/tiny.yaml), so every prompt gives noise.\n"
+            "  They make every stage run end to end; train a model with `soragen train` and pass --model."
+        )
+    else:
+        from soragen.model_io import resolve_model
+
+        card = resolve_model(cfg.model) / "PROMPTS.txt"
+        typer.echo("  " + (card.read_text(encoding="utf-8").strip().replace("\n", "\n  ") if card.is_file() else "any text"))
+    typer.echo("config:")
+    typer.echo("  " + cfg.to_yaml().strip().replace("\n", "\n  "))
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("soragen")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for noisy in ("transformers", "diffusers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    _setup_logging()
+    args = sys.argv[1:] if argv is None else list(argv)
+    _state["debug"] = "--debug" in args
+    try:
+        result = app(args=args, prog_name="soragen", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.format_message() if hasattr(e, "format_message") else str(e), file=sys.stderr)
+        sys.exit(2)
+    except click_exc.UsageError as e:
+        hint = f" (see 'soragen {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.info_name != "soragen" else ""
+        _fail(f"{e.format_message()}{hint}")
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UserError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(str(e))
+    sys.exit(result if isinstance(result, int) else 0)

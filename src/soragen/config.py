@@ -1,0 +1,329 @@
+"""Typed, frozen configuration: the schema holds every default, YAML holds values.
+
+`load_config(path, overrides)` reads a YAML preset, applies dotted `--set key=value`
+overrides and validates once. Unknown keys fail naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from soragen.errors import UserError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+class TextEncoderConfig(_Frozen):
+    """Stage 1: prompt -> text tokens [B, L, D]."""
+
+    pretrained: str | None = None  # local folder or hub id of any T5 encoder (e.g. t5-v1_1-xxl), loaded frozen
+    max_length: int = 64  # text tokens kept per prompt (longer prompts are truncated with a warning)
+    # The small T5 built when `pretrained` is unset (ByT5 byte-level tokenizer, any language):
+    d_model: int = 64  # width of the T5 encoder
+    num_layers: int = 2  # T5 encoder blocks
+    num_heads: int = 4  # attention heads
+    d_kv: int = 16  # width of one head
+    d_ff: int = 128  # feed-forward width
+    trainable: bool = True  # train the small T5 together with the DiT (a pretrained T5 is always frozen)
+
+    @field_validator("max_length", "d_model", "num_layers", "num_heads", "d_kv", "d_ff")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+class VAEConfig(_Frozen):
+    """Stage 4: causal video VAE, frames [B, 3, 1+f*k, H, W] <-> latents [B, C, 1+k, H/s, W/s]."""
+
+    temporal_compression: int = 4  # f: frames per latent frame (after the first frame, which has its own)
+    spatial_compression: int = 8  # s: pixels per latent pixel along each side (a power of two)
+    latent_channels: int = 8  # C: channels of the KL latent
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # per-frame encoder widths, one per resolution (full, /2, /4, ...)
+    temporal_channels: int = 128  # width of the causal temporal layers at the latent resolution
+    temporal_blocks: int = 1  # causal temporal residual blocks in the encoder and in the decoder
+    latent_mean: tuple[float, ...] | None = None  # per-channel latent statistics for normalising before diffusion
+    latent_std: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEConfig":
+        s = self.spatial_compression
+        if s < 1 or s & (s - 1):
+            raise ValueError(f"vae.spatial_compression must be a power of two (1, 2, 4, 8, 16), got {s}")
+        levels = int(math.log2(s))
+        if len(self.channels) != levels + 1:
+            raise ValueError(
+                f"vae.channels needs {levels + 1} entries for spatial_compression {s} "
+                f"(one per resolution), got {len(self.channels)}"
+            )
+        if self.temporal_compression < 1:
+            raise ValueError(f"vae.temporal_compression must be >= 1, got {self.temporal_compression}")
+        for name in ("latent_mean", "latent_std"):
+            stats = getattr(self, name)
+            if stats is not None and len(stats) != self.latent_channels:
+                raise ValueError(
+                    f"vae.{name} needs {self.latent_channels} values (vae.latent_channels), got {len(stats)}"
+                )
+        return self
+
+
+class DiTConfig(_Frozen):
+    """Stage 3: diffusion transformer over spacetime latent patches."""
+
+    width: int = 128  # D: token width
+    depth: int = 2  # transformer blocks
+    heads: int = 4  # attention heads (width must divide by heads)
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # latent frames x latent rows x latent cols per token
+    pooled_text: bool = True  # add the mean text embedding to the timestep conditioning (adaLN)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiTConfig":
+        if self.width % self.heads:
+            raise ValueError(f"dit.width ({self.width}) must be divisible by dit.heads ({self.heads})")
+        if min(self.patch_size) < 1:
+            raise ValueError(f"dit.patch_size entries must be >= 1, got {list(self.patch_size)}")
+        if self.depth < 1:
+            raise ValueError(f"dit.depth must be >= 1, got {self.depth}")
+        return self
+
+
+class SamplerConfig(_Frozen):
+    """The diffusers scheduler and the denoising loop."""
+
+    kind: Literal["ddim", "ddpm"] = "ddim"  # which diffusers scheduler samples
+    steps: int = 20  # denoising steps
+    guidance: float = 4.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = ""  # text steered away from (the empty prompt is the unconditional input)
+    num_train_timesteps: int = 1000  # length of the training noise schedule
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    rescale_betas_zero_snr: bool = True  # Lin et al. 2023: the last step starts from pure noise
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if not 1 <= v <= 1000:
+            raise ValueError(f"must be between 1 and 1000, got {v}")
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"must be a finite number >= 0, got {v}")
+        return v
+
+
+class VideoConfig(_Frozen):
+    """What to generate."""
+
+    seconds: float = 2.0  # duration
+    fps: int = 8  # frames per second of the model and of the output
+    width: int = 64  # generated width in pixels (a multiple of vae.spatial_compression x dit.patch_size)
+    height: int = 64  # generated height in pixels
+    upscale: int = 1  # integer factor the frames are enlarged by for viewing (nearest neighbour)
+    crf: int = 18  # H.264 quality (0 = lossless .. 51 = worst)
+    max_seconds: float = 3600.0  # longest video accepted
+
+
+class Config(_Frozen):
+    """Everything that defines a run; written beside every output and in every checkpoint."""
+
+    model: str | None = None  # model folder with trained weights; None = random weights (testing only)
+    seed: int = 0  # seed of the initial noise (and of weight initialisation when model is None)
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    vae: VAEConfig = VAEConfig()
+    dit: DiTConfig = DiTConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    video: VideoConfig = VideoConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON/YAML values."""
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        """The config as YAML text, loadable with `load_config`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved config."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.append(key)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += valid_keys(sub, key + ".")
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(Config.model_fields)}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    for key, value in data.items():
+        if key not in model.model_fields:
+            raise _unknown_key(prefix + key)
+        sub = model.model_fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{prefix}{key}' is a section; give it a mapping, not {value!r}")
+            _check_keys(value, sub, prefix + key + ".")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], parsed value); values are YAML scalars or lists."""
+    if "=" not in text:
+        raise UserError(f"--set expects key.path=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise UserError(f"--set expects key.path=value with a non-empty dotted key, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text as a string, validation judges it
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set data[p0][p1]...[pn] = value, checking each key against the schema."""
+    model: type[BaseModel] = Config
+    node = data
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if part not in model.model_fields:
+            raise _unknown_key(dotted)
+        sub = model.model_fields[part].annotation
+        last = i == len(parts) - 1
+        is_section = isinstance(sub, type) and issubclass(sub, BaseModel)
+        if last:
+            if is_section and not isinstance(value, dict):
+                raise UserError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{dotted}.<key>=...'")
+            node[part] = value
+        else:
+            if not is_section:
+                raise UserError(f"config key '{dotted}' is a value, not a section; cannot set '{'.'.join(parts)}'")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"config key '{dotted}' is a section; give it a mapping")
+            model = sub
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with safe_load, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"config file {path} is malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys (e.g. 'dit: {{depth: 4}}'), got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """Validate a nested mapping into a Config, with one-line errors."""
+    _check_keys(data, Config)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise UserError(f"config key '{key}': {msg}{shown}" if key else msg) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Load a YAML preset (or the defaults), apply `key.path=value` overrides, then typed
+    `values` ({"video.seconds": 2.0}, as CLI flags give them), and validate once."""
+    data = read_yaml(Path(path)) if path is not None else {}
+    _check_keys(data, Config)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    for key, value in (values or {}).items():
+        apply_override(data, key.split("."), value)
+    model = data.get("model", Config.model_fields["model"].default)
+    if model is not None:
+        # Layers: schema defaults < the model folder's own config < the file < --set.
+        from soragen.model_io import model_config_data
+
+        if not isinstance(model, str):
+            raise UserError(f"config key 'model' must be a folder path or 'builtin', got {model!r}")
+        base = model_config_data(model)
+        _check_keys(base, Config)
+        data = merge(base, data)
+        data["model"] = model
+    return build_config(data)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values in `top` win."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def update(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of cfg with some fields of some sections replaced, validated again."""
+    data = cfg.to_dict()
+    for section, values in sections.items():
+        if isinstance(data.get(section), dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    return build_config(data)

@@ -1,0 +1,239 @@
+"""Stage 3 model: the diffusion transformer over spacetime latent patches.
+
+Latents [B, C, T, H, W] are cut into patches of pt x ph x pw and become tokens
+[B, N, D] ordered (t, h, w). Positions are factorised 3D sin-cos computed from the
+token grid, so any duration, resolution and aspect ratio works. Each block is
+adaLN-Zero self-attention (Peebles & Xie 2023, DiT, sec. 3.2), cross-attention to the
+text tokens with their padding mask (PixArt-alpha, Chen et al. 2023), and an MLP. The
+diffusion timestep is given per latent frame, so context frames can be clean while
+the others are denoised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from soragen.config import DiTConfig
+
+
+# ---------------------------------------------------------------------------
+# Embedding helpers
+# ---------------------------------------------------------------------------
+
+
+def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sin-cos features of x [...] -> [..., dim] (Vaswani et al. 2017, sec. 3.5); dim must be even."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = x.float()[..., None] * freqs  # (..., dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (..., dim)
+
+
+def position_embedding_3d(t: int, h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """Factorised 3D sin-cos positions for a t x h x w token grid -> [t*h*w, dim].
+
+    A quarter of the channels encode time, the rest split between rows and columns.
+    """
+    d_t = 2 * (dim // 8)
+    d_h = 2 * ((dim - d_t) // 4)
+    d_w = dim - d_t - d_h
+    d_w -= d_w % 2
+    gt, gh, gw = torch.meshgrid(
+        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
+    emb = torch.cat(
+        [sinusoidal(gt.flatten(), d_t), sinusoidal(gh.flatten(), d_h), sinusoidal(gw.flatten(), d_w)], dim=-1
+    )  # (N, d_t + d_h + d_w)
+    return F.pad(emb, (0, dim - emb.shape[-1]))  # (N, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, per token-frame. x [B, Tf, S, D]; shift, scale [B, Tf, 1, D]."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep(s) [...] -> conditioning vectors [..., D] (sinusoidal features, then an MLP)."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal(t, self.freq_dim))
+
+
+# ---------------------------------------------------------------------------
+# Attention and the block
+# ---------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all tokens (torch SDPA) with RMS-normalised queries and keys."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
+
+
+class CrossAttention(nn.Module):
+    """Tokens attend to the text tokens; padded text positions are masked out."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, h, N, d)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)  # (B, h, L, d)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): True = attend
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.cross = CrossAttention(width, heads)
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, Tf, S, D] tokens grouped by token-frame; c [B, Tf, 1, D] conditioning per token-frame."""
+        b, tf, s, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, Tf, 1, D) each
+        h = modulate(self.norm1(x), shift1, scale1).reshape(b, tf * s, d)  # (B, N, D)
+        x = x + gate1 * self.attn(h).view(b, tf, s, d)
+        x = x + self.cross(self.norm2(x).reshape(b, tf * s, d), text, mask).view(b, tf, s, d)
+        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return x  # (B, Tf, S, D)
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Denoiser: noisy latents [B, C, T, H, W], per-frame timesteps [B, T], text -> prediction [B, C, T, H, W]."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        width = cfg.width
+        pt, ph, pw = cfg.patch_size
+        patch_dim = in_channels * pt * ph * pw
+        self.x_embedder = nn.Linear(patch_dim, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
+        self.pool_embedder = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) if cfg.pooled_text else None
+        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.proj_out = nn.Linear(width, patch_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """All initialisation in one place (DiT, Peebles & Xie 2023)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Timestep MLP: small normal weights, as in DiT.
+        for layer in self.t_embedder.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity (shift = scale = gate = 0).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+        # Output: zero modulation and zero projection, so the initial prediction is 0.
+        nn.init.zeros_(self.adaLN_out[-1].weight)
+        nn.init.zeros_(self.adaLN_out[-1].bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    # -- patching -------------------------------------------------------------
+
+    def check_grid(self, t: int, h: int, w: int) -> None:
+        """Raise if a latent grid does not divide into patches."""
+        pt, ph, pw = self.cfg.patch_size
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid {t}x{h}x{w} (T x H x W) must divide by the patch size {pt}x{ph}x{pw}")
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> patches [B, N, C*pt*ph*pw], tokens ordered (t, h, w)."""
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+    def unpatchify(self, x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+        """Patches [B, N, C*pt*ph*pw] -> latents [B, C, T, H, W]; t, h, w count tokens per axis."""
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(
+            x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
+        )
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict for noisy latents x [B, C, T, H, W] at timesteps [B, T] (or [B]) given text [B, L, Dt], mask [B, L]."""
+        b, _, t, h, w = x.shape
+        self.check_grid(t, h, w)
+        pt, ph, pw = self.cfg.patch_size
+        gt, gh, gw = t // pt, h // ph, w // pw  # token grid
+        if timesteps.ndim == 1:
+            timesteps = timesteps[:, None].expand(b, t)  # (B, T)
+
+        # 1. Tokens with 3D positions.
+        tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
+        tokens = tokens + position_embedding_3d(gt, gh, gw, self.cfg.width, x.device).to(tokens.dtype)
+        tokens = tokens.view(b, gt, gh * gw, -1)  # (B, Tf, S, D)
+
+        # 2. Conditioning per token-frame: its timestep (averaged over the frames of a temporal patch) + pooled text.
+        c = self.t_embedder(timesteps)  # (B, T, D)
+        c = c.view(b, gt, pt, -1).mean(dim=2)  # (B, Tf, D)
+        y = self.y_embedder(text)  # (B, L, D)
+        if self.pool_embedder is not None:
+            m = text_mask[..., None].to(y.dtype)  # (B, L, 1)
+            pooled = (y * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+            c = c + self.pool_embedder(pooled)[:, None]  # (B, Tf, D)
+        c = c[:, :, None]  # (B, Tf, 1, D)
+
+        # 3. Blocks.
+        for block in self.blocks:
+            tokens = block(tokens, c, y, text_mask)  # (B, Tf, S, D)
+
+        # 4. Output: adaLN, project to patches, fold back.
+        shift, scale = self.adaLN_out(c).chunk(2, dim=-1)  # (B, Tf, 1, D) each
+        out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # (B, Tf, S, C*pt*ph*pw)
+        return self.unpatchify(out.view(b, gt * gh * gw, -1), gt, gh, gw)  # (B, C, T, H, W)

@@ -1,0 +1,128 @@
+"""Model folders: weights in safetensors, in the diffusers pipeline layout.
+
+    model_index.json            what each subfolder holds
+    soragen.yaml                the resolved config the model was built with
+    transformer/                DiT: config.json + diffusion_pytorch_model.safetensors
+    vae/                        VideoVAE: config.json + diffusion_pytorch_model.safetensors
+    text_encoder/, tokenizer/   T5 (save_pretrained, safetensors) and its tokenizer
+    scheduler/                  the diffusers scheduler config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from soragen.config import Config, read_yaml
+from soragen.errors import UserError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+BUILTIN_DIR = Path(__file__).parent / "weights"
+BUILTIN_NAME = "builtin"
+
+
+def builtin_path() -> Path:
+    """Folder of the built-in model shipped inside the package."""
+    return BUILTIN_DIR / "shapes"
+
+
+def resolve_model(name: str) -> Path:
+    """A model name ('builtin') or folder -> the folder, checked to look like a soragen model."""
+    path = builtin_path() if name == BUILTIN_NAME else Path(name).expanduser()
+    if not path.is_dir():
+        hint = " (the built-in model is not installed in this package)" if name == BUILTIN_NAME else ""
+        raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")
+    if not (path / "soragen.yaml").is_file():
+        raise UserError(f"{path} is not a soragen model folder: soragen.yaml is missing")
+    return path
+
+
+def model_config_data(name: str) -> dict[str, Any]:
+    """The config mapping stored in a model folder (its architecture and recommended settings)."""
+    return read_yaml(resolve_model(name) / "soragen.yaml")
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename it into place."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into `module`, naming any missing, unexpected or mis-shaped tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"weights file {path} is empty; re-export or re-download the model")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights file {path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise UserError(f"weights file {path} lacks tensor '{missing[0]}' ({len(missing)} missing); it does not match the config")
+    if unexpected:
+        raise UserError(f"weights file {path} has unexpected tensor '{unexpected[0]}'; it does not match the config")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(
+                f"weights file {path}: tensor '{key}' has shape {tuple(tensor.shape)} but the config "
+                f"needs {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.Module, scheduler) -> None:
+    """Write a complete model folder; assembled in a temporary folder and renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        stored = cfg.model_copy(update={"model": None})
+        (tmp / "soragen.yaml").write_text(stored.to_yaml(), encoding="utf-8")
+        index = {
+            "_class_name": "SoragenPipeline",
+            "transformer": ["soragen.dit", "DiT"],
+            "vae": ["soragen.vae", "VideoVAE"],
+            "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", type(text_encoder.tokenizer).__name__],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for sub, module, section in (("transformer", dit, cfg.dit), ("vae", vae, cfg.vae)):
+            save_file_atomic(module.state_dict(), tmp / sub / WEIGHTS)
+            (tmp / sub / "config.json").write_text(section.model_dump_json(indent=2) + "\n")
+        text_encoder.save(tmp / "text_encoder", tmp / "tokenizer")
+        scheduler.save_pretrained(tmp / "scheduler")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

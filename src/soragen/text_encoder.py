@@ -1,0 +1,110 @@
+"""Stage 1: prompts -> text tokens [B, L, D] and their padding mask [B, L].
+
+A pretrained T5 encoder (for example google/t5-v1_1-xxl) loads from a local folder or
+hub id and stays frozen. Without one, a small T5 with the byte-level ByT5 tokenizer is
+built from the config: no vocabulary file, every language, trained with the DiT.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soragen.config import TextEncoderConfig
+from soragen.errors import UserError
+
+log = logging.getLogger("soragen")
+
+
+class TextEncoder(nn.Module):
+    """A T5 encoder and its tokenizer behind one call: list of prompts -> (tokens, mask)."""
+
+    def __init__(self, t5: nn.Module, tokenizer, max_length: int, trainable: bool):
+        super().__init__()
+        self.t5 = t5
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.t5.requires_grad_(trainable)
+        if not trainable:
+            self.t5.eval()
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: TextEncoderConfig) -> "TextEncoder":
+        """A randomly initialised small T5 with the ByT5 byte tokenizer (or the pretrained one if named)."""
+        if cfg.pretrained is not None:
+            return cls.from_pretrained(cfg.pretrained, cfg.max_length)
+        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+        tokenizer = ByT5Tokenizer()
+        t5_cfg = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.d_model,
+            d_kv=cfg.d_kv,
+            d_ff=cfg.d_ff,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+        return cls(T5EncoderModel(t5_cfg), tokenizer, cfg.max_length, trainable=cfg.trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, max_length: int, *, tokenizer_path: str | Path | None = None, trainable: bool = False
+    ) -> "TextEncoder":
+        """Load a T5 encoder (safetensors only) and its tokenizer from a folder or hub id."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tok_source = tokenizer_path if tokenizer_path is not None else path
+        try:
+            t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"cannot load the T5 text encoder from '{path}': {first} "
+                "(expected a folder with config.json and model.safetensors, as written by save_pretrained)"
+            ) from None
+        return cls(t5, tokenizer, max_length, trainable=trainable)
+
+    def save(self, text_encoder_dir: Path, tokenizer_dir: Path) -> None:
+        """Write the T5 (safetensors) and its tokenizer in the Hugging Face layout."""
+        self.t5.save_pretrained(text_encoder_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(tokenizer_dir)
+
+    # -- use ----------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """D: width of the text tokens."""
+        return self.t5.config.d_model
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask [B, L], truncated to max_length with a warning."""
+        full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        for prompt, ids in zip(prompts, full):
+            if len(ids) > self.max_length:
+                log.warning(
+                    "prompt truncated to the text encoder's limit of %d tokens (it had %d): '%s...'",
+                    self.max_length, len(ids), prompt[:40],
+                )
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return batch["input_ids"], batch["attention_mask"].bool()
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts: tokens [B, L, D] (padding zeroed) and mask [B, L] (True = real token)."""
+        ids, mask = self.tokenize(prompts)  # (B, L), (B, L)
+        device = next(self.t5.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        tokens = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        tokens = tokens * mask[..., None]  # padding never leaks into pooled text
+        return tokens, mask

@@ -1,0 +1,121 @@
+"""The CLI end to end: real ffmpeg, real files, read back with imageio."""
+
+import json
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import pytest
+
+from soragen.cli import main
+
+from conftest import tiny_config
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config().to_yaml())
+    return path
+
+
+def read_video(path):
+    reader = imageio.get_reader(path)
+    meta = reader.get_meta_data()
+    frames = [f for f in reader]
+    reader.close()
+    return meta, frames
+
+
+@pytest.mark.parametrize("seconds, fps, width, height", [(2, 8, 64, 64), (1.5, 6, 96, 48)])
+def test_generate_writes_requested_video(tmp_path, tiny_yaml, capsys, seconds, fps, width, height):
+    out = tmp_path / "a.mp4"
+    code, stdout, _ = run_cli(["generate", "a red ball", "--config", str(tiny_yaml), "--seconds", str(seconds),
+                               "--fps", str(fps), "--width", str(width), "--height", str(height), "--output", str(out)], capsys)
+    assert code == 0, stdout
+    meta, frames = read_video(out)
+    assert len(frames) == round(seconds * fps)
+    assert meta["fps"] == fps
+    assert frames[0].shape == (height, width, 3)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["prompt"] == "a red ball" and sidecar["seed"] == 0
+    assert set(sidecar["timings_seconds"]) == {"text_encoding", "denoising", "vae_decoding", "mp4_encoding"}
+    assert sidecar["config"]["video"]["fps"] == fps and sidecar["soragen_version"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_generate_chinese_and_upscale(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "b.mp4"
+    code, _, _ = run_cli(["generate", "一位时尚的女士漫步在东京的街道", "--config", str(tiny_yaml), "--seconds", "1",
+                          "--upscale", "2", "--output", str(out)], capsys)
+    assert code == 0
+    meta, frames = read_video(out)
+    assert len(frames) == 8 and frames[0].shape == (128, 128, 3)
+
+
+def test_same_seed_same_frames(tmp_path, tiny_yaml, capsys):
+    paths = [tmp_path / f"{i}.mp4" for i in range(3)]
+    for path, seed in zip(paths, (5, 5, 6)):
+        assert run_cli(["generate", "a red ball", "-c", str(tiny_yaml), "--seed", str(seed), "-o", str(path)], capsys)[0] == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[0].read_bytes() != paths[2].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "   "], "prompt is empty"),
+        (["generate", "x", "--seconds", "-1"], "--seconds must be a positive"),
+        (["generate", "x", "--seconds", "0"], "--seconds must be a positive"),
+        (["generate", "x", "--seconds", "nan"], "--seconds must be a positive"),
+        (["generate", "x", "--seconds", "inf"], "--seconds must be a positive"),
+        (["generate", "x", "--seconds", "1e9"], "above the maximum"),
+        (["generate", "x", "--width", "70"], "nearest: 64 or 80"),
+        (["generate", "x", "--fps", "0"], "--fps must be between"),
+        (["generate", "x", "--set", "dit.depthh=3"], "did you mean 'dit.depth'"),
+        (["generate", "x", "--config", "missing.yaml"], "config file not found"),
+        (["generate", "x", "--sampler", "euler"], "'ddim' or 'ddpm'"),
+        (["generate", "x", "--seconds", "abc"], "--seconds"),
+        (["generate", "x", "--no-such-flag"], "No such option"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_existing_output_refused_then_overwritten(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "a.mp4"
+    out.write_bytes(b"precious")
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == b"precious"
+    code, _, _ = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(out), "--overwrite"], capsys)
+    assert code == 0 and out.read_bytes() != b"precious"
+
+
+def test_info_describes_model(capsys):
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    assert "dit" in out and "parameters" in out and "random" in out
+
+
+def test_console_script_and_module_entry(tmp_path):
+    """`python -m soragen` is a real process with a real exit code."""
+    proc = subprocess.run([sys.executable, "-m", "soragen", "generate", "x", "--seconds", "-1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --seconds must be a positive number of seconds, got -1.0"

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from soragen.config import Config, load_config, valid_keys
+from soragen.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_frozen():
+    cfg = load_config()
+    assert cfg == Config()
+    with pytest.raises(Exception):
+        cfg.seed = 3
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dit:\n  depth: 3\nsampler:\n  kind: ddpm\n")
+    cfg = load_config(path, ["dit.width=64", "dit.patch_size=[1,1,1]", "sampler.negative_prompt=blurry"])
+    assert cfg.dit.depth == 3 and cfg.dit.width == 64 and cfg.dit.patch_size == (1, 1, 1)
+    assert cfg.sampler.kind == "ddpm" and cfg.sampler.negative_prompt == "blurry"
+    # typed values (CLI flags) win over --set
+    cfg = load_config(path, ["video.seconds=3"], {"video.seconds": 5.0})
+    assert cfg.video.seconds == 5.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["dit.depth=4", "seed=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert cfg.digest() == load_config(path).digest()
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("dit.depthh=3", "did you mean 'dit.depth'"),
+        ("sampler.stepz=3", "did you mean 'sampler.steps'"),
+        ("vidoe.fps=3", "did you mean 'video'"),
+        ("dit.depth=abc", "dit.depth"),
+        ("dit.width=30", "divisible by dit.heads"),
+        ("sampler.kind=euler", "'ddim' or 'ddpm'"),
+        ("dit=3", "is a section"),
+        ("seed.x=1", "is a value, not a section"),
+        ("novalue", "key.path=value"),
+        ("vae.spatial_compression=6", "power of two"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, fragment):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file_names_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dit:\n  dpeth: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'dit.dpeth'; did you mean 'dit.depth'"):
+        load_config(path)
+
+
+def test_malformed_yaml_gives_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dit:\n  depth: 3\n  width: [1, 2\n")
+    with pytest.raises(UserError, match=r"malformed YAML at line \d+"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="config file not found"):
+        load_config("does-not-exist.yaml")
+
+
+def test_valid_keys_lists_sections_and_fields():
+    keys = valid_keys()
+    assert "dit" in keys and "dit.depth" in keys and "sampler.kind" in keys
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_validates(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from soragen.config import DiTConfig
+from soragen.dit import DiT, position_embedding_3d
+
+
+def make(patch=(1, 2, 2), **kw) -> DiT:
+    torch.manual_seed(0)
+    return DiT(DiTConfig(width=32, depth=2, heads=2, patch_size=patch, **kw), in_channels=4, text_dim=16).eval()
+
+
+def text(b=1, length=6, real=4):
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[:, :real] = True
+    return torch.randn(b, length, 16) * mask[..., None], mask
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2), (1, 1, 1)])
+def test_patchify_round_trip(patch):
+    dit = make(patch)
+    x = torch.randn(2, 4, 4, 6, 8)
+    tokens = dit.patchify(x)
+    pt, ph, pw = patch
+    assert tokens.shape == (2, (4 // pt) * (6 // ph) * (8 // pw), 4 * pt * ph * pw)
+    assert torch.equal(dit.unpatchify(tokens, 4 // pt, 6 // ph, 8 // pw), x)
+
+
+@pytest.mark.parametrize("t, h, w", [(1, 8, 8), (5, 8, 8), (9, 4, 12), (3, 12, 4), (17, 2, 2)])
+def test_any_duration_resolution_aspect(t, h, w):
+    dit = make()
+    for p in dit.proj_out.parameters():  # leave zero-init so the output depends on the input
+        torch.nn.init.normal_(p, std=0.02)
+    for block in dit.blocks:
+        torch.nn.init.normal_(block.adaLN[-1].weight, std=0.02)
+    y, m = text(2)
+    x = torch.randn(2, 4, t, h, w)
+    out = dit(x, torch.randint(0, 1000, (2, t)), y, m)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_zero_initialised_output():
+    dit = make()
+    y, m = text()
+    out = dit(torch.randn(1, 4, 3, 4, 4), torch.tensor([500]), y, m)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_bad_grid_is_a_clear_error():
+    dit = make((2, 2, 2))
+    y, m = text()
+    with pytest.raises(ValueError, match="must divide by the patch size"):
+        dit(torch.randn(1, 4, 3, 4, 4), torch.tensor([1]), y, m)
+
+
+def _trained_like(dit):
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return dit
+
+
+@torch.no_grad()
+def test_timestep_is_per_frame():
+    """Changing only frame 0's timestep changes the prediction; per-frame and scalar timesteps agree."""
+    dit = _trained_like(make())
+    y, m = text()
+    x = torch.randn(1, 4, 3, 4, 4)
+    same = dit(x, torch.tensor([[300, 300, 300]]), y, m)
+    torch.testing.assert_close(same, dit(x, torch.tensor([300]), y, m))
+    ctx = dit(x, torch.tensor([[0, 300, 300]]), y, m)
+    assert not torch.allclose(ctx, same)
+
+
+@torch.no_grad()
+def test_padding_tokens_are_ignored():
+    dit = _trained_like(make())
+    y, m = text(real=3)
+    x = torch.randn(1, 4, 2, 4, 4)
+    out = dit(x, torch.tensor([100]), y, m)
+    y2 = y.clone()
+    y2[:, 3:] = torch.randn_like(y2[:, 3:]) * 10  # change only padded positions
+    torch.testing.assert_close(dit(x, torch.tensor([100]), y2, m), out)
+
+
+def test_positions_distinguish_every_token():
+    pos = position_embedding_3d(3, 4, 5, 32)
+    assert pos.shape == (60, 32)
+    assert torch.cdist(pos, pos).add(torch.eye(60) * 1e3).min() > 1e-3

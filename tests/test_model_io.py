@@ -1,0 +1,76 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from soragen.config import load_config
+from soragen.errors import UserError
+from soragen.model_io import WEIGHTS, load_weights, save_model
+from soragen.pipeline import Pipeline
+from soragen.sampler import make_scheduler
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def folder(tmp_path):
+    cfg = tiny_config()
+    pipe = Pipeline.from_config(cfg)
+    for p in pipe.dit.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    save_model(tmp_path / "m", cfg, pipe.text_encoder, pipe.vae, pipe.dit, make_scheduler(cfg.sampler))
+    return tmp_path / "m", pipe
+
+
+def test_model_folder_layout_and_round_trip(folder):
+    path, pipe = folder
+    for name in ("model_index.json", "soragen.yaml", f"transformer/{WEIGHTS}", f"vae/{WEIGHTS}",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+        assert (path / name).is_file(), name
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+    cfg = load_config(None, [f"model={path}"])
+    assert cfg.dit.width == 32  # architecture comes from the folder
+    loaded = Pipeline.from_config(cfg)
+    for a, b in zip(loaded.dit.state_dict().values(), pipe.dit.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_encoder(["hi"])[0], pipe.text_encoder(["hi"])[0])
+
+
+def test_mismatched_weights_name_tensor_and_shapes(folder):
+    path, _ = folder
+    with pytest.raises(UserError, match=r"tensor '.*' has shape \(.*\) but the config needs \(.*\)"):
+        Pipeline.from_config(load_config(None, [f"model={path}", "dit.width=64"]))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "missing"])
+def test_broken_weights_are_clear_errors(folder, damage):
+    path, pipe = folder
+    file = path / "vae" / WEIGHTS
+    data = file.read_bytes()
+    match damage:
+        case "empty":
+            file.write_bytes(b"")
+        case "truncated":
+            file.write_bytes(data[: len(data) // 2])
+        case "garbage":
+            file.write_bytes(b"\x00\xff" * 100)
+        case "missing":
+            file.unlink()
+    with pytest.raises(UserError) as err:
+        load_weights(pipe.vae, file)
+    assert str(file) in str(err.value)
+
+
+def test_missing_tensor_named(tmp_path, folder):
+    _, pipe = folder
+    state = dict(pipe.vae.state_dict())
+    name = sorted(state)[0]
+    del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    with pytest.raises(UserError, match=f"lacks tensor '{name}'"):
+        load_weights(pipe.vae, tmp_path / "w.safetensors")
+
+
+def test_unknown_model_folder():
+    with pytest.raises(UserError, match="model folder not found"):
+        load_config(None, ["model=/nonexistent/model"])

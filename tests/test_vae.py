@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from soragen.config import VAEConfig
+from soragen.vae import VideoVAE, frames_for, latent_frames_for
+
+CFG = VAEConfig(channels=(8, 8, 16, 16), temporal_channels=32, latent_channels=4, temporal_blocks=2)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return VideoVAE(CFG).eval()
+
+
+def test_frame_counts():
+    assert latent_frames_for(1, 4) == 1 and latent_frames_for(17, 4) == 5
+    assert frames_for(5, 4) == 17
+    with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
+        latent_frames_for(16, 4)
+
+
+def test_shapes(vae):
+    x = torch.rand(2, 3, 9, 32, 48) * 2 - 1
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, 3, 4, 6)
+    assert vae.decode(mean).shape == (2, 3, 9, 32, 48)
+
+
+@torch.no_grad()
+def test_encoder_is_causal(vae):
+    """Changing frame j changes no latent frame before the one that holds j."""
+    x = torch.rand(1, 3, 13, 32, 32) * 2 - 1
+    base, _ = vae.encode(x)
+    for j in (0, 1, 4, 5, 12):
+        y = x.clone()
+        y[:, :, j] = torch.rand_like(y[:, :, j])
+        changed, _ = vae.encode(y)
+        window = 0 if j == 0 else 1 + (j - 1) // 4
+        assert torch.equal(changed[:, :, :window], base[:, :, :window]), j
+        assert not torch.allclose(changed[:, :, window], base[:, :, window])
+
+
+@torch.no_grad()
+def test_decoder_is_causal(vae):
+    z = torch.randn(1, 4, 4, 4, 4)
+    frames = vae.decode(z)
+    z2 = z.clone()
+    z2[:, :, 2] += 1.0
+    frames2 = vae.decode(z2)
+    first_affected = frames_for(3, 4) - 4  # latent 2 holds frames 5..8
+    assert torch.equal(frames[:, :, :first_affected], frames2[:, :, :first_affected])
+    assert not torch.allclose(frames[:, :, first_affected], frames2[:, :, first_affected])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1, 1), (2, 3, 1), (4, 2), (3, 3)])
+def test_windowed_decoding_equals_full(vae, sizes):
+    z = torch.randn(1, 4, 6, 4, 4)
+    full = vae.decode(z)
+    bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
+    windows = [z[:, :, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = list(vae.decode_windows(windows))
+    assert [p.shape[2] for p in parts] == [1 + 4 * (sizes[0] - 1)] + [4 * s for s in sizes[1:]]
+    torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=1e-5, rtol=1e-4)
+
+
+def test_other_compressions():
+    cfg = VAEConfig(temporal_compression=2, spatial_compression=4, channels=(8, 8, 8), temporal_channels=16, latent_channels=3)
+    vae = VideoVAE(cfg)
+    x = torch.zeros(1, 3, 7, 16, 16)
+    mean, _ = vae.encode(x)
+    assert mean.shape == (1, 3, 4, 4, 4)
+    assert vae.decode(mean).shape == x.shape
+
+
+def test_normalisation_round_trip():
+    cfg = CFG.model_copy(update={"latent_mean": (0.1, 0.2, 0.3, 0.4), "latent_std": (1.0, 2.0, 3.0, 4.0)})
+    vae = VideoVAE(cfg)
+    z = torch.randn(1, 4, 2, 3, 3)
+    torch.testing.assert_close(vae.denormalize(vae.normalize(z)), z)
