@@ -160,6 +160,55 @@ def info(
     typer.echo("  " + cfg.to_yaml().strip().replace("\n", "\n  "))
 
 
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in train.output_dir from its newest checkpoint.")] = False,
+) -> None:
+    """Train a model (VAE, then DiT with the small T5) with HF accelerate; see configs/default.yaml."""
+    from soragen.config import load_config
+    from soragen.train import train as run_training
+
+    cfg = load_config(config, set_ or [])
+    with _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, step: int, total: int, metrics: dict[str, float]) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "psnr", "samples_per_s", "clips_per_s") if k in metrics)
+            progress.update(tasks[stage], completed=step, description=f"{stage} {shown}")
+
+        out = run_training(cfg, resume=resume, progress=report)
+    typer.echo(f"done: {out}")
+
+
+dataset_app = typer.Typer(help="Write training datasets.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("shapes")
+def dataset_shapes(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write videos/ and manifest.jsonl into.")],
+    num: Annotated[int, typer.Option("--num", help="Number of clips.")],
+    seconds: Annotated[float, typer.Option(help="Seconds per clip.")] = 4.0,
+    seed: Annotated[int, typer.Option(help="Seed of the scenes and captions.")] = 0,
+    held_out: Annotated[bool, typer.Option("--held-out", help="Only scenes with held-out combinations (for evaluation).")] = False,
+    chinese: Annotated[float, typer.Option(help="Share of captions in Chinese.")] = 0.0,
+) -> None:
+    """Render a Shapes World dataset (WORLD.md): lossless videos plus manifest.jsonl."""
+    from soragen.data.clips import MANIFEST, write_shapes_dataset
+
+    if (out / MANIFEST).exists():
+        raise UserError(f"{out / MANIFEST} already exists; choose an empty --out folder")
+    with _progress() as progress:
+        task = progress.add_task("rendering", total=num)
+        manifest = write_shapes_dataset(out, num, seconds, seed, held_out=held_out, chinese_fraction=chinese,
+                                        on_item=lambda i: progress.update(task, completed=i + 1))
+    typer.echo(f"wrote {num} clips and {manifest}")
+
+
 # ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------

@@ -33,7 +33,8 @@ class TextEncoderConfig(_Frozen):
 
     pretrained: str | None = None  # local folder or hub id of any T5 encoder (e.g. t5-v1_1-xxl), loaded frozen
     max_length: int = 64  # text tokens kept per prompt (longer prompts are truncated with a warning)
-    # The small T5 built when `pretrained` is unset (ByT5 byte-level tokenizer, any language):
+    # The small T5 built when `pretrained` is unset:
+    tokenizer: Literal["byt5", "words"] = "byt5"  # byt5: bytes, any language; words: vocabulary of the training captions
     d_model: int = 64  # width of the T5 encoder
     num_layers: int = 2  # T5 encoder blocks
     num_heads: int = 4  # attention heads
@@ -144,6 +145,61 @@ class VideoConfig(_Frozen):
     max_seconds: float = 3600.0  # longest video accepted
 
 
+class DataConfig(_Frozen):
+    """Training data: a manifest of (video, caption) records, or the Shapes World rendered on the fly."""
+
+    kind: Literal["shapes", "manifest"] = "shapes"  # shapes: procedural (WORLD.md); manifest: `path`/manifest.jsonl
+    path: str | None = None  # dataset folder holding manifest.jsonl (kind: manifest)
+    clips: int = 4000  # clips encoded once into the DiT's latent cache
+    clip_latent_frames: int = 11  # latent frames per cached clip (1 + 4k frames each)
+    long_fraction: float = 0.3  # shapes: share of clips cut from long trajectories (start time > 0)
+    max_start_seconds: float = 60.0  # shapes: latest start time of such a clip
+    chinese_fraction: float = 0.0  # shapes: share of captions in Chinese
+
+
+class VAETrainConfig(_Frozen):
+    """Stage 1 of training: the video VAE."""
+
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 8  # clips per step
+    clip_frames: int = 9  # frames per training clip (1 + f*k)
+    lr: float = 1e-3  # AdamW learning rate (cosine decay to 10%)
+    kl_weight: float = 1e-6  # weight of the KL term: small, so the posterior is near-deterministic
+    edge_weight: float = 1.0  # weight of the image-gradient (edge) loss
+    object_weight: float = 4.0  # extra weight of pixels that belong to objects (off the background)
+
+
+class DiTTrainConfig(_Frozen):
+    """Stage 2 of training: the DiT together with the small T5."""
+
+    steps: int = 4000  # optimizer steps
+    batch_size: int = 32  # windows per step
+    window: int = 9  # latent frames per training window
+    lr: float = 4e-4  # AdamW learning rate of the DiT (cosine decay to 10%, after warm-up)
+    text_lr: float = 1e-3  # learning rate of the small T5
+    warmup: int = 200  # linear warm-up steps
+    ema_decay: float = 0.999  # EMA of the weights used for sampling and shipping
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    context_fraction: float = 0.5  # share of windows given clean leading context frames (no loss on them)
+    max_context: int = 4  # most context latent frames
+    context_noise: int = 50  # highest timestep a context frame is re-noised to
+
+
+class TrainConfig(_Frozen):
+    """Where and how often to write."""
+
+    output_dir: str = "runs/default"  # checkpoints, logs, samples and the final model folder
+    stages: tuple[Literal["vae", "dit"], ...] = ("vae", "dit")  # which stages this run trains, in order
+    vae_model: str | None = None  # reuse the VAE of this model folder instead of training one
+    checkpoint_every: int = 250  # optimizer steps between checkpoints
+    sample_every: int = 500  # steps between sample videos (and detector scores)
+    log_every: int = 25  # steps between metric lines
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    threads: int = 0  # torch threads (0 = all cores)
+    vae: VAETrainConfig = VAETrainConfig()
+    dit: DiTTrainConfig = DiTTrainConfig()
+
+
 class Config(_Frozen):
     """Everything that defines a run; written beside every output and in every checkpoint."""
 
@@ -154,6 +210,8 @@ class Config(_Frozen):
     dit: DiTConfig = DiTConfig()
     sampler: SamplerConfig = SamplerConfig()
     video: VideoConfig = VideoConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML values."""

@@ -8,6 +8,7 @@ built from the config: no vocabulary file, every language, trained with the DiT.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,34 @@ from soragen.config import TextEncoderConfig
 from soragen.errors import UserError
 
 log = logging.getLogger("soragen")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def word_tokenizer(corpus: Iterable[str]):
+    """A word-level tokenizer whose vocabulary is every word of `corpus` (CJK characters count as words).
+
+    Lower-cased, punctuation split off, unknown words -> <unk>, </s> appended as T5 expects.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words: set[str] = set()
+    for text in corpus:
+        words.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 class TextEncoder(nn.Module):
@@ -34,13 +63,23 @@ class TextEncoder(nn.Module):
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: TextEncoderConfig) -> "TextEncoder":
-        """A randomly initialised small T5 with the ByT5 byte tokenizer (or the pretrained one if named)."""
+    def from_config(cls, cfg: TextEncoderConfig, corpus: Iterable[str] | None = None) -> "TextEncoder":
+        """A randomly initialised small T5 (or the pretrained one if named).
+
+        Its tokenizer is ByT5's bytes, or, with `tokenizer: words`, a word-level
+        vocabulary built from `corpus` (the training captions).
+        """
         if cfg.pretrained is not None:
             return cls.from_pretrained(cfg.pretrained, cfg.max_length)
         from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-        tokenizer = ByT5Tokenizer()
+        match cfg.tokenizer:
+            case "byt5":
+                tokenizer = ByT5Tokenizer()
+            case "words":
+                if corpus is None:
+                    raise UserError("text_encoder.tokenizer 'words' needs training captions to build its vocabulary")
+                tokenizer = word_tokenizer(corpus)
         t5_cfg = T5Config(
             vocab_size=len(tokenizer),
             d_model=cfg.d_model,
@@ -62,6 +101,7 @@ class TextEncoder(nn.Module):
         """Load a T5 encoder (safetensors only) and its tokenizer from a folder or hub id."""
         from transformers import AutoTokenizer, T5EncoderModel
 
+        _quiet_transformers()
         tok_source = tokenizer_path if tokenizer_path is not None else path
         try:
             t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True)
@@ -76,6 +116,7 @@ class TextEncoder(nn.Module):
 
     def save(self, text_encoder_dir: Path, tokenizer_dir: Path) -> None:
         """Write the T5 (safetensors) and its tokenizer in the Hugging Face layout."""
+        _quiet_transformers()
         self.t5.save_pretrained(text_encoder_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(tokenizer_dir)
 

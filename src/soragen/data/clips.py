@@ -1,0 +1,181 @@
+"""Training clips: a manifest of (video, caption) records, or the Shapes World rendered on the fly.
+
+A dataset folder holds `manifest.jsonl`, one record per line:
+
+    {"path": "videos/000000.mp4", "caption": "a red circle moving left", "fps": 8, "frames": 32}
+
+`path` is relative to the folder. `soragen dataset shapes` writes this format, and
+`soragen train` reads it (`data.kind: manifest`, `data.path: DIR`) for any data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from soragen.config import DataConfig
+from soragen.errors import UserError
+
+MANIFEST = "manifest.jsonl"
+CAPTION_VARIANTS = 4  # shapes: captions drawn per clip (synonyms, sizes named or not, languages)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames [T, H, W, 3] uint8 and captions describing time 0 of its scene (synonymous variants)."""
+
+    frames: np.ndarray
+    captions: tuple[str, ...]
+    continues: bool  # True when the clip starts after time 0 (the caption no longer describes its first frame)
+
+
+class ShapesSource:
+    """The Shapes World (WORLD.md), rendered on the fly; never produces a held-out combination."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def sample(self, rng: np.random.Generator, num_frames: int) -> Clip:
+        from soragen.data import shapes
+
+        long = rng.random() < self.cfg.long_fraction
+        scene = shapes.sample_scene(rng)
+        start = float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
+        frames = shapes.render(scene, num_frames, start_time=start)
+        languages = ["zh" if rng.random() < self.cfg.chinese_fraction else "en" for _ in range(CAPTION_VARIANTS)]
+        return Clip(frames, tuple(shapes.caption(scene, rng, language=lang) for lang in languages), continues=start > 0)
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """Records of a dataset folder's manifest.jsonl, checked; errors name the line."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"dataset folder {folder} has no {MANIFEST}; write one with `soragen dataset shapes --out {folder}`")
+    records = []
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("caption"), str):
+                raise UserError(f"{path} line {n}: a record needs string fields 'path' and 'caption'")
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path} holds no records")
+    return records
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """All frames of a video file as uint8 [T, H, W, 3]."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), "ffmpeg")
+    try:
+        return np.stack([np.asarray(f) for f in reader])
+    finally:
+        reader.close()
+
+
+class ManifestSource:
+    """Clips cut at random from the videos of a manifest (frames resized to the model's size)."""
+
+    def __init__(self, cfg: DataConfig, size: tuple[int, int]):
+        if cfg.path is None:
+            raise UserError("data.kind is 'manifest' but data.path is not set; give the dataset folder")
+        self.folder = Path(cfg.path)
+        self.records = read_manifest(self.folder)
+        self.size = size  # (H, W)
+
+    def sample(self, rng: np.random.Generator, num_frames: int) -> Clip:
+        import torch
+        import torch.nn.functional as F
+
+        rec = self.records[int(rng.integers(len(self.records)))]
+        frames = read_frames(self.folder / rec["path"])
+        start = int(rng.integers(0, max(1, len(frames) - num_frames + 1)))
+        frames = frames[start : start + num_frames]
+        if len(frames) < num_frames:  # short video: hold the last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], num_frames - len(frames), 0)])
+        if frames.shape[1:3] != self.size:
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=self.size, mode="area")
+            frames = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return Clip(frames, (rec["caption"],), continues=start > 0)
+
+
+def make_source(cfg: DataConfig, size: tuple[int, int]):
+    """The clip source the data config names."""
+    match cfg.kind:
+        case "shapes":
+            return ShapesSource(cfg)
+        case "manifest":
+            return ManifestSource(cfg, size)
+
+
+# ---------------------------------------------------------------------------
+# Writing a Shapes World dataset
+# ---------------------------------------------------------------------------
+
+
+def write_lossless(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Write frames [T, H, W, 3] as a lossless RGB H.264 file (libx264rgb, qp 0), atomically."""
+    import imageio_ffmpeg
+
+    from soragen.video_io import temporary_path
+
+    tmp = temporary_path(path)
+    try:
+        gen = imageio_ffmpeg.write_frames(
+            str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264rgb", pix_fmt_in="rgb24",
+            pix_fmt_out="rgb24", quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-qp", "0", "-preset", "ultrafast", "-f", "mp4"],
+        )
+        gen.send(None)
+        for frame in frames:
+            gen.send(np.ascontiguousarray(frame))
+        gen.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_shapes_dataset(
+    out: Path, num: int, seconds: float, seed: int, *, held_out: bool = False, chinese_fraction: float = 0.0,
+    on_item: Callable[[int], None] | None = None,
+) -> Path:
+    """Render `num` Shapes World clips into `out`/videos and write `out`/manifest.jsonl; returns the manifest."""
+    from soragen.data import shapes
+    from soragen.video_io import temporary_path
+
+    if num < 1:
+        raise UserError(f"--num must be >= 1, got {num}")
+    if not (seconds > 0 and np.isfinite(seconds)):
+        raise UserError(f"--seconds must be a positive number, got {seconds}")
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    num_frames = max(1, round(seconds * shapes.FPS))
+    records = []
+    for i in range(num):
+        scene = shapes.sample_scene(rng, held_out=held_out)
+        language = "zh" if rng.random() < chinese_fraction else "en"
+        text = shapes.caption(scene, rng, language=language)
+        rel = f"videos/{i:06d}.mp4"
+        write_lossless(out / rel, shapes.render(scene, num_frames), shapes.FPS)
+        records.append({"path": rel, "caption": text, "fps": shapes.FPS, "frames": num_frames})
+        if on_item is not None:
+            on_item(i)
+    manifest = out / MANIFEST
+    tmp = temporary_path(manifest)
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest

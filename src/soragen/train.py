@@ -1,0 +1,543 @@
+"""Training: stage 1 the causal video VAE, stage 2 the DiT together with the small T5.
+
+Built on HF accelerate, so the same code runs on one CPU, one GPU or many
+(`accelerate launch -m soragen train ...`). A run folder holds:
+
+    checkpoints/<stage>-<step>/   accelerate state + EMA + run meta, written atomically
+    vae/                          the trained VAE (a partial model folder) once stage 1 ends
+    latents.safetensors           the DiT's latent cache (clips encoded once)
+    samples/                      sample videos (and detector scores) every N steps
+    metrics.jsonl                 one JSON line per logged step
+    model/                        the final model folder (safetensors, diffusers layout)
+
+The DiT trains for continuation from the start: some windows get clean (or lightly
+re-noised) leading latent frames as context, with their own per-frame timestep and
+no loss, so the same model later extends videos window by window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from soragen.config import Config, update
+from soragen.errors import UserError
+
+log = logging.getLogger("soragen")
+
+Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, total, metrics)
+
+
+# ---------------------------------------------------------------------------
+# Run folder, checkpoints, metrics
+# ---------------------------------------------------------------------------
+
+
+class RunFolder:
+    """Paths of a run, checkpoints written atomically and found again on resume."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.vae = self.root / "vae"
+        self.latents = self.root / "latents.safetensors"
+        self.samples = self.root / "samples"
+        self.metrics = self.root / "metrics.jsonl"
+        self.model = self.root / "model"
+
+    def latest(self, stage: str) -> Path | None:
+        """Newest complete checkpoint of a stage (complete = renamed into place)."""
+        found = sorted(p for p in self.checkpoints.glob(f"{stage}-*") if (p / "meta.json").is_file())
+        return found[-1] if found else None
+
+    def save_checkpoint(self, stage: str, step: int, write: Callable[[Path], None], keep: int) -> Path:
+        """Call write(tmp_dir), then rename tmp_dir to checkpoints/<stage>-<step>; keep the newest `keep`."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"{stage}-{step:07d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoints))
+        try:
+            write(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = sorted(p for p in self.checkpoints.glob(f"{stage}-*") if p.is_dir())[:-keep]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _make_accelerator(root: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    acc = Accelerator(log_with=log_with, project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
+    if log_with:
+        acc.init_trackers("soragen")
+    return acc
+
+
+def _cosine(optimizer, warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _clips_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 clips [T, H, W, 3] -> floats [B, 3, T, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.stack(frames)).float()  # (B, T, H, W, 3)
+    return (x / 127.5 - 1.0).permute(0, 4, 1, 2, 3).contiguous()  # (B, 3, T, H, W)
+
+
+# ---------------------------------------------------------------------------
+# Stage 1: the VAE
+# ---------------------------------------------------------------------------
+
+
+def vae_loss(vae, x: torch.Tensor, cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (object-weighted L1 + L2), edge (image-gradient L1) and KL terms for frames x [B, 3, T, H, W]."""
+    recon, mean, logvar = vae(x)
+    weight = 1.0 + cfg.object_weight * (x.amax(dim=1, keepdim=True) > -0.9).float()  # (B, 1, T, H, W): objects count more
+    err = recon - x
+    l1 = (weight * err.abs()).mean()
+    l2 = (weight * err.square()).mean()
+    edge = (torch.diff(recon, dim=-1) - torch.diff(x, dim=-1)).abs().mean() + (
+        torch.diff(recon, dim=-2) - torch.diff(x, dim=-2)
+    ).abs().mean()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+    loss = l1 + l2 + cfg.edge_weight * edge + cfg.kl_weight * kl
+    mse = err.square().mean().item()
+    return loss, {"loss": loss.item(), "l1": l1.item(), "edge": edge.item(), "kl": kl.item(),
+                  "psnr": 10 * math.log10(4.0 / max(mse, 1e-10))}
+
+
+def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
+    """Stage 1: train the VAE on clips of the data source; writes run/vae."""
+    from soragen.data.clips import make_source
+    from soragen.model_io import save_file_atomic
+    from soragen.vae import VideoVAE
+
+    t = cfg.train.vae
+    acc = _make_accelerator(run.root)
+    torch.manual_seed(cfg.seed)
+    vae = VideoVAE(cfg.vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=t.lr, weight_decay=0.0)
+    scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
+    vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
+    source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
+    step = 0
+    if resume and (ckpt := run.latest("vae")) is not None:
+        acc.load_state(str(ckpt / "state"))
+        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        log.info("resumed the VAE from %s (step %d)", ckpt, step)
+    rng = np.random.default_rng([cfg.seed, step, acc.process_index])
+
+    def save(tmp: Path) -> None:
+        acc.save_state(str(tmp / "state"), safe_serialization=True)
+        _write_json(tmp / "meta.json", {"stage": "vae", "step": step, "config": cfg.to_dict()})
+
+    vae.train()
+    t_last, n_last = time.perf_counter(), step
+    while step < t.steps:
+        x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
+        loss, metrics = vae_loss(vae, x, t)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if acc.is_main_process:
+            if step % cfg.train.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                metrics["clips_per_s"] = (step - n_last) * t.batch_size * acc.num_processes / (now - t_last)
+                t_last, n_last = now, step
+                run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **metrics})
+                acc.log({f"vae/{k}": v for k, v in metrics.items()}, step=step)
+            if progress:
+                progress("vae", step, t.steps, metrics)
+        if step % cfg.train.checkpoint_every == 0 or step == t.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                run.save_checkpoint("vae", step, save, cfg.train.keep_checkpoints)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(vae)
+        save_file_atomic(model.state_dict(), run.vae / "diffusion_pytorch_model.safetensors")
+        (run.vae / "config.json").write_text(cfg.vae.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        if cfg.data.kind == "shapes":
+            gate = vae_gate(cfg, model.eval())
+            _write_json(run.vae / "gate.json", gate)
+            run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **{f"gate_{k}": v for k, v in gate.items()}})
+            log.info("VAE reconstructions scored by the detector: %s", gate)
+    acc.end_training()
+
+
+@torch.no_grad()
+def vae_gate(cfg: Config, vae, clips: int = 96, seconds: float = 4.0) -> dict[str, Any]:
+    """Reconstruct fresh Shapes World clips and score them with the detector: the VAE's ceiling."""
+    from soragen.data import shapes
+    from soragen.evaluation.detector import score_video
+    from soragen.vae import frames_for, latent_frames_for
+
+    f = cfg.vae.temporal_compression
+    n = frames_for(latent_frames_for(1 + f * math.ceil((seconds * shapes.FPS - 1) / f), f), f)
+    rng = np.random.default_rng(12345)
+    tally: dict[str, list[bool]] = {}
+    for _ in range(clips):
+        scene = shapes.sample_scene(rng, held_out=bool(rng.random() < 0.25))
+        text = shapes.caption(scene, rng)
+        frames = shapes.render(scene, n)
+        mean, _ = vae.encode(_clips_to_tensor([frames]))
+        recon = ((vae.decode(mean)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        score = score_video(recon, text, fps=shapes.FPS)
+        tally.setdefault("all_correct", []).append(bool(score["all_correct"]))
+        for obj in score["objects"]:
+            for key in ("colour", "shape", "size", "direction"):
+                if obj.get(key) is not None:
+                    tally.setdefault(key, []).append(bool(obj[key]))
+    return {key: float(np.mean(v)) for key, v in tally.items()} | {"clips": clips}
+
+
+def load_trained_vae(cfg: Config, run: RunFolder):
+    """The VAE of stage 1 (run/vae) or of `train.vae_model`, in eval mode."""
+    from soragen.model_io import WEIGHTS, load_weights, resolve_model
+    from soragen.vae import VideoVAE
+
+    if cfg.train.vae_model is not None:
+        path = resolve_model(cfg.train.vae_model) / "vae" / WEIGHTS
+    else:
+        path = run.vae / WEIGHTS
+        if not path.is_file():
+            raise UserError(f"no trained VAE in {run.vae}; run the 'vae' stage first (train.stages) or set train.vae_model")
+    vae = VideoVAE(cfg.vae)
+    load_weights(vae, path)
+    return vae.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------
+# Stage 2: the latent cache, then the DiT with the small T5
+# ---------------------------------------------------------------------------
+
+
+def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | None) -> dict[str, Any]:
+    """Encode cfg.data.clips clips once (posterior means); returns latents, captions and the per-channel stats."""
+    from safetensors.torch import load_file
+
+    from soragen.data.clips import make_source
+    from soragen.model_io import save_file_atomic
+    from soragen.vae import frames_for
+
+    captions_path = run.latents.with_suffix(".json")
+    if run.latents.is_file() and captions_path.is_file():
+        meta = json.loads(captions_path.read_text(encoding="utf-8"))
+        if meta["config_digest"] == _cache_digest(cfg):
+            tensors = load_file(str(run.latents))
+            return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
+        log.warning("latent cache %s was built for another config; rebuilding it", run.latents)
+    d = cfg.data
+    source = make_source(d, (cfg.video.height, cfg.video.width))
+    rng = np.random.default_rng([cfg.seed, 1234])
+    num_frames = frames_for(d.clip_latent_frames, cfg.vae.temporal_compression)
+    latents, captions, continues = [], [], []
+    batch = 16
+    with torch.no_grad():
+        for start in range(0, d.clips, batch):
+            clips = [source.sample(rng, num_frames) for _ in range(min(batch, d.clips - start))]
+            mean, _ = vae.encode(_clips_to_tensor([c.frames for c in clips]))  # (b, C, K, h, w)
+            latents.append(mean.half())
+            captions += [list(c.captions) for c in clips]
+            continues += [c.continues for c in clips]
+            if progress:
+                progress("encode", start + len(clips), d.clips, {})
+    z = torch.cat(latents)  # (N, C, K, h, w)
+    save_file_atomic({"latents": z}, run.latents)
+    _write_json(captions_path, {"config_digest": _cache_digest(cfg), "captions": captions, "continues": continues})
+    return {"latents": z, "captions": captions, "continues": continues}
+
+
+def _cache_digest(cfg: Config) -> str:
+    """What the latent cache depends on: data, VAE and seed."""
+    import hashlib
+
+    key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std"}),
+                      "seed": cfg.seed, "vae_model": cfg.train.vae_model}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def latent_stats(z: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of latents [N, C, K, h, w]."""
+    zf = z.float().transpose(0, 1).reshape(z.shape[1], -1)  # (C, N*K*h*w)
+    return tuple(zf.mean(1).tolist()), tuple(zf.std(1).clamp(min=1e-3).tolist())
+
+
+def sample_windows(
+    rng: np.random.Generator, continues: list[bool], num_clips: int, clip_frames: int, t, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pick (clip index, window start, context length) for a batch of training windows.
+
+    Text-to-video windows start at latent 0 with no context. Continuation windows get
+    1..max_context context frames; clips cut from long trajectories (whose caption no
+    longer describes the first frame) always get context and start after latent 0, so
+    every frame is a whole group of the temporal compression, as in a long video.
+    """
+    idx = rng.integers(0, num_clips, size=batch)
+    starts = np.zeros(batch, dtype=np.int64)
+    ctx = np.zeros(batch, dtype=np.int64)
+    last = clip_frames - t.window
+    for i, k in enumerate(idx):
+        if continues[k] or rng.random() < t.context_fraction:
+            ctx[i] = rng.integers(1, t.max_context + 1)
+            starts[i] = rng.integers(1 if last >= 1 else 0, last + 1)
+    return idx, starts, ctx
+
+
+def dit_loss(dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator) -> torch.Tensor:
+    """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
+
+    x0 [B, C, T, h, w] clean latents; n_ctx [B] context frames per sample (timestep in
+    [0, context_noise], no loss); the other frames share one timestep in [0, num_train).
+    """
+    b, _, t_frames = x0.shape[:3]
+    num_train = scheduler.config.num_train_timesteps
+    frame = torch.arange(t_frames)[None]  # (1, T)
+    is_ctx = frame < n_ctx[:, None]  # (B, T)
+    t_main = torch.randint(0, num_train, (b, 1), generator=generator)  # (B, 1)
+    t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
+    timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
+    noise = torch.randn(x0.shape, generator=generator)
+    alpha_bar = scheduler.alphas_cumprod[timesteps].to(x0)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
+    pred = dit(x_t.to(x0.device), timesteps.to(x0.device), text, mask)
+    err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
+    keep = (~is_ctx).float().to(err.device)
+    return (err * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+SAMPLE_PROMPTS = (
+    "a large red circle moving right",
+    "a small blue square moving left",
+    "a yellow triangle bouncing",
+    "a large green circle moving up and a small magenta box moving down",
+)
+
+
+def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> Config:
+    """Stage 2: the DiT and the small T5 on the latent cache; writes run/model. Returns the final config."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
+
+    from soragen.dit import DiT
+    from soragen.model_io import save_file_atomic, save_model
+    from soragen.sampler import make_scheduler
+    from soragen.text_encoder import TextEncoder
+
+    t = cfg.train.dit
+    acc = _make_accelerator(run.root)
+    vae = load_trained_vae(cfg, run)
+    cache = build_latent_cache(cfg, run, vae, progress if acc.is_main_process else None)
+    z_all = cache["latents"]  # (N, C, K, h, w) float16
+    mean, std = latent_stats(z_all)
+    cfg = update(cfg, vae={"latent_mean": mean, "latent_std": std})
+    vae = load_trained_vae(cfg, run)
+    z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, unit variance per channel
+    captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
+    if z_all.shape[2] < t.window:
+        raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
+
+    torch.manual_seed(cfg.seed)
+    corpus = [c for variants in captions for c in variants]
+    if cfg.data.kind == "shapes":  # the whole vocabulary of the grammar, in both languages, held-out words too
+        from soragen.data import shapes
+
+        r = np.random.default_rng(0)
+        corpus += [shapes.caption(shapes.sample_scene(r, held_out=bool(i % 2)), r, language=lang)
+                   for i in range(3000) for lang in ("en", "zh")]
+    text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
+    dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
+    train_text = cfg.text_encoder.pretrained is None and cfg.text_encoder.trainable
+    params = [{"params": list(dit.parameters()), "lr": t.lr}]
+    if train_text:
+        params.append({"params": list(text_encoder.t5.parameters()), "lr": t.text_lr})
+    trained = [p for g in params for p in g["params"]]  # what the EMA follows
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0, betas=(0.9, 0.99))
+    lr_sched = _cosine(optimizer, warmup=t.warmup, total=t.steps)
+    dit, optimizer, lr_sched = acc.prepare(dit, optimizer, lr_sched)
+    if train_text:
+        text_encoder = acc.prepare(text_encoder)
+    ema = EMAModel(trained, decay=t.ema_decay, use_ema_warmup=True, power=0.75)
+    noise_sched = DDPMScheduler.from_config(make_scheduler(cfg.sampler.model_copy(update={"kind": "ddpm"})).config)
+
+    step = 0
+    if resume and (ckpt := run.latest("dit")) is not None:
+        acc.load_state(str(ckpt / "state"))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        step = meta["step"]
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]})
+        log.info("resumed the DiT from %s (step %d)", ckpt, step)
+
+    def save(tmp: Path) -> None:
+        acc.save_state(str(tmp / "state"), safe_serialization=True)
+        state = ema.state_dict()
+        save_file_atomic({f"{i}": p for i, p in enumerate(state.pop("shadow_params"))}, tmp / "ema.safetensors")
+        _write_json(tmp / "meta.json", {"stage": "dit", "step": step, "ema": state, "config": cfg.to_dict()})
+
+    def export(folder: Path) -> None:
+        """Write a model folder with the EMA weights."""
+        ema.store(trained)
+        ema.copy_to(trained)
+        try:
+            save_model(folder, cfg, acc.unwrap_model(text_encoder), vae, acc.unwrap_model(dit), make_scheduler(cfg.sampler))
+        finally:
+            ema.restore(trained)
+
+    rng = np.random.default_rng([cfg.seed, step, acc.process_index])
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + step + acc.process_index)
+    dit.train()
+    text_encoder.train(train_text)
+    t_last, n_last = time.perf_counter(), step
+    while step < t.steps:
+        idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
+        x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
+        prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
+        text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
+        loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        lr_sched.step()
+        ema.step(trained)
+        step += 1
+        metrics = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+        if acc.is_main_process:
+            if step % cfg.train.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                metrics["samples_per_s"] = (step - n_last) * t.batch_size * acc.num_processes / (now - t_last)
+                t_last, n_last = now, step
+                metrics.update(text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t))
+                run.log_metrics({"stage": "dit", "step": step, "time": time.time(), **metrics})
+                acc.log({f"dit/{k}": v for k, v in metrics.items()}, step=step)
+            if progress:
+                progress("dit", step, t.steps, metrics)
+        if step % cfg.train.checkpoint_every == 0 or step == t.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                run.save_checkpoint("dit", step, save, cfg.train.keep_checkpoints)
+        if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == t.steps):
+            export(run.root / "samples" / "model")
+            write_samples(cfg, run, step)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        export(run.model)
+    acc.end_training()
+    return cfg
+
+
+@torch.no_grad()
+def text_gap(dit, text_encoder, scheduler, z_all, captions, t, n: int = 16, timestep: int = 500) -> dict[str, float]:
+    """Loss with the real caption vs with "" at one mid noise level, on fixed windows: the text signal."""
+    was = dit.training, text_encoder.training
+    dit.eval()
+    text_encoder.eval()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, z_all.shape[0], (n,), generator=g)
+    x0 = z_all[idx, :, : t.window]
+    noise = torch.randn(x0.shape, generator=g)
+    a = scheduler.alphas_cumprod[timestep]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    ts = torch.full((n,), timestep)
+    out = {}
+    for name, prompts in (("loss_text", [captions[i][0] for i in idx]), ("loss_empty", [""] * n)):
+        text, mask = text_encoder(prompts)
+        out[name] = F.mse_loss(dit(x_t, ts, text, mask), v).item()
+    dit.train(was[0])
+    text_encoder.train(was[1])
+    out["text_gap"] = out["loss_empty"] - out["loss_text"]
+    return out
+
+
+def write_samples(cfg: Config, run: RunFolder, step: int) -> None:
+    """Generate the sample prompts with the EMA model just exported; score them if the data is the Shapes World."""
+    from soragen.config import load_config
+    from soragen.pipeline import Pipeline
+
+    folder = run.samples / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.from_config(load_config(None, [f"model={run.root / 'samples' / 'model'}", "video.seconds=4"]))
+    scores = {}
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        path = folder / f"{i}.mp4"
+        pipe.generate(prompt, path, overwrite=True)
+        if cfg.data.kind == "shapes":
+            from soragen.data.clips import read_frames
+            from soragen.evaluation.detector import score_video
+
+            scores[prompt] = score_video(read_frames(path), prompt, fps=cfg.video.fps)
+    if scores:
+        _write_json(folder / "scores.json", scores)
+        correct = sum(bool(s["all_correct"]) for s in scores.values())
+        run.log_metrics({"stage": "dit", "step": step, "time": time.time(), "samples_all_correct": correct / len(scores)})
+
+
+# ---------------------------------------------------------------------------
+# Entry
+# ---------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
+    """Run the configured stages; returns the final model folder (or the run folder if only the VAE trained)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run = RunFolder(Path(cfg.train.output_dir))
+    if run.root.exists() and any(run.root.iterdir()) and not resume:
+        raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
+    run.root.mkdir(parents=True, exist_ok=True)
+    (run.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if "vae" in cfg.train.stages:
+        if resume and (run.vae / "diffusion_pytorch_model.safetensors").is_file():
+            log.info("the VAE of %s is trained; skipping stage 1", run.root)
+        else:
+            train_vae(cfg, run, resume, progress)
+    if "dit" in cfg.train.stages:
+        train_dit(cfg, run, resume, progress)
+        return run.model
+    return run.root
