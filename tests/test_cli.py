@@ -107,8 +107,8 @@ def test_existing_output_refused_then_overwritten(tmp_path, tiny_yaml, capsys):
     assert code == 0 and out.read_bytes() != b"precious"
 
 
-def test_info_describes_model(capsys):
-    code, out, _ = run_cli(["info"], capsys)
+def test_info_describes_model(capsys, tiny_yaml):
+    code, out, _ = run_cli(["info", "--config", str(tiny_yaml)], capsys)
     assert code == 0
     assert "dit" in out and "parameters" in out and "random" in out
 

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_frozen():
-    cfg = load_config()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg == Config()
     with pytest.raises(Exception):
         cfg.seed = 3

@@ -7,7 +7,9 @@ Every error a user can cause prints one line on stderr and exits with code 2;
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -110,13 +112,14 @@ def generate(
         negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model,
     )
     cfg = load_config(config, set_ or [], values)
-    plan_video(cfg)  # fail on a bad request before loading any model
+    plan = plan_video(cfg)  # fail on a bad request before loading any model
     output = output if output is not None else default_output(prompt, cfg.seed)
     check_writable(output, overwrite)
     check_writable(sidecar_path(output), overwrite)
     pipe = Pipeline.from_config(cfg)
     with _progress() as progress:
-        task = progress.add_task("denoising", total=cfg.sampler.steps)
+        windows = len(pipe.windows(plan))
+        task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=windows * cfg.sampler.steps)
         sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
     t = sidecar["timings_seconds"]
     v = sidecar["video"]
@@ -184,6 +187,37 @@ def train(
     typer.echo(f"done: {out}")
 
 
+@app.command("eval")
+def eval_(
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file, one Shapes World caption a line.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the videos and eval.json.")] = Path("eval"),
+    seconds: Annotated[Optional[float], typer.Option(help="Duration of each video.")] = None,
+    seeds: Annotated[int, typer.Option(help="Videos per prompt (seeds seed, seed+1, ...).")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
+    from soragen.config import load_config
+    from soragen.evaluation.run import evaluate, format_table, read_prompts
+    from soragen.pipeline import plan_video
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    items = read_prompts(prompts)
+    values = _flag_values(seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
+    cfg = load_config(config, set_ or [], values)
+    plan_video(cfg)
+    with _progress() as progress:
+        task = progress.add_task("videos", total=len(items) * seeds)
+        report = evaluate(cfg, items, out, seeds=seeds, on_video=lambda n, total: progress.update(task, completed=n))
+    typer.echo(format_table(report["table"]))
+    typer.echo(f"wrote {out / 'eval.json'}")
+
+
 dataset_app = typer.Typer(help="Write training datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 
@@ -236,9 +270,15 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: partial files are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     _setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else list(argv)
     _state["debug"] = "--debug" in args
     try:

@@ -117,6 +117,20 @@ class SamplerConfig(_Frozen):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     rescale_betas_zero_snr: bool = True  # Lin et al. 2023: the last step starts from pure noise
+    # Long videos are generated window by window; each window continues the one before.
+    window: int = 9  # latent frames denoised together (the training window)
+    context_frames: int = 3  # latent frames of the previous window carried over as context
+    context_timestep: int = 0  # noise level the context frames are re-noised to (0 = clean)
+
+    @model_validator(mode="after")
+    def _windows(self) -> "SamplerConfig":
+        if not 0 <= self.context_frames < self.window:
+            raise ValueError(
+                f"sampler.context_frames must be between 0 and sampler.window - 1 ({self.window - 1}), got {self.context_frames}"
+            )
+        if not 0 <= self.context_timestep < self.num_train_timesteps:
+            raise ValueError(f"sampler.context_timestep must be in [0, {self.num_train_timesteps}), got {self.context_timestep}")
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -195,6 +209,7 @@ class TrainConfig(_Frozen):
     sample_every: int = 500  # steps between sample videos (and detector scores)
     log_every: int = 25  # steps between metric lines
     keep_checkpoints: int = 2  # newest checkpoints kept
+    vae_gate_clips: int = 96  # Shapes World clips the detector scores the VAE's reconstructions on (0 = skip)
     threads: int = 0  # torch threads (0 = all cores)
     vae: VAETrainConfig = VAETrainConfig()
     dit: DiTTrainConfig = DiTTrainConfig()
@@ -354,6 +369,11 @@ def load_config(
         apply_override(data, parts, value)
     for key, value in (values or {}).items():
         apply_override(data, key.split("."), value)
+    if path is None and "model" not in data:
+        from soragen.model_io import builtin_installed
+
+        if builtin_installed():  # no config given: the built-in model is the default
+            data["model"] = "builtin"
     model = data.get("model", Config.model_fields["model"].default)
     if model is not None:
         # Layers: schema defaults < the model folder's own config < the file < --set.

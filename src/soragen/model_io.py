@@ -33,6 +33,11 @@ def builtin_path() -> Path:
     return BUILTIN_DIR / "shapes"
 
 
+def builtin_installed() -> bool:
+    """Whether this package ships the built-in model."""
+    return (builtin_path() / "soragen.yaml").is_file()
+
+
 def resolve_model(name: str) -> Path:
     """A model name ('builtin') or folder -> the folder, checked to look like a soragen model."""
     path = builtin_path() if name == BUILTIN_NAME else Path(name).expanduser()

@@ -17,7 +17,6 @@ from soragen.errors import UserError
 
 MAX_FPS = 60
 MAX_SIDE = 4096
-DECODE_WINDOW = 4  # latent frames decoded (and streamed to ffmpeg) at a time
 
 
 # ---------------------------------------------------------------------------
@@ -131,36 +130,55 @@ class Pipeline:
         prompts = [prompt, negative_prompt] if self.cfg.sampler.guidance != 1.0 else [prompt]
         return self.text_encoder(prompts)  # (1 or 2, L, D), (1 or 2, L)
 
+    def windows(self, plan: VideoPlan) -> list[tuple[int, int]]:
+        """(context frames, new frames) of each generation window covering plan.latent_frames."""
+        s = self.cfg.sampler
+        pt = self.cfg.dit.patch_size[0]
+        out, done = [], 0
+        while done < plan.latent_frames:
+            ctx = 0 if done == 0 else min(s.context_frames, done)
+            new = min(s.window - ctx, plan.latent_frames - done)
+            new = pt * math.ceil(new / pt)
+            out.append((ctx, new))
+            done += new
+        return out
+
     @torch.no_grad()
     def generate_latents(
         self, plan: VideoPlan, text: torch.Tensor, mask: torch.Tensor, on_step: Callable[[int], None] | None = None
-    ) -> torch.Tensor:
-        """Denoise seeded noise into latents [1, C, K, h, w] (normalised)."""
+    ) -> Iterator[torch.Tensor]:
+        """Denoise seeded noise window by window, yielding each window's new latents [1, C, n, h, w] (normalised).
+
+        The first window is text-to-video; each next one is conditioned on the last
+        latent frames of the one before as context (per-frame timesteps), and continues.
+        """
         from soragen.sampler import denoise, make_scheduler
 
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        shape = (1, self.cfg.vae.latent_channels, plan.latent_frames, plan.latent_height, plan.latent_width)
-        noise = torch.randn(shape, generator=generator)  # (1, C, K, h, w)
         s = self.cfg.sampler
-        return denoise(
-            self.dit, make_scheduler(s), noise, text, mask,
-            steps=s.steps, guidance=s.guidance, generator=generator, on_step=on_step,
-        )
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        scheduler = make_scheduler(s)
+        previous: torch.Tensor | None = None  # (1, C, n, h, w): the last window's latents
+        for w, (ctx, new) in enumerate(self.windows(plan)):
+            shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
+            noise = torch.randn(shape, generator=generator)  # (1, C, ctx+new, h, w)
+            context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
+            x = denoise(
+                self.dit, scheduler, noise, text, mask, steps=s.steps, guidance=s.guidance, generator=generator,
+                context=context, context_timestep=s.context_timestep,
+                on_step=None if on_step is None else (lambda i, w=w: on_step(w * s.steps + i)),
+            )
+            previous = x
+            yield x[:, :, ctx:]  # (1, C, new, h, w)
 
     @torch.no_grad()
-    def decode_frames(self, latents: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
-        """Decode latents window by window, yielding frames [1, 3, T_i, H, W] until num_frames are out."""
-        from soragen.vae import frames_for
-
-        z = self.vae.denormalize(latents)
-        windows = (z[:, :, i : i + DECODE_WINDOW] for i in range(0, z.shape[2], DECODE_WINDOW))
+    def decode_frames(self, latent_windows: Iterator[torch.Tensor], num_frames: int) -> Iterator[torch.Tensor]:
+        """Decode latent windows as they come (causal cache), yielding frames [1, 3, T_i, H, W] up to num_frames."""
         remaining = num_frames
-        for frames in self.vae.decode_windows(windows):
+        for frames in self.vae.decode_windows(self.vae.denormalize(z) for z in latent_windows):
             if remaining <= 0:
                 break
             yield frames[:, :, :remaining]
             remaining -= frames.shape[2]
-        assert frames_for(z.shape[2], self.vae.temporal_compression) >= num_frames
 
     def generate(
         self,
@@ -186,25 +204,28 @@ class Pipeline:
         text, mask = self.encode_text(prompt, cfg.sampler.negative_prompt)
         timings["text_encoding"] = time.perf_counter() - t0
 
-        # 2. Denoising.
-        t0 = time.perf_counter()
-        latents = self.generate_latents(plan, text, mask, on_step)
-        timings["denoising"] = time.perf_counter() - t0
-
-        # 3-4. Decoding window by window, each window streamed into ffmpeg at once.
+        # 2-4. Denoising window by window; each window is decoded and streamed into ffmpeg at once.
         v = cfg.video
-        timings["vae_decoding"] = timings["mp4_encoding"] = 0.0
+        timings.update(denoising=0.0, vae_decoding=0.0, mp4_encoding=0.0)
+        clock = {"t": time.perf_counter()}
+
+        def lap(stage: str) -> None:
+            now = time.perf_counter()
+            timings[stage] += now - clock["t"]
+            clock["t"] = now
+
+        def timed_latents():
+            for z in self.generate_latents(plan, text, mask, on_step):
+                lap("denoising")
+                yield z
+
         with Mp4Writer(output, v.width * v.upscale, v.height * v.upscale, v.fps, v.crf) as writer:
-            t0 = time.perf_counter()
-            for frames in self.decode_frames(latents, plan.num_frames):
-                t1 = time.perf_counter()
+            for frames in self.decode_frames(timed_latents(), plan.num_frames):
+                lap("vae_decoding")
                 writer.write(upscale(to_uint8(frames), v.upscale))
-                t2 = time.perf_counter()
-                timings["vae_decoding"] += t1 - t0
-                timings["mp4_encoding"] += t2 - t1
-                t0 = time.perf_counter()
-            t0 = time.perf_counter()
-        timings["mp4_encoding"] += time.perf_counter() - t0
+                lap("mp4_encoding")
+            clock["t"] = time.perf_counter()
+        lap("mp4_encoding")
 
         sidecar = {
             "prompt": prompt,
@@ -218,6 +239,7 @@ class Pipeline:
                 "seconds": plan.num_frames / v.fps,
                 "width": v.width * v.upscale,
                 "height": v.height * v.upscale,
+                "windows": len(self.windows(plan)),
             },
             "timings_seconds": {k: round(val, 4) for k, val in timings.items()},
             "soragen_version": __version__,

@@ -199,8 +199,8 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         model = acc.unwrap_model(vae)
         save_file_atomic(model.state_dict(), run.vae / "diffusion_pytorch_model.safetensors")
         (run.vae / "config.json").write_text(cfg.vae.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        if cfg.data.kind == "shapes":
-            gate = vae_gate(cfg, model.eval())
+        if cfg.data.kind == "shapes" and cfg.train.vae_gate_clips:
+            gate = vae_gate(cfg, model.eval(), clips=cfg.train.vae_gate_clips)
             _write_json(run.vae / "gate.json", gate)
             run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **{f"gate_{k}": v for k, v in gate.items()}})
             log.info("VAE reconstructions scored by the detector: %s", gate)

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from soragen.errors import UserError
+from soragen.evaluation.run import category, read_prompts, tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_categories():
+    assert category("a large red circle moving right") == "seen"
+    assert category("a red circle moving right and a blue box bouncing") == "two objects"
+    assert category("a red circle moving right behind a gray wall") == "wall"
+    assert category("a green triangle moving left") == "held out"
+    assert category("a large cyan square bouncing") == "held out"
+    assert category("a magenta ball moving down behind a gray wall") == "held out"
+
+
+@pytest.mark.parametrize("name", ["shapes-eval.txt", "shapes-long.txt"])
+def test_shipped_prompt_lists_parse(name):
+    prompts = read_prompts(ROOT / "configs" / "prompts" / name)
+    assert len(prompts) >= 7
+
+
+def test_eval_list_covers_every_category():
+    prompts = read_prompts(ROOT / "configs" / "prompts" / "shapes-eval.txt")
+    cats = [category(p) for p in prompts]
+    assert all(cats.count(c) >= 10 for c in ("seen", "two objects", "wall", "held out"))
+
+
+def test_bad_prompt_line_named(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\na red ball moving left\na purple ball\n")
+    with pytest.raises(UserError, match="line 3"):
+        read_prompts(path)
+
+
+def test_tabulate():
+    rows = [{"category": "seen", "verdicts": {"colour": True, "all": True, "count": True}},
+            {"category": "seen", "verdicts": {"colour": False, "all": False, "count": True}}]
+    table = tabulate(rows)
+    assert table["seen"]["colour"] == 0.5 and table["seen"]["count"] == 1.0 and table["overall"]["videos"] == 2
