@@ -53,6 +53,7 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
         "seconds": "video.seconds", "fps": "video.fps", "width": "video.width", "height": "video.height",
         "upscale": "video.upscale", "crf": "video.crf", "steps": "sampler.steps", "guidance": "sampler.guidance",
         "negative_prompt": "sampler.negative_prompt", "sampler": "sampler.kind", "seed": "seed", "model": "model",
+        "format": "video.format", "output_size": "video.output_size",
     }
     return {keys[name]: value for name, value in flags.items() if value is not None}
 
@@ -67,18 +68,26 @@ def _progress():
     )
 
 
-def default_output(prompt: str, seed: int) -> Path:
-    """outputs/<prompt slug>_seed<seed>.mp4, numbered if that name is taken."""
+def default_output(prompt: str, seed: int, fmt: str = "mp4") -> Path:
+    """outputs/<prompt slug>_seed<seed>.mp4 (.webm, .gif, or a folder for frames), numbered if that name is taken."""
     from soragen.naming import slugify
+    from soragen.video_io import SUFFIXES, sidecar_path
 
     folder = Path("outputs")
     stem = f"{slugify(prompt)}_seed{seed}"
-    path = folder / f"{stem}.mp4"
+    path = folder / f"{stem}{SUFFIXES[fmt]}"
     n = 2
-    while path.exists() or path.with_suffix(".json").exists():
-        path = folder / f"{stem}_{n}.mp4"
+    while path.exists() or sidecar_path(path).exists():
+        path = folder / f"{stem}_{n}{SUFFIXES[fmt]}"
         n += 1
     return path
+
+
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="mp4 (H.264), webm (VP9), gif, or frames (a folder of PNGs).")]
+OutputSizeOpt = Annotated[
+    Optional[str],
+    typer.Option("--output-size", help="Final frame size WxH; frames are scaled to fit, keeping their aspect ratio, on black bars."),
+]
 
 
 @app.command()
@@ -94,26 +103,30 @@ def generate(
     negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the initial noise.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim or ddpm.")] = None,
-    crf: Annotated[Optional[int], typer.Option(help="H.264 quality, 0 (lossless) to 51.")] = None,
+    crf: Annotated[Optional[int], typer.Option(help="Quality: H.264 0 (lossless) to 51; VP9 0 to 63.")] = None,
+    format_: FormatOpt = None,
+    output_size: OutputSizeOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="MP4 path (default: outputs/<prompt>_seed<seed>.mp4).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: outputs/<prompt>_seed<seed>.mp4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Generate a video from a text prompt."""
     from soragen.config import load_config
     from soragen.pipeline import Pipeline, check_prompt, plan_video
-    from soragen.video_io import check_writable, sidecar_path
+    from soragen.video_io import check_output_suffix, check_writable, sidecar_path
 
     prompt = check_prompt(prompt)
     values = _flag_values(
         seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
-        negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model,
+        negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model, format=format_,
+        output_size=output_size,
     )
     cfg = load_config(config, set_ or [], values)
     plan = plan_video(cfg)  # fail on a bad request before loading any model
-    output = output if output is not None else default_output(prompt, cfg.seed)
+    output = output if output is not None else default_output(prompt, cfg.seed, cfg.video.format)
+    check_output_suffix(output, cfg.video.format)
     check_writable(output, overwrite)
     check_writable(sidecar_path(output), overwrite)
     pipe = Pipeline.from_config(cfg)
@@ -126,8 +139,92 @@ def generate(
     typer.echo(
         f"wrote {output} ({v['frames']} frames, {v['width']}x{v['height']} at {v['fps']} fps) in {sum(t.values()):.1f} s "
         f"[text {t['text_encoding']:.2f} s, denoise {t['denoising']:.2f} s, decode {t['vae_decoding']:.2f} s, "
-        f"mp4 {t['mp4_encoding']:.2f} s]"
+        f"{cfg.video.format} {t['mp4_encoding']:.2f} s]"
     )
+
+
+@app.command()
+def batch(
+    prompts_file: Annotated[Path, typer.Argument(help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the videos, manifest.jsonl and index.html.")],
+    seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds (an item's own 'seconds' wins).")] = None,
+    fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
+    upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (an item's own 'steps' wins).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (an item's own wins).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from (an item's own wins).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Base seed: items without a seed get one derived from it and the item.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim or ddpm.")] = None,
+    crf: Annotated[Optional[int], typer.Option(help="Quality: H.264 0 (lossless) to 51; VP9 0 to 63.")] = None,
+    format_: FormatOpt = None,
+    output_size: OutputSizeOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="Render shard i of n (0-based, e.g. 0/2 and 1/2); default: from accelerate launch (RANK/WORLD_SIZE), else all."),
+    ] = None,
+) -> None:
+    """Render every prompt of a file into a folder (resumable): videos, previews, manifest.jsonl, index.html."""
+    from soragen.batch import parse_shard, run_batch, shard_from_environment
+    from soragen.config import load_config
+    from soragen.pipeline import plan_video
+
+    values = _flag_values(
+        seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model, format=format_,
+        output_size=output_size,
+    )
+    cfg = load_config(config, set_ or [], values)
+    plan_video(cfg)
+    which = parse_shard(shard) if shard is not None else (shard_from_environment() or (0, 1))
+    with _progress() as progress:
+        result = run_batch(cfg, prompts_file, out, shard=which, reporter=_BatchBars(progress))
+    ok = sum(r.get("status") == "ok" for r in result.manifest)
+    part = f" (shard {which[0]}/{which[1]})" if which[1] > 1 else ""
+    typer.echo(
+        f"batch{part}: {len(result.rendered)} rendered, {len(result.skipped)} already done, {len(result.failed)} failed "
+        f"in {result.seconds:.1f} s; folder {out}: {ok}/{len(result.manifest)} items done; "
+        f"see {out / 'index.html'} and {out / 'manifest.jsonl'}"
+    )
+    if result.failed:
+        typer.echo(f"failed ({len(result.failed)}):")
+        for item, message in result.failed:
+            prompt = item.fields.get("prompt", "")
+            shown = f" {prompt[:60]!r}" if prompt else ""
+            typer.echo(f"  {item.where}{shown}: {message}")
+        raise typer.Exit(1)
+
+
+class _BatchBars:
+    """Progress bars of a batch: items done with ETA, and the denoising steps of the current item."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.items = self.steps = None
+
+    def start(self, total: int, shard: tuple[int, int]) -> None:
+        name = f"items (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "items"
+        self.items = self.progress.add_task(name, total=total)
+
+    def item_start(self, item, steps: int) -> None:
+        if self.steps is None:
+            self.steps = self.progress.add_task("denoising", total=steps)
+        self.progress.reset(self.steps, total=steps, description=f"denoising {item.stem[:40]}")
+
+    def step(self, done: int) -> None:
+        self.progress.update(self.steps, completed=done)
+
+    def item_end(self, item, status: str, rec) -> None:
+        from rich.markup import escape
+
+        self.progress.advance(self.items)
+        if status != "skipped":
+            shown = "ok" if status == "ok" else f"FAILED: {rec.get('error')}"
+            self.progress.console.print(escape(f"{item.where}: {item.stem} {shown}"), highlight=False)
 
 
 @app.command()

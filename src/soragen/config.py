@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,8 +156,39 @@ class VideoConfig(_Frozen):
     width: int = 64  # generated width in pixels (a multiple of vae.spatial_compression x dit.patch_size)
     height: int = 64  # generated height in pixels
     upscale: int = 1  # integer factor the frames are enlarged by for viewing (nearest neighbour)
-    crf: int = 18  # H.264 quality (0 = lossless .. 51 = worst)
+    crf: int = 18  # quality of mp4 (H.264: 0 = lossless .. 51 = worst) and webm (VP9: 0 .. 63); unused by gif, frames
     max_seconds: float = 3600.0  # longest video accepted
+    format: Literal["mp4", "webm", "gif", "frames"] = "mp4"  # output: H.264 MP4, VP9 WebM, GIF, or a folder of PNGs
+    # Final frame size (width, height) in pixels, given as "WxH"; None = width x height times upscale.
+    # The frames (after upscale) are scaled to fit inside it keeping their aspect ratio and
+    # centred on black bars (letterbox or pillarbox) when the aspect ratios differ.
+    output_size: tuple[int, int] | None = None
+
+    @field_validator("output_size", mode="before")
+    @classmethod
+    def _parse_size(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", v)
+            if not m:
+                raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. 640x360")
+            return (int(m.group(1)), int(m.group(2)))
+        return v
+
+    @model_validator(mode="after")
+    def _check_output(self) -> "VideoConfig":
+        if self.output_size is not None:
+            w, h = self.output_size
+            if not (2 <= w <= 8192 and 2 <= h <= 8192):
+                raise ValueError(f"video.output_size sides must be between 2 and 8192 pixels, got {w}x{h}")
+            if self.format in ("mp4", "webm") and (w % 2 or h % 2):
+                raise ValueError(
+                    f"video.output_size {w}x{h}: {self.format} needs an even width and height (yuv420p); "
+                    f"e.g. {w + w % 2}x{h + h % 2}"
+                )
+        top = {"mp4": 51, "webm": 63}.get(self.format)
+        if top is not None and not 0 <= self.crf <= top:
+            raise ValueError(f"video.crf for {self.format} must be between 0 (best) and {top} (worst), got {self.crf}")
+        return self
 
 
 class DataConfig(_Frozen):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from soragen import __version__
@@ -187,14 +188,21 @@ class Pipeline:
         *,
         overwrite: bool = False,
         on_step: Callable[[int], None] | None = None,
+        on_frames: Callable[[np.ndarray], None] | None = None,
     ) -> dict[str, Any]:
-        """Generate one video for `prompt` into `output` (MP4) plus its JSON sidecar; returns the sidecar."""
-        from soragen.video_io import Mp4Writer, check_writable, sidecar_path, to_uint8, upscale, write_json
+        """Generate one video for `prompt` into `output` (in `video.format`) plus its JSON sidecar; returns the sidecar.
+
+        `on_frames` sees each chunk of final frames [T_i, H, W, 3] uint8 as it is written.
+        """
+        from soragen.video_io import (
+            check_output_suffix, check_writable, fit_frames, open_writer, sidecar_path, to_uint8, upscale, write_json,
+        )
 
         cfg = self.cfg
         prompt = check_prompt(prompt)
         plan = plan_video(cfg)
         output = Path(output)
+        check_output_suffix(output, cfg.video.format)
         check_writable(output, overwrite)
         check_writable(sidecar_path(output), overwrite)
         timings: dict[str, float] = {}
@@ -219,10 +227,16 @@ class Pipeline:
                 lap("denoising")
                 yield z
 
-        with Mp4Writer(output, v.width * v.upscale, v.height * v.upscale, v.fps, v.crf) as writer:
+        # 5. Writing: upscale (nearest), fit into video.output_size, encode in video.format.
+        # ("mp4_encoding" keeps its name for every format: the time spent in the writer.)
+        width, height = v.output_size or (v.width * v.upscale, v.height * v.upscale)
+        with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
             for frames in self.decode_frames(timed_latents(), plan.num_frames):
                 lap("vae_decoding")
-                writer.write(upscale(to_uint8(frames), v.upscale))
+                final = fit_frames(upscale(to_uint8(frames), v.upscale), v.output_size)  # (T_i, height, width, 3)
+                writer.write(final)
+                if on_frames is not None:
+                    on_frames(final)
                 lap("mp4_encoding")
             clock["t"] = time.perf_counter()
         lap("mp4_encoding")
@@ -234,11 +248,12 @@ class Pipeline:
             "model": self.model_name,
             "video": {
                 "path": output.name,
+                "format": v.format,
                 "frames": plan.num_frames,
                 "fps": v.fps,
                 "seconds": plan.num_frames / v.fps,
-                "width": v.width * v.upscale,
-                "height": v.height * v.upscale,
+                "width": width,
+                "height": height,
                 "windows": len(self.windows(plan)),
             },
             "timings_seconds": {k: round(val, 4) for k, val in timings.items()},

@@ -1,13 +1,20 @@
-"""Stage 5: frames stream into ffmpeg (H.264, yuv420p, +faststart); JSON sidecars.
+"""Stage 5: frames stream into a writer per output format; JSON sidecars; PNG images.
+
+Formats (`video.format`), one writer class each behind one interface
+(`write(frames)`, `close()`, `abort()`, a context manager), chosen by `open_writer`:
+mp4 (H.264, yuv420p, +faststart), webm (VP9 through libvpx-vp9), gif (ffmpeg's
+palettegen/paletteuse filters), frames (a folder of PNGs).
 
 Files are written under a temporary name in the target folder and renamed when
-complete, so an interrupted run never leaves a half-written file under a final name.
+complete (a frames folder is filled under a temporary name and renamed as a whole),
+so an interrupted run never leaves a half-written file under a final name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,35 @@ def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
     return frames.repeat(factor, axis=1).repeat(factor, axis=2)  # (T, H*f, W*f, 3)
 
 
+def fit_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The largest (width, height) with the aspect ratio of `size` that fits inside `box`."""
+    (w, h), (bw, bh) = size, box
+    scale = min(bw / w, bh / h)
+    return max(1, min(bw, round(w * scale))), max(1, min(bh, round(h * scale)))
+
+
+def fit_frames(frames: np.ndarray, box: tuple[int, int] | None) -> np.ndarray:
+    """Scale frames [T, H, W, 3] to fit inside box (width, height), keeping the aspect ratio; pad with black, centred.
+
+    Integer enlargements use nearest neighbour (the pixels stay sharp, like --upscale);
+    anything else uses Lanczos resampling (Pillow).
+    """
+    if box is None or (frames.shape[2], frames.shape[1]) == tuple(box):
+        return frames
+    from PIL import Image
+
+    t, h, w, _ = frames.shape
+    fw, fh = fit_size((w, h), box)
+    if fw % w == 0 and fh % h == 0 and fw // w == fh // h:
+        scaled = upscale(frames, fw // w)  # (T, fh, fw, 3)
+    else:
+        scaled = np.stack([np.asarray(Image.fromarray(f).resize((fw, fh), Image.Resampling.LANCZOS)) for f in frames])
+    out = np.zeros((t, box[1], box[0], 3), dtype=np.uint8)  # (T, H_out, W_out, 3): black bars
+    top, left = (box[1] - fh) // 2, (box[0] - fw) // 2
+    out[:, top : top + fh, left : left + fw] = scaled
+    return out
+
+
 def temporary_path(final: Path) -> Path:
     """A fresh hidden file name beside `final` (same folder, so the rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
@@ -52,26 +88,97 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {folder} is not writable; choose another --output")
 
 
-class Mp4Writer:
-    """Streams uint8 frames [T, H, W, 3] into an H.264 MP4; renamed into place on `close()`."""
+FORMATS = ("mp4", "webm", "gif", "frames")
+SUFFIXES = {"mp4": ".mp4", "webm": ".webm", "gif": ".gif", "frames": ""}  # a frames output is a folder
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
+
+class VideoWriter:
+    """Streams uint8 frames [T, H, W, 3] to `path` under a temporary name; `close()` moves it into place.
+
+    Subclasses start their encoder in `__init__` and implement `_send`, `_finish` and `_stop`.
+    """
+
+    def __init__(self, path: Path, width: int, height: int, fps: int):
+        self.path = Path(path)
+        self.size = (width, height)
+        self.fps = fps
+        self.frames_written = 0
+        self.tmp = temporary_path(self.path)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames [T, H, W, 3] uint8."""
+        assert frames.dtype == np.uint8 and frames.shape[1:] == (self.size[1], self.size[0], 3), frames.shape
+        for frame in frames:
+            self._send(np.ascontiguousarray(frame))
+            self.frames_written += 1
+
+    def close(self) -> None:
+        """Finish the file and move it to its final name."""
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Stop the encoder and delete the partial output."""
+        try:
+            self._stop()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def _send(self, frame: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        self._finish()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _FfmpegWriter(VideoWriter):
+    """A VideoWriter that pipes raw RGB frames into ffmpeg (imageio-ffmpeg)."""
+
+    def _start(self, **kwargs: Any) -> None:
         import imageio_ffmpeg
 
-        self.path = Path(path)
-        self.tmp = temporary_path(self.path)
-        self.size = (width, height)
-        self.frames_written = 0
         self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp),
-            self.size,
-            fps=fps,
+            str(self.tmp), self.size, fps=self.fps, pix_fmt_in="rgb24", quality=None, macro_block_size=1,
+            ffmpeg_log_level="error", **kwargs,
+        )
+        try:
+            self._gen.send(None)  # start ffmpeg
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def _send(self, frame: np.ndarray) -> None:
+        self._gen.send(frame)
+
+    def _finish(self) -> None:
+        self._gen.close()
+
+
+class Mp4Writer(_FfmpegWriter):
+    """H.264 MP4 (yuv420p, +faststart): plays in every browser; byte-identical for the same frames."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
+        super().__init__(path, width, height, fps)
+        self._start(
             codec="libx264",
-            pix_fmt_in="rgb24",
             pix_fmt_out="yuv420p",
-            quality=None,
-            macro_block_size=1,
-            ffmpeg_log_level="error",
             output_params=[
                 "-crf", str(crf),
                 "-preset", "medium",
@@ -82,54 +189,136 @@ class Mp4Writer:
                 "-f", "mp4",
             ],
         )
-        self._gen.send(None)  # start ffmpeg
 
-    def write(self, frames: np.ndarray) -> None:
-        """Append frames [T, H, W, 3] uint8."""
-        assert frames.dtype == np.uint8 and frames.shape[1:] == (self.size[1], self.size[0], 3), frames.shape
-        for frame in frames:
-            self._gen.send(np.ascontiguousarray(frame))
-        self.frames_written += len(frames)
+
+class WebmWriter(_FfmpegWriter):
+    """VP9 WebM (libvpx-vp9, constant quality `crf`, yuv420p): plays in Chromium and Firefox."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
+        super().__init__(path, width, height, fps)
+        self._start(
+            codec="libvpx-vp9",
+            pix_fmt_out="yuv420p",
+            output_params=[
+                "-crf", str(crf), "-b:v", "0",  # constant quality
+                "-deadline", "good", "-cpu-used", "4", "-row-mt", "0", "-threads", "1",
+                "-map_metadata", "-1", "-fflags", "+bitexact", "-flags", "+bitexact",
+                "-f", "webm",
+            ],
+        )
+
+
+class GifWriter(_FfmpegWriter):
+    """Looping GIF with a palette computed over the whole video (ffmpeg palettegen + paletteuse)."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
+        super().__init__(path, width, height, fps)
+        self._start(
+            codec="gif",
+            pix_fmt_out="pal8",
+            output_params=[
+                "-vf", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=bayer:bayer_scale=3",
+                "-loop", "0", "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "gif",
+            ],
+        )
+
+
+class FramesWriter(VideoWriter):
+    """A folder of PNGs (frame_000000.png, ...), filled under a temporary name and renamed as a whole."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
+        super().__init__(path, width, height, fps)
+        self.tmp.unlink()
+        self.tmp.mkdir()  # the same fresh hidden name, now a folder
+
+    def _send(self, frame: np.ndarray) -> None:
+        from PIL import Image
+
+        Image.fromarray(frame).save(self.tmp / f"frame_{self.frames_written:06d}.png", format="PNG")
+
+    def _finish(self) -> None:
+        pass
+
+    def _stop(self) -> None:
+        pass
 
     def close(self) -> None:
-        """Finish the file and move it to its final name."""
-        try:
-            self._gen.close()
-        except Exception:
-            self.abort()
-            raise
-        os.replace(self.tmp, self.path)
+        """Move the finished folder to its final name (an existing one is replaced)."""
+        if self.path.is_dir():
+            old = temporary_path(self.path)
+            old.unlink()
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        """Stop ffmpeg and delete the partial file."""
-        try:
-            self._gen.close()
-        except Exception:
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "Mp4Writer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        """Delete the partial folder."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def open_writer(path: Path, fmt: str, width: int, height: int, fps: int, crf: int = 18) -> VideoWriter:
+    """The writer of format `fmt` (mp4, webm, gif, frames) for frames of width x height."""
+    match fmt:
+        case "mp4":
+            return Mp4Writer(path, width, height, fps, crf)
+        case "webm":
+            return WebmWriter(path, width, height, fps, crf)
+        case "gif":
+            return GifWriter(path, width, height, fps, crf)
+        case "frames":
+            return FramesWriter(path, width, height, fps, crf)
+    raise UserError(f"unknown video format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def check_output_suffix(path: Path, fmt: str) -> None:
+    """Raise a UserError if the output's name does not fit format `fmt` (a.mp4 for mp4, a folder name for frames)."""
+    path = Path(path)
+    want = SUFFIXES[fmt]
+    if fmt == "frames":
+        if path.suffix.lower() in {s for s in SUFFIXES.values() if s}:
+            raise UserError(f"output {path} looks like a {path.suffix} file; --format frames writes a folder, e.g. {path.with_suffix('')}")
+    elif path.suffix.lower() != want:
+        guess = next((f for f, s in SUFFIXES.items() if s and s == path.suffix.lower()), None)
+        hint = f" or pass --format {guess}" if guess else ""
+        raise UserError(f"output {path} does not end in {want} (--format {fmt}); name it {path.with_suffix(want).name}{hint}")
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an image [H, W, 3] uint8 as PNG atomically (temporary file, then rename)."""
+    from PIL import Image
+
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def sidecar_path(video: Path) -> Path:
-    """Where the JSON sidecar of a video goes: same name, `.json`."""
-    return video.with_suffix(".json")
+    """Where the JSON sidecar of a video goes: same name, `.json` (a.mp4 -> a.json; frames folder a -> a.json)."""
+    video = Path(video)
+    if video.suffix.lower() in {s for s in SUFFIXES.values() if s}:
+        return video.with_suffix(".json")
+    return video.with_name(video.name + ".json")

@@ -1,0 +1,160 @@
+"""Benchmark long-video generation: time per stage, peak memory, real-time factor, denoiser efficiency.
+
+    python scripts/bench_long.py [--seconds 5 15 30 60] [--model builtin] [--set key=value ...]
+
+For each duration, one fresh process generates a video (so its peak resident memory is
+its own) and reports wall time split into text encoding, denoising, VAE decoding and
+MP4 encoding, the real-time factor (wall seconds per second of video), and the
+denoiser's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one forward).
+The same run measures the fp32 matrix-multiply peak, and the time per denoising step
+of a diffusers CogVideoXTransformer3DModel of the same width, depth and heads on the
+same number of video tokens, as the reference a user would otherwise reach for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """Measured fp32 matrix-multiply GFLOP/s on this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def one_run(seconds: float, overrides: list[str]) -> dict:
+    """Generate one video in this process; report timings, FLOPs and peak RSS."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from soragen.config import load_config
+    from soragen.pipeline import Pipeline, plan_video
+
+    cfg = load_config(None, overrides + [f"video.seconds={seconds}"])
+    pipe = Pipeline.from_config(cfg)
+    plan = plan_video(cfg)
+    windows = pipe.windows(plan)
+    # FLOPs of the denoiser forwards: one batched (cond + uncond) forward per step and window.
+    flops = 0
+    guided = 2 if cfg.sampler.guidance != 1.0 else 1
+    with torch.no_grad():
+        text, mask = pipe.encode_text("a red ball", "")
+        for ctx, new in {w for w in windows}:
+            x = torch.randn(guided, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                pipe.dit(x, torch.zeros(guided, ctx + new, dtype=torch.long), text, mask)
+            flops += counter.get_total_flops() * cfg.sampler.steps * windows.count((ctx, new))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        sidecar = pipe.generate("a large red circle moving right", Path(tmp) / "v.mp4")
+        wall = time.perf_counter() - t0
+    t = sidecar["timings_seconds"]
+    return {
+        "seconds": seconds,
+        "frames": sidecar["video"]["frames"],
+        "windows": len(windows),
+        "wall": wall,
+        **{k: v for k, v in t.items()},
+        "realtime_factor": wall / (sidecar["video"]["frames"] / cfg.video.fps),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "denoiser_gflops": flops / t["denoising"] / 1e9,
+        "tokens_per_window": max(ctx + new for ctx, new in windows)
+        * (plan.latent_height // cfg.dit.patch_size[1]) * (plan.latent_width // cfg.dit.patch_size[2]) // cfg.dit.patch_size[0],
+    }
+
+
+def soragen_step_time(overrides: list[str], reps: int = 5) -> tuple[float, dict]:
+    """Seconds per denoising step (one CFG-batched forward) of soragen's DiT on a full window."""
+    from soragen.config import load_config
+    from soragen.pipeline import Pipeline
+
+    cfg = load_config(None, overrides)
+    pipe = Pipeline.from_config(cfg)
+    s = cfg.vae.spatial_compression
+    x = torch.randn(2, cfg.vae.latent_channels, cfg.sampler.window, cfg.video.height // s, cfg.video.width // s)
+    with torch.no_grad():
+        text, mask = pipe.encode_text("a red ball", "")
+        ts = torch.full((2, cfg.sampler.window), 500)
+        pipe.dit(x, ts, text, mask)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            pipe.dit(x, ts, text, mask)
+    return (time.perf_counter() - t0) / reps, {"cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1], "text_dim": text.shape[2]}
+
+
+def cogvideox_step_time(cfg, latent: tuple[int, ...], text_len: int, text_dim: int, reps: int = 5) -> float:
+    """Seconds per forward of diffusers' CogVideoXTransformer3DModel at the same width, depth, heads and tokens."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    b, c, t, h, w = latent
+    d = cfg.dit
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=d.heads, attention_head_dim=d.width // d.heads, in_channels=c, out_channels=c,
+        num_layers=d.depth, text_embed_dim=text_dim, time_embed_dim=d.width, patch_size=d.patch_size[1],
+        sample_width=w, sample_height=h, sample_frames=1 + 4 * (t - 1), max_text_seq_length=text_len,
+        use_rotary_positional_embeddings=True,
+    ).eval()
+    x = torch.randn(b, t, c, h, w)  # CogVideoX takes [B, F, C, H, W]
+    text = torch.randn(b, text_len, text_dim)
+    ts = torch.full((b,), 500)
+    with torch.no_grad():
+        model(hidden_states=x, encoder_hidden_states=text, timestep=ts)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model(hidden_states=x, encoder_hidden_states=text, timestep=ts)
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, nargs="+", default=[5, 15, 30, 60])
+    parser.add_argument("--model", default=None, help="model folder or 'builtin' (default: soragen's default model)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--one", type=float, help=argparse.SUPPRESS)  # internal: run one duration, print JSON
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    overrides = args.overrides + ([f"model={args.model}"] if args.model else [])
+    if args.one is not None:
+        print(json.dumps(one_run(args.one, overrides)))
+        return
+
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    rows = []
+    head = (f"{'video s':>7} {'windows':>7} {'wall s':>7} {'text':>6} {'denoise':>8} {'decode':>7} {'mp4':>6} "
+            f"{'RTF':>6} {'peak MB':>8} {'GFLOP/s':>8} {'% peak':>7}")
+    print(head)
+    for seconds in args.seconds:
+        cmd = [sys.executable, __file__, "--one", str(seconds)] + [x for o in overrides for x in ("--set", o)]
+        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{seconds:>7g} {row['windows']:>7} {row['wall']:>7.2f} {row['text_encoding']:>6.2f} {row['denoising']:>8.2f} "
+              f"{row['vae_decoding']:>7.2f} {row['mp4_encoding']:>6.2f} {row['realtime_factor']:>6.3f} "
+              f"{row['peak_rss_mb']:>8.0f} {row['denoiser_gflops']:>8.1f} {100 * row['denoiser_gflops'] / peak:>6.1f}%")
+    if len(rows) > 1:
+        print(f"peak memory, longest / shortest: {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}x")
+    ours, info = soragen_step_time(overrides)
+    ref = cogvideox_step_time(info["cfg"], info["latent"], info["text_len"], info["text_dim"])
+    print(f"per denoising step on one window {info['latent']} (CFG batch): soragen DiT {ours * 1000:.1f} ms, "
+          f"diffusers CogVideoXTransformer3DModel (same width/depth/heads/tokens) {ref * 1000:.1f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"matmul_peak_gflops": peak, "runs": rows, "step_ms": ours * 1000,
+                                         "cogvideox_step_ms": ref * 1000}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""`soragen batch`: render a whole prompt file into a folder you can browse, resumably.
+
+Stages of a run, in order:
+1. Read the prompt file (.txt, .jsonl, .csv, .yaml) into items; a malformed item is
+   kept, so it is reported as failed instead of stopping the batch.
+2. Plan: each item gets a key (a hash of its fields), a seed (its own, or derived from
+   the base seed and its key, so it never depends on order or sharding), a unique file
+   stem and a shard (items sorted by key, dealt round-robin to the n shards).
+3. Render this shard's items, skipping those the manifests record as done with the same
+   resolved config *and* whose files still hash to the recorded values.
+4. After each item the shard's own manifest, DIR/manifest.shard-I-of-N.jsonl, is
+   rewritten atomically; every so often and at the end, all shard manifests are merged
+   (under a lock on DIR) into DIR/manifest.jsonl and DIR/index.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from soragen import __version__
+from soragen.config import Config, update
+from soragen.errors import UserError
+
+FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "negative_prompt", "name")
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")
+MANIFEST = "manifest.jsonl"
+MERGE_EVERY_SECONDS = 10.0  # shortest time between two merges of the manifests during a run
+MAX_SEED = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------
+# 1. Reading prompt files
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One entry of a prompt file, before checking: its fields, or why it could not be read."""
+
+    index: int  # position among the file's items (0-based)
+    where: str  # "line 7", "row 3" or "item 4", for messages
+    fields: dict[str, Any] | None  # as given (CSV cells already typed)
+    error: str | None = None  # set when the entry is unreadable
+    raw: str = ""  # the entry's text, for the key of an unreadable entry
+
+
+def _number(value: Any, name: str, kind: type) -> int | float:
+    if isinstance(value, str):  # CSV cells
+        try:
+            value = kind(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_fields(data: Any) -> dict[str, Any]:
+    """Check one item's fields (a mapping, or a bare prompt string); raise ValueError naming the bad field."""
+    if isinstance(data, str):
+        data = {"prompt": data}
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a prompt or a mapping of fields ({', '.join(FIELDS)}), got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown field '{key}'; {hint}valid fields: {', '.join(FIELDS)}")
+        if value is None or (isinstance(value, str) and not value.strip() and key != "negative_prompt"):
+            continue  # a null or empty text: not given (an empty negative_prompt is given: no negative prompt)
+        match key:
+            case "prompt" | "negative_prompt" | "name":
+                if not isinstance(value, str):
+                    raise ValueError(f"{key} must be text, got {value!r}")
+                out[key] = value.strip()
+            case "seconds" | "guidance":
+                out[key] = _number(value, key, float)
+            case "seed" | "steps":
+                out[key] = _number(value, key, int)
+    if not out.get("prompt"):
+        raise ValueError("prompt is missing or empty; every item needs a prompt")
+    if "seed" in out and not 0 <= out["seed"] <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {out['seed']}")
+    return out
+
+
+def _item(index: int, where: str, data: Any, raw: str) -> RawItem:
+    try:
+        return RawItem(index, where, check_fields(data), raw=raw)
+    except ValueError as e:
+        return RawItem(index, where, None, str(e), raw)
+
+
+def _read_txt(text: str) -> list[RawItem]:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            items.append(_item(len(items), f"line {n}", line, line))
+    return items
+
+
+def _read_jsonl(text: str) -> list[RawItem]:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            items.append(RawItem(len(items), f"line {n}", None, f"invalid JSON: {e.msg} (column {e.colno})", line))
+            continue
+        items.append(_item(len(items), f"line {n}", data, line))
+    return items
+
+
+def _read_csv(text: str, path: Path) -> list[RawItem]:
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if "prompt" not in header:
+        raise UserError(f"{path}: the first row must name the columns and include 'prompt' (valid: {', '.join(FIELDS)}), got {header}")
+    for h in header:
+        if h not in FIELDS:
+            close = difflib.get_close_matches(h, FIELDS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"{path}: unknown column '{h}'; {hint}valid columns: {', '.join(FIELDS)}")
+    reader.fieldnames = header
+    items = []
+    for row in reader:
+        where = f"line {reader.line_num}"
+        if None in row:  # more cells than columns
+            items.append(RawItem(len(items), where, None, f"{len(header) + len(row[None])} cells but {len(header)} columns", str(row)))
+            continue
+        cells = {k: v for k, v in row.items() if v is not None and v.strip()}  # an empty cell: not given
+        if not cells:
+            continue  # a blank row
+        items.append(_item(len(items), where, cells, json.dumps(cells, sort_keys=True)))
+    return items
+
+
+def _read_yaml(text: str, path: Path) -> list[RawItem]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is malformed YAML{at}: {getattr(e, 'problem', None) or 'invalid YAML'}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path} must hold a YAML list of items (each a prompt or a mapping of {', '.join(FIELDS)}), "
+                        f"got {type(data).__name__}")
+    return [_item(n, f"item {n + 1}", entry, json.dumps(entry, sort_keys=True, default=str)) for n, entry in enumerate(data)]
+
+
+def read_prompt_file(path: Path) -> list[RawItem]:
+    """The items of a prompt file (.txt: a prompt a line, `#` comments; .jsonl, .csv, .yaml: fields per item)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise UserError(f"prompt file {path} must end in one of {', '.join(PROMPT_FILE_SUFFIXES)}")
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror}") from None
+    match suffix:
+        case ".txt":
+            items = _read_txt(text)
+        case ".jsonl":
+            items = _read_jsonl(text)
+        case ".csv":
+            items = _read_csv(text, path)
+        case _:
+            items = _read_yaml(text, path)
+    if not items:
+        raise UserError(f"prompt file {path} holds no items")
+    return items
+
+
+# ---------------------------------------------------------------------------
+# 2. Planning: keys, seeds, names, shards
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One video to render (or an entry that fails), with everything derived from the prompt file."""
+
+    index: int
+    where: str
+    key: str  # identity: a hash of the item's fields (and of its repeat number among identical items)
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seed: int | None = None  # the seed it renders with (None when unreadable)
+    stem: str = ""  # file name of its outputs, without suffix
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def derive_seed(base_seed: int, key: str) -> int:
+    """The seed of an item without its own: a hash of the base seed and the item's key (0 <= seed < 2**31)."""
+    return int(_sha(f"soragen-batch-seed:{base_seed}:{key}")[:8], 16) & 0x7FFFFFFF
+
+
+def plan_items(raw: list[RawItem], base_seed: int) -> list[Item]:
+    """Keys, seeds and unique file stems of all items (the same on every shard)."""
+    from soragen.naming import safe_stem, slugify, unique_stems
+
+    repeats: dict[str, int] = {}
+    items = []
+    for r in raw:
+        identity = json.dumps(r.fields, sort_keys=True, ensure_ascii=False) if r.fields is not None else "unreadable:" + r.raw
+        n = repeats.get(identity, 0)  # identical items are told apart by how many came before
+        repeats[identity] = n + 1
+        key = _sha(f"{identity}\n{n}")[:20]
+        if r.fields is None:
+            items.append(Item(r.index, r.where, key, error=r.error, stem=f"item-{r.index + 1}"))
+            continue
+        seed = r.fields["seed"] if "seed" in r.fields else derive_seed(base_seed, key)
+        stem = safe_stem(r.fields["name"]) if "name" in r.fields else f"{slugify(r.fields['prompt'], 48)}_seed{seed}"
+        items.append(Item(r.index, r.where, key, r.fields, None, seed, stem))
+    stems = iter(unique_stems(i.stem for i in items if i.error is None))  # unreadable items write no files
+    return [i if i.error is not None else Item(i.index, i.where, i.key, i.fields, None, i.seed, next(stems)) for i in items]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"--shard expects i/n with 0 <= i < n (e.g. --shard 0/2 and --shard 1/2), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_from_environment(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """(process index, process count) under `accelerate launch` / torchrun (RANK, WORLD_SIZE), else None."""
+    env = os.environ if env is None else env
+    world, rank = env.get("WORLD_SIZE"), env.get("RANK")
+    if not world or not world.strip().isdigit() or int(world) <= 1:
+        return None
+    if rank is None or not rank.strip().isdigit() or int(rank) >= int(world):
+        raise UserError(f"WORLD_SIZE={world} but RANK={rank!r} is not a process index below it; pass --shard i/n")
+    return int(rank), int(world)
+
+
+def shard_items(items: list[Item], shard: tuple[int, int]) -> list[Item]:
+    """This shard's items, in file order: items sorted by key are dealt round-robin, so shards are disjoint and balanced."""
+    i, n = shard
+    mine = {item.key for pos, item in enumerate(sorted(items, key=lambda it: it.key)) if pos % n == i}
+    return [item for item in items if item.key in mine]
+
+
+# ---------------------------------------------------------------------------
+# 3. Manifests
+# ---------------------------------------------------------------------------
+
+
+def shard_manifest_name(shard: tuple[int, int]) -> str:
+    """manifest.shard-I-of-N.jsonl: the records one shard writes (only that shard's process writes it)."""
+    return f"manifest.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL manifest; a line that does not parse is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+            out.append(rec)
+    return out
+
+
+def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """The newest finished (ok or failed) record per item key, over every manifest in folder."""
+    best: dict[str, dict[str, Any]] = {}
+    paths = [folder / MANIFEST] + sorted(folder.glob("manifest.shard-*-of-*.jsonl"))
+    for path in paths:
+        for rec in read_records(path):
+            if rec.get("status") not in ("ok", "failed"):
+                continue
+            old = best.get(rec["key"])
+            if old is None or str(rec.get("finished_at", "")) > str(old.get("finished_at", "")):
+                best[rec["key"]] = rec
+    return best
+
+
+def file_entry(folder: Path, path: Path) -> dict[str, Any]:
+    """{path (relative to folder), bytes, sha256} of a file, or of a frames folder (hash over its files' names and hashes)."""
+    if path.is_dir():
+        h, size = hashlib.sha256(), 0
+        for f in sorted(path.iterdir()):
+            data = f.read_bytes()
+            size += len(data)
+            h.update(f"{f.name} {hashlib.sha256(data).hexdigest()}\n".encode())
+        digest = h.hexdigest()
+    else:
+        data = path.read_bytes()
+        size, digest = len(data), hashlib.sha256(data).hexdigest()
+    return {"path": path.relative_to(folder).as_posix(), "bytes": size, "sha256": digest}
+
+
+def _inside(folder: Path, rel: Any) -> Path | None:
+    """folder/rel if rel is a plain relative path inside folder, else None (a manifest is data, not trusted paths)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+        return None
+    return folder / rel
+
+
+def files_intact(folder: Path, rec: dict[str, Any]) -> bool:
+    """Whether every file a record lists exists with the recorded size and hash."""
+    files = rec.get("files")
+    if not isinstance(files, dict) or "video" not in files:
+        return False
+    for entry in files.values():
+        path = _inside(folder, entry.get("path")) if isinstance(entry, dict) else None
+        if path is None or not path.exists():
+            return False
+        try:
+            if file_entry(folder, path) != entry:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder itself (flock on its descriptor: no lock file to leave behind).
+
+    POSIX only; where flock is missing (Windows) shards should not finish at the same moment.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale_temporaries(folder: Path, names: list[str]) -> int:
+    """Delete temporary files (.NAME.*.partial) left by a killed run for these final names; returns how many."""
+    import shutil
+
+    removed = 0
+    for name in names:
+        for tmp in folder.glob(f".{glob_escape(name)}.*.partial"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """Escape glob metacharacters in a file name."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def merge_manifests(folder: Path, items: list[Item], title: str) -> list[dict[str, Any]]:
+    """Merge every shard manifest into folder/manifest.jsonl (one record per item, file order) and rewrite index.html.
+
+    Runs under the folder lock, so shards finishing side by side never lose each other's records.
+    """
+    from soragen.gallery import write_index
+    from soragen.video_io import write_text
+
+    with folder_lock(folder):
+        remove_stale_temporaries(folder, [MANIFEST, "index.html"])
+        latest = latest_records(folder)
+        merged = []
+        for item in items:
+            rec = latest.get(item.key)
+            if rec is None:
+                rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
+                       "prompt": item.fields.get("prompt", ""), "seed": item.seed, "status": "pending", "error": None}
+            merged.append(rec)
+        write_text(folder / MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+        write_index(folder, merged, title)
+    return merged
+
+
+# ---------------------------------------------------------------------------
+# 4. Rendering
+# ---------------------------------------------------------------------------
+
+
+def item_config(base: Config, item: Item) -> Config:
+    """The resolved config of one item: the base config with the item's fields and seed."""
+    f = item.fields
+    video = {"seconds": f["seconds"]} if "seconds" in f else {}
+    sampler = {k: f[k] for k in ("guidance", "steps", "negative_prompt") if k in f}
+    try:
+        return update(base, seed=item.seed, video=video, sampler=sampler)
+    except UserError as e:
+        # "config key 'sampler.steps': ..." -> "steps: ..." (the field the user wrote)
+        msg = re.sub(r"^config key '(?:video|sampler)\.(\w+)'", r"\1", str(e))
+        raise UserError(msg) from None
+
+
+class Reporter:
+    """What a batch tells its caller; the CLI draws progress bars with it. Every method may be left as is."""
+
+    def start(self, total: int, shard: tuple[int, int]) -> None:
+        """The run begins: `total` items in this shard."""
+
+    def item_start(self, item: Item, steps: int) -> None:
+        """An item starts rendering: `steps` denoising steps in all."""
+
+    def step(self, done: int) -> None:
+        """`done` denoising steps of the current item are finished."""
+
+    def item_end(self, item: Item, status: str, rec: dict[str, Any] | None) -> None:
+        """An item is done: status is ok, failed or skipped."""
+
+
+@dataclass
+class BatchResult:
+    """What one run did, for the summary."""
+
+    shard: tuple[int, int]
+    rendered: list[Item] = field(default_factory=list)
+    skipped: list[Item] = field(default_factory=list)
+    failed: list[tuple[Item, str]] = field(default_factory=list)
+    manifest: list[dict[str, Any]] = field(default_factory=list)  # the merged manifest at the end
+    seconds: float = 0.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def output_names(item: Item, fmt: str) -> dict[str, str]:
+    """File names of an item's outputs, by role: video, sidecar, poster, contact_sheet."""
+    from soragen.video_io import SUFFIXES, sidecar_path
+
+    video = item.stem + SUFFIXES[fmt]
+    return {"video": video, "sidecar": sidecar_path(Path(video)).name,
+            "poster": f"{item.stem}.poster.png", "contact_sheet": f"{item.stem}.sheet.png"}
+
+
+def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter) -> dict[str, Any]:
+    """Render one item: video, sidecar, poster and contact sheet; returns its manifest record (status ok)."""
+    from soragen.gallery import FrameSampler
+    from soragen.pipeline import Pipeline, plan_video
+    from soragen.video_io import write_png
+
+    t0 = time.perf_counter()
+    plan = plan_video(cfg)
+    item_pipe = Pipeline(cfg, pipe.text_encoder, pipe.vae, pipe.dit, pipe.model_name)  # same models, item's settings
+    reporter.item_start(item, len(item_pipe.windows(plan)) * cfg.sampler.steps)
+    names = output_names(item, cfg.video.format)
+    frames = FrameSampler(plan.num_frames, cfg.video.fps)
+    sidecar = item_pipe.generate(item.fields["prompt"], folder / names["video"], overwrite=True,
+                                 on_step=lambda i: reporter.step(i + 1), on_frames=frames.add)
+    t1 = time.perf_counter()
+    write_png(folder / names["poster"], frames.poster())
+    write_png(folder / names["contact_sheet"], frames.sheet())
+    timings = dict(sidecar["timings_seconds"])
+    timings["previews"] = round(time.perf_counter() - t1, 4)
+    timings["total"] = round(time.perf_counter() - t0, 4)
+    return {
+        "key": item.key,
+        "index": item.index,
+        "where": item.where,
+        "name": item.stem,
+        "prompt": item.fields["prompt"],
+        "negative_prompt": cfg.sampler.negative_prompt,
+        "seed": item.seed,
+        "seed_from": "item" if "seed" in item.fields else "derived",
+        "config_hash": cfg.digest(),
+        "model": pipe.model_name,
+        "format": cfg.video.format,
+        "files": {role: file_entry(folder, folder / name) for role, name in names.items()},
+        "video": {k: sidecar["video"][k] for k in ("seconds", "frames", "fps", "width", "height")},
+        "timings_seconds": timings,
+        "status": "ok",
+        "error": None,
+    }
+
+
+def _remove_replaced(folder: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    """Delete files an item's earlier record listed that its new outputs no longer use (e.g. after --format changed)."""
+    import shutil
+
+    if not old or not isinstance(old.get("files"), dict):
+        return
+    keep = {e["path"] for e in new.get("files", {}).values()}
+    for entry in old["files"].values():
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        path = _inside(folder, rel)
+        if path is not None and rel not in keep and path.exists():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def run_batch(
+    cfg: Config,
+    prompt_file: Path,
+    folder: Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    reporter: Reporter | None = None,
+) -> BatchResult:
+    """Render the prompt file's items of this shard into folder; resume where an earlier run stopped."""
+    from soragen.pipeline import Pipeline, plan_video
+    from soragen.video_io import write_text
+
+    reporter = reporter or Reporter()
+    t_start = time.perf_counter()
+    items = plan_items(read_prompt_file(prompt_file), cfg.seed)
+    plan_video(cfg)  # a bad base request fails now, before any model loads
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {folder} is not writable; choose another --out")
+
+    mine = shard_items(items, shard)
+    own_manifest = folder / shard_manifest_name(shard)
+    # Only this process writes this shard's files, so their leftovers are safe to delete.
+    fmt = cfg.video.format
+    remove_stale_temporaries(folder, [own_manifest.name] + [n for it in mine for n in output_names(it, fmt).values()])
+    own = {r["key"]: r for r in read_records(own_manifest)}
+    known = latest_records(folder)
+    title = f"soragen batch: {Path(prompt_file).name}"
+    result = BatchResult(shard)
+    pipe = None
+    last_merge = time.perf_counter()
+    reporter.start(len(mine), shard)
+    try:
+        for item in mine:
+            try:
+                if item.error is not None:
+                    raise UserError(item.error)
+                item_cfg = item_config(cfg, item)
+                old = known.get(item.key)
+                if (old is not None and old.get("status") == "ok" and old.get("config_hash") == item_cfg.digest()
+                        and files_intact(folder, old)):
+                    result.skipped.append(item)
+                    reporter.item_end(item, "skipped", old)
+                    continue
+                try:
+                    plan_video(item_cfg)  # an item's bad seconds fail before the model loads
+                except UserError as e:
+                    raise UserError(re.sub(r"^--(\w+)", r"\1", str(e))) from None  # name the item's field, not the flag
+                if pipe is None:
+                    pipe = Pipeline.from_config(cfg)
+                rec = render_item(pipe, item_cfg, item, folder, reporter)
+                _remove_replaced(folder, old, rec)
+                result.rendered.append(item)
+                status = "ok"
+            except Exception as e:  # noqa: BLE001  an item's failure never stops the others (Ctrl-C still does)
+                message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
+                       "prompt": item.fields.get("prompt", ""), "seed": item.seed, "status": "failed", "error": message}
+                result.failed.append((item, message))
+                status = "failed"
+            rec.update(shard=f"{shard[0]}/{shard[1]}", finished_at=_now(), soragen_version=__version__)
+            own[item.key] = known[item.key] = rec
+            write_text(own_manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own.values()))
+            reporter.item_end(item, status, rec)
+            if time.perf_counter() - last_merge > MERGE_EVERY_SECONDS:
+                merge_manifests(folder, items, title)
+                last_merge = time.perf_counter()
+    finally:
+        result.manifest = merge_manifests(folder, items, title)
+    result.seconds = time.perf_counter() - t_start
+    return result

@@ -1,0 +1,337 @@
+"""`soragen batch`: prompt files, seeds, shards, manifests, resume, failure isolation; real processes and signals."""
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+import yaml
+
+from soragen.batch import (
+    MANIFEST, derive_seed, files_intact, parse_shard, plan_items, read_prompt_file, read_records, run_batch,
+    shard_from_environment, shard_items,
+)
+from soragen.cli import main
+from soragen.errors import UserError
+
+from conftest import tiny_config
+
+COLOURS = ("red", "blue", "green", "yellow", "white")
+SHAPES = ("ball", "square", "triangle", "star")
+PROMPTS = [f"a {c} {s} bouncing" for c in COLOURS for s in SHAPES]  # 20
+
+
+def base_config(**video):
+    return tiny_config(video={"seconds": 1, "fps": 4, "width": 32, "height": 32, **video}, sampler={"steps": 2})
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(base_config().to_yaml())
+    return path
+
+
+def twenty_items():
+    """20 items using every field: per-item seconds, seed, guidance, steps, negative prompt, and names."""
+    items = [{"prompt": p} for p in PROMPTS]
+    items[1]["seconds"] = 0.5
+    items[2]["seed"] = 7
+    items[3]["guidance"] = 1.0
+    items[4]["steps"] = 3
+    items[5]["negative_prompt"] = "blurry"
+    items[6]["name"] = "../../escape attempt"
+    items[7]["name"] = "Clip/07"
+    items[8] = {"prompt": PROMPTS[0]}  # the same item twice: still two videos
+    return items
+
+
+def write_prompt_file(path: Path, items) -> Path:
+    """Write items as .txt (prompts only), .jsonl, .csv or .yaml."""
+    match path.suffix:
+        case ".txt":
+            path.write_text("# prompts\n\n" + "\n".join(i["prompt"] for i in items) + "\n", encoding="utf-8")
+        case ".jsonl":
+            path.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+        case ".csv":
+            columns = ["prompt", "seconds", "seed", "guidance", "steps", "negative_prompt", "name"]
+            with path.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, columns)
+                writer.writeheader()
+                writer.writerows(items)
+        case ".yaml":
+            path.write_text(yaml.safe_dump(items, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def count_frames(path):
+    reader = imageio.get_reader(path)
+    n = sum(1 for _ in reader)
+    reader.close()
+    return n
+
+
+def manifest(folder):
+    return read_records(folder / MANIFEST)
+
+
+def expected_files(records):
+    names = {MANIFEST, "index.html"}
+    for r in records:
+        names |= {e["path"] for e in r["files"].values()}
+    return names
+
+
+def videos(folder):
+    return {p.name: p.read_bytes() for p in folder.glob("*.mp4")}
+
+
+# ---------------------------------------------------------------------------
+# Reading prompt files
+# ---------------------------------------------------------------------------
+
+
+def test_txt_skips_blank_lines_and_comments(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("\ufeff# header\n\na red ball\n   \n  # indented comment\n  a blue star  \n", encoding="utf-8")
+    items = read_prompt_file(path)
+    assert [(i.where, i.fields) for i in items] == [("line 3", {"prompt": "a red ball"}), ("line 6", {"prompt": "a blue star"})]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".yaml"])
+def test_structured_files_give_the_same_items(tmp_path, suffix):
+    items = twenty_items()
+    raw = read_prompt_file(write_prompt_file(tmp_path / f"p{suffix}", items))
+    assert [r.fields for r in raw] == items
+
+
+def test_bad_items_are_kept_as_failures(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"promt": "typo"}\nnot json\n{"prompt": "x", "steps": 2.5}\n'
+                    '{"prompt": "x", "seconds": true}\n{"prompt": ""}\n"a bare string"\n[1]\n{"prompt": "s", "seed": -1}\n')
+    raw = read_prompt_file(path)
+    errors = [r.error for r in raw]
+    assert errors[0] is None and raw[6].fields == {"prompt": "a bare string"}
+    assert "unknown field 'promt'; did you mean 'prompt'?" in errors[1]
+    assert "invalid JSON" in errors[2]
+    assert "steps must be an integer" in errors[3]
+    assert "seconds must be a number" in errors[4]
+    assert "prompt is missing or empty" in errors[5]
+    assert "expected a prompt or a mapping" in errors[7]
+    assert "seed must be between 0" in errors[8]
+
+
+def test_csv_cells_are_typed_and_empty_cells_unset(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,seconds,seed,steps\na red ball,1.5,,3\nblue,abc,1,\n\n", encoding="utf-8")
+    raw = read_prompt_file(path)
+    assert raw[0].fields == {"prompt": "a red ball", "seconds": 1.5, "steps": 3}
+    assert "seconds must be a number" in raw[1].error and len(raw) == 2
+
+
+@pytest.mark.parametrize(
+    "name, text, fragment",
+    [
+        ("p.doc", "x", "must end in one of .txt, .jsonl, .csv, .yaml"),
+        ("p.txt", "# only a comment\n", "holds no items"),
+        ("p.csv", "prompt,sconds\nx,1\n", "unknown column 'sconds'; did you mean 'seconds'?"),
+        ("p.csv", "text\nx\n", "include 'prompt'"),
+        ("p.yaml", "prompt: x\n", "must hold a YAML list"),
+        ("p.yaml", "- [unclosed\n", "malformed YAML"),
+    ],
+)
+def test_bad_prompt_files_are_user_errors(tmp_path, name, text, fragment):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        read_prompt_file(path)
+    assert fragment in str(err.value)
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(UserError, match="prompt file not found"):
+        read_prompt_file(tmp_path / "nope.txt")
+
+
+# ---------------------------------------------------------------------------
+# Seeds, names, shards
+# ---------------------------------------------------------------------------
+
+
+def plan(tmp_path, items, base_seed=0, name="p.jsonl"):
+    return plan_items(read_prompt_file(write_prompt_file(tmp_path / name, items)), base_seed)
+
+
+def test_seeds_do_not_depend_on_order(tmp_path):
+    items = twenty_items()
+    first = {(json.dumps(i.fields, sort_keys=True), i.seed, i.key) for i in plan(tmp_path, items)}
+    shuffled = items[:]
+    random.Random(1).shuffle(shuffled)
+    assert {(json.dumps(i.fields, sort_keys=True), i.seed, i.key) for i in plan(tmp_path, shuffled)} == first
+
+
+def test_seeds_explicit_derived_and_distinct(tmp_path):
+    planned = plan(tmp_path, twenty_items())
+    assert planned[2].seed == 7
+    derived = [i.seed for i in planned if "seed" not in i.fields]
+    assert len(set(derived)) == len(derived)  # the repeated item too
+    assert planned[0].seed == derive_seed(0, planned[0].key)
+    assert [i.seed for i in plan(tmp_path, twenty_items(), base_seed=1)][0] != planned[0].seed
+
+
+def test_names_are_safe_and_unique(tmp_path):
+    planned = plan(tmp_path, twenty_items())
+    stems = [i.stem for i in planned]
+    assert len({s.casefold() for s in stems}) == 20
+    assert stems[6] == "escape-attempt" and stems[7] == "Clip-07"
+    assert stems[0] == f"a-red-ball-bouncing_seed{planned[0].seed}"
+    assert all("/" not in s and not s.startswith(".") for s in stems)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_shards_are_disjoint_balanced_and_order_free(tmp_path, n):
+    planned = plan(tmp_path, twenty_items())
+    shards = [{i.key for i in shard_items(planned, (k, n))} for k in range(n)]
+    assert set().union(*shards) == {i.key for i in planned}
+    assert sum(len(s) for s in shards) == 20
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    reordered = planned[::-1]
+    assert [{i.key for i in shard_items(reordered, (k, n))} for k in range(n)] == shards
+
+
+def test_parse_shard_and_environment():
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(UserError, match="--shard expects i/n"):
+            parse_shard(bad)
+    assert shard_from_environment({}) is None
+    assert shard_from_environment({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert shard_from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == (3, 4)
+    with pytest.raises(UserError, match="RANK"):
+        shard_from_environment({"WORLD_SIZE": "2"})
+
+
+# ---------------------------------------------------------------------------
+# Rendering in process
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".yaml"])
+def test_twenty_prompts_render_from_each_file_format(tmp_path, suffix):
+    items = twenty_items()
+    prompts = write_prompt_file(tmp_path / f"p{suffix}", items)
+    out = tmp_path / "out"
+    result = run_batch(base_config(), prompts, out)
+    records = manifest(out)
+    assert len(result.rendered) == 20 and not result.failed
+    assert len(records) == 20 and all(r["status"] == "ok" and files_intact(out, r) for r in records)
+    assert {p.name for p in out.iterdir()} == expected_files(records) | {"manifest.shard-0-of-1.jsonl"}
+    for item, rec in zip(items if suffix != ".txt" else [{"prompt": i["prompt"]} for i in items], records):
+        assert rec["prompt"] == item["prompt"]
+        frames = round(item.get("seconds", 1) * 4)
+        assert rec["video"]["frames"] == frames == count_frames(out / rec["files"]["video"]["path"])
+        sidecar = json.loads((out / rec["files"]["sidecar"]["path"]).read_text())
+        assert sidecar["seed"] == rec["seed"]
+        assert sidecar["config"]["sampler"]["steps"] == item.get("steps", 2)
+        assert sidecar["config"]["sampler"]["guidance"] == item.get("guidance", 4.0)
+        assert sidecar["negative_prompt"] == item.get("negative_prompt", "")
+    if suffix != ".txt":
+        assert records[7]["name"] == "Clip-07" and (out / "Clip-07.mp4").is_file()
+
+
+def test_failures_are_isolated_and_summarised(tmp_path, tiny_yaml, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "good one"}\n{"prompt": "bad steps", "steps": 0}\n{"prompt": "too long", "seconds": 1e9}\n'
+                       '{"promt": "typo"}\n{"prompt": "good two", "seconds": 0.5}\n')
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)], capsys)
+    assert code == 1
+    assert "2 rendered, 0 already done, 3 failed" in stdout
+    assert "line 2 'bad steps': steps: must be between 1 and 1000" in stdout
+    assert "line 3 'too long': seconds 1e+09 is above the maximum" in stdout
+    assert "line 4: unknown field 'promt'" in stdout
+    records = manifest(out)
+    assert [r["status"] for r in records] == ["ok", "failed", "failed", "failed", "ok"]
+    assert records[1]["error"].startswith("steps:")
+    assert "failed: steps: must be between 1 and 1000" in (out / "index.html").read_text()
+    # A rerun retries only the failures (they fail again) and keeps the finished ones.
+    code, stdout, _ = run_cli(["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)], capsys)
+    assert code == 1 and "0 rendered, 2 already done, 3 failed" in stdout
+
+
+def test_resume_checks_files_and_config(tmp_path, tiny_yaml, capsys):
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:4]])
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    assert run_cli(args, capsys)[0] == 0
+    records = manifest(out)
+    first = out / records[0]["files"]["video"]["path"]
+    good = first.read_bytes()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "0 rendered, 4 already done" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
+
+    first.write_bytes(good[:-10] + b"x" * 10)  # same name, same size, wrong content
+    (out / records[1]["files"]["poster"]["path"]).unlink()
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "2 rendered, 2 already done" in stdout
+    assert first.read_bytes() == good
+
+    code, stdout, _ = run_cli(args + ["--steps", "3"], capsys)  # another resolved config: everything again
+    assert code == 0 and "4 rendered, 0 already done" in stdout
+
+    code, stdout, _ = run_cli(args + ["--steps", "3", "--format", "webm"], capsys)  # the mp4s are replaced, not kept
+    assert code == 0 and "4 rendered" in stdout
+    assert not list(out.glob("*.mp4")) and len(list(out.glob("*.webm"))) == 4
+    assert {p.name for p in out.iterdir()} == expected_files(manifest(out)) | {"manifest.shard-0-of-1.jsonl"}
+
+
+def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:6]])
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, stdout, _ = run_cli(["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)], capsys)
+    assert code == 0 and "batch (shard 1/2): 3 rendered" in stdout and "3/6 items done" in stdout
+    assert (out / "manifest.shard-1-of-2.jsonl").is_file()
+    assert [r["status"] for r in manifest(out)].count("pending") == 3
+
+
+def test_bad_batch_arguments_are_one_line(tmp_path, tiny_yaml, capsys):
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": "x"}])
+    (tmp_path / "file").write_text("")
+    for args, fragment in [
+        (["--out", str(tmp_path / "file")], "is a file"),
+        (["--out", str(tmp_path / "o"), "--shard", "2/2"], "--shard expects i/n"),
+        (["--out", str(tmp_path / "o"), "--seconds", "-1"], "--seconds must be a positive"),
+    ]:
+        code, _, err = run_cli(["batch", str(prompts), "-c", str(tiny_yaml), *args], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("fmt", ["gif", "frames", "webm"])
+def test_other_formats_render_and_resume(tmp_path, fmt):
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:2]])
+    out = tmp_path / "out"
+    result = run_batch(base_config(format=fmt), prompts, out)
+    assert len(result.rendered) == 2
+    records = manifest(out)
+    assert all(r["status"] == "ok" and r["format"] == fmt and files_intact(out, r) for r in records)
+    video = out / records[0]["files"]["video"]["path"]
+    assert video.is_dir() == (fmt == "frames")
+    assert 'class="card ok"' in (out / "index.html").read_text()
+    assert len(run_batch(base_config(format=fmt), prompts, out).skipped) == 2
+    if fmt == "frames":  # a frame changed inside the folder: the item is rendered again
+        next(video.iterdir()).write_bytes(b"not a png")
+        assert len(run_batch(base_config(format=fmt), prompts, out).rendered) == 1
