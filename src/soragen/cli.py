@@ -6,6 +6,7 @@ Every error a user can cause prints one line on stderr and exits with code 2;
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -130,10 +131,18 @@ def generate(
     check_writable(output, overwrite)
     check_writable(sidecar_path(output), overwrite)
     pipe = Pipeline.from_config(cfg)
+    before = _identity(output)
     with _progress() as progress:
         windows = len(pipe.windows(plan))
         task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=windows * cfg.sampler.steps)
-        sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
+        try:
+            sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
+        except BaseException:
+            # The video is renamed into place before its sidecar is written: a failure (or an
+            # interruption) in between must not leave a video without its sidecar under the final name.
+            if _identity(output) not in (None, before):
+                _remove(output)
+            raise
     t = sidecar["timings_seconds"]
     v = sidecar["video"]
     typer.echo(
@@ -345,6 +354,33 @@ def dataset_shapes(
 # ---------------------------------------------------------------------------
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, mtime) of a file or folder, or None when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _no_space_message(e: OSError) -> str:
+    what = f"cannot write {e.filename}" if e.filename else "cannot write the output"
+    reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file too large (file size limit)"
+    return f"{what}: {reason}; free some space or choose another folder, then run again"
+
+
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{record.levelname.lower()}: {record.getMessage()}"
@@ -395,4 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         _fail(str(e))
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(_no_space_message(e))
+    if result == 130:  # typer returns 130 for Ctrl-C (and SIGTERM, see _terminate)
+        print("interrupted", file=sys.stderr)
     sys.exit(result if isinstance(result, int) else 0)

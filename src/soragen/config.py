@@ -295,13 +295,13 @@ def _unknown_key(key: str) -> UserError:
     keys = valid_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(Config.model_fields)}"
-    return UserError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key {key!r}{hint}")
 
 
 def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
     for key, value in data.items():
-        if key not in model.model_fields:
-            raise _unknown_key(prefix + key)
+        if not isinstance(key, str) or key not in model.model_fields:  # YAML also allows keys like 1 or true
+            raise _unknown_key(prefix + str(key))
         sub = model.model_fields[key].annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             if not isinstance(value, dict):
@@ -312,11 +312,11 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into (["a", "b", "c"], parsed value); values are YAML scalars or lists."""
     if "=" not in text:
-        raise UserError(f"--set expects key.path=value, got '{text}'")
+        raise UserError(f"--set expects key.path=value, got {text!r}")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
-        raise UserError(f"--set expects key.path=value with a non-empty dotted key, got '{text}'")
+        raise UserError(f"--set expects key.path=value with a non-empty dotted key, got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -12,6 +12,7 @@ so an interrupted run never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -86,6 +87,21 @@ def check_writable(path: Path, overwrite: bool) -> None:
             raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"output folder {folder} is not writable; choose another --output")
+
+
+def write_failure(tmp: Path, final: Path, what: str) -> OSError:
+    """Why writing `tmp` (for `final`) failed: ENOSPC (disk full), EFBIG (file size limit), else a plain OSError."""
+    import resource
+
+    try:
+        if os.statvfs(tmp.parent).f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.exists() and tmp.stat().st_size >= limit:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(final))
+    except OSError:
+        pass
+    return OSError(f"could not write {final}: {what}")
 
 
 FORMATS = ("mp4", "webm", "gif", "frames")
@@ -163,12 +179,29 @@ class _FfmpegWriter(VideoWriter):
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
+        # imageio-ffmpeg does not check ffmpeg's exit code; keep its process to check it ourselves.
+        self._proc = (self._gen.gi_frame.f_locals.get("p") if self._gen.gi_frame is not None else None)
 
     def _send(self, frame: np.ndarray) -> None:
-        self._gen.send(frame)
+        try:
+            self._gen.send(frame)
+        except OSError:  # ffmpeg died (e.g. the disk is full): say why if we can tell
+            self._gen.close()
+            raise self._failure() from None
 
     def _finish(self) -> None:
+        self._gen.close()  # closes ffmpeg's input and waits for it
+        if self._proc is not None and self._proc.returncode not in (0, None):
+            raise self._failure()
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()  # aborting: do not wait for ffmpeg to encode the frames it already has
         self._gen.close()
+
+    def _failure(self) -> OSError:
+        """An OSError for a failed ffmpeg: ENOSPC or EFBIG when the disk is full or the file hit the size limit."""
+        return write_failure(self.tmp, self.path, f"ffmpeg exited with code {getattr(self._proc, 'returncode', None)}")
 
 
 class Mp4Writer(_FfmpegWriter):

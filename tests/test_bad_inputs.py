@@ -1,0 +1,113 @@
+"""Rows of docs/bad-inputs.md not covered elsewhere: each bad input gets its documented answer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from soragen.batch import read_prompt_file
+from soragen.cli import main
+from soragen.errors import UserError
+
+from conftest import tiny_config
+
+FAST = ["--set", "video.seconds=1", "--set", "sampler.steps=2"]
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config().to_yaml())
+    return path
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def one_line_error(code, err) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "a.mp4"
+    code, stdout, err = run_cli(["generate", "a red ball " * 1000, "-c", str(tiny_yaml), *FAST, "-o", str(out)], capsys)
+    assert code == 0 and out.is_file() and stdout.startswith("wrote")
+    assert "warning: prompt truncated to the text encoder's limit of 32 tokens" in err
+    assert json.loads(out.with_suffix(".json").read_text())["prompt"] == ("a red ball " * 1000).strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fps", "61"], "error: --fps must be between 1 and 60, got 61"),
+        (["--height", "8"], "error: --height 8 is not valid: it must be between 16 and 4096"),
+        (["--width", "4112"], "error: --width 4112 is not valid: it must be between 16 and 4096"),
+        (["--height", "100"], "error: --height 100 is not valid: it must be a multiple of 16; nearest: 96 or 112"),
+        (["--seconds", "3601"], "error: --seconds 3601 is above the maximum of 3600 (video.max_seconds)"),
+        (["--set", "dit.depth=abc"], "error: config key 'dit.depth': Input should be a valid integer"),
+        (["--set", "video=3"], "error: config key 'video' is a section; set one of its keys"),
+    ],
+)
+def test_bad_values_are_one_line(tmp_path, tiny_yaml, capsys, args, message):
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(tmp_path / "a.mp4"), *args], capsys)
+    assert one_line_error(code, err).startswith(message)
+
+
+def test_wrong_type_in_config_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("video:\n  fps: fast\n")
+    code, _, err = run_cli(["generate", "x", "-c", str(path)], capsys)
+    assert one_line_error(code, err) == (
+        "error: config key 'video.fps': Input should be a valid integer, unable to parse string as an integer (got 'fast')"
+    )
+
+
+def test_output_folder_not_writable(tmp_path, tiny_yaml, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(blocker / "a.mp4")], capsys)
+    assert one_line_error(code, err) == f"error: output folder {blocker} is not writable; choose another --output"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_output_folder(tmp_path, tiny_yaml, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(folder / "a.mp4")], capsys)
+    assert one_line_error(code, err) == f"error: output folder {folder} is not writable; choose another --output"
+
+
+def test_prompt_file_with_bom_crlf_blank_and_comment_lines(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfa red ball\r\n\r\n# a comment\r\n   \r\na blue star\r\n")
+    assert [(i.where, i.fields) for i in read_prompt_file(path)] == [
+        ("line 1", {"prompt": "a red ball"}), ("line 5", {"prompt": "a blue star"})]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n# note\r\n{"prompt": "b"}\r\n')
+    assert [i.fields["prompt"] for i in read_prompt_file(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".yaml"])
+def test_prompt_file_invalid_utf8(tmp_path, suffix):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes(b"prompt\na red ball\n\xff\xfe\n")
+    with pytest.raises(UserError, match=rf"^prompt file {path} is not valid UTF-8 \(byte 18\)$"):
+        read_prompt_file(path)
+
+
+def test_broken_jsonl_line_names_its_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b",\n{"prompt": "c"}\n')
+    items = read_prompt_file(path)
+    assert [i.where for i in items] == ["line 1", "line 3", "line 4"]
+    assert items[1].fields is None and items[1].error.startswith("invalid JSON: ")
+    assert items[0].error is None and items[2].error is None
