@@ -22,6 +22,23 @@ def tiny_config(**sections) -> Config:
 
 
 @pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config().to_yaml())
+    return path
+
+
+def run_cli(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from soragen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.fixture
 def cfg() -> Config:
     return tiny_config()
 

@@ -8,26 +8,15 @@ import os
 import pytest
 
 from soragen.batch import read_prompt_file
-from soragen.cli import main
 from soragen.errors import UserError
 
-from conftest import tiny_config
+from conftest import run_cli
 
 FAST = ["--set", "video.seconds=1", "--set", "sampler.steps=2"]
 
 
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_config().to_yaml())
-    return path
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def one_line_error(code, err) -> str:

@@ -13,10 +13,9 @@ from soragen.batch import (
     MANIFEST, derive_seed, files_intact, parse_shard, plan_items, read_prompt_file, read_records, run_batch,
     shard_from_environment, shard_items,
 )
-from soragen.cli import main
 from soragen.errors import UserError
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 COLOURS = ("red", "blue", "green", "yellow", "white")
 SHAPES = ("ball", "square", "triangle", "star")
@@ -66,11 +65,6 @@ def write_prompt_file(path: Path, items) -> Path:
     return path
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def count_frames(path):

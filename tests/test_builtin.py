@@ -1,6 +1,5 @@
 """Regression guard: the shipped built-in model still follows prompts, judged by the Shapes World detector."""
 
-import numpy as np
 import pytest
 
 from soragen.model_io import builtin_installed

@@ -7,23 +7,12 @@ import sys
 import imageio.v2 as imageio
 import pytest
 
-from soragen.cli import main
 
-from conftest import tiny_config
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+from conftest import run_cli
 
 
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_config().to_yaml())
-    return path
+
+
 
 
 def read_video(path):

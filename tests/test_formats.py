@@ -6,13 +6,12 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from soragen.cli import main
 from soragen.config import load_config
 from soragen.errors import UserError
 from soragen.pipeline import Pipeline
 from soragen.video_io import FORMATS, SUFFIXES, fit_frames, fit_size, open_writer
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 
 def small(**video):
@@ -159,11 +158,6 @@ def tiny_yaml(tmp_path):
     return path
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def test_cli_generate_gif_with_output_size(tmp_path, tiny_yaml, capsys, monkeypatch):

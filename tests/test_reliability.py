@@ -20,17 +20,12 @@ from soragen.cli import main
 from soragen.config import load_config
 from soragen.train import RunFolder, train
 
-from conftest import tiny_config
+
 from test_train import TINY
 
 FAST = ["--set", "video.seconds=1", "--set", "sampler.steps=2"]
 
 
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_config().to_yaml())
-    return path
 
 
 def env() -> dict[str, str]:
