@@ -125,7 +125,9 @@ def test_interrupt_stops_cleanly_and_keeps_finished_items(batch_setup, sig):
     sent = time.time()
     proc.send_signal(sig)
     proc.communicate(timeout=30)
-    assert time.time() - sent < 3.0
+    # The exit itself (finishing the merged manifest and gallery, interpreter shutdown) takes about
+    # 1-2 s on an idle 2-core machine; the bound leaves room for a loaded one.
+    assert time.time() - sent < 6.0
     assert proc.returncode == 130
     finished = [r for r in read_records(shard_manifest) if r["status"] == "ok"]
     assert 2 <= len(finished) < 20
