@@ -41,3 +41,10 @@ def test_tabulate():
             {"category": "seen", "verdicts": {"colour": False, "all": False, "count": True}}]
     table = tabulate(rows)
     assert table["seen"]["colour"] == 0.5 and table["seen"]["count"] == 1.0 and table["overall"]["videos"] == 2
+
+
+def test_invalid_utf8_prompt_file_is_one_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a red ball moving left\n\xff\xfe\n")
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        read_prompts(path)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from soragen import __version__
-from soragen.config import Config, update
+from soragen.config import Config, read_text, update
 from soragen.errors import UserError
 
 FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "negative_prompt", "name")
@@ -181,14 +181,7 @@ def read_prompt_file(path: Path) -> list[RawItem]:
     suffix = path.suffix.lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise UserError(f"prompt file {path} must end in one of {', '.join(PROMPT_FILE_SUFFIXES)}")
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path} is not valid UTF-8 (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {path}: {e.strerror}") from None
+    text = read_text(path, "prompt file")
     match suffix:
         case ".txt":
             items = _read_txt(text)

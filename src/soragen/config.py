@@ -348,17 +348,22 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
             model = sub
 
 
+def read_text(path: Path, what: str) -> str:
+    """A user-given text file (UTF-8, BOM dropped), every failure turned into one clear line naming `what`."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with safe_load, turning every failure into one clear line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {path} is not valid UTF-8 (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -35,11 +35,10 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts of a text file: one a line; blank lines and `#` comments skipped; each must parse."""
     from soragen.data.shapes import parse_caption
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
+    from soragen.config import read_text
+
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(read_text(Path(path), "prompt file").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
