@@ -371,19 +371,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def remove_stale_temporaries(folder: Path, names: list[str]) -> int:
     """Delete temporary files (.NAME.*.partial) left by a killed run for these final names; returns how many."""
-    import shutil
+    from soragen.video_io import remove_path, temporaries
 
-    removed = 0
-    for name in names:
-        for tmp in folder.glob(f".{glob_escape(name)}.*.partial"):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def glob_escape(name: str) -> str:
-    """Escape glob metacharacters in a file name."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
+    found = [tmp for name in names for tmp in temporaries(folder / name)]
+    for tmp in found:
+        remove_path(tmp)
+    return len(found)
 
 
 def merge_manifests(folder: Path, items: list[Item], title: str) -> list[dict[str, Any]]:
@@ -552,7 +545,8 @@ def run_batch(
     own_manifest = folder / shard_manifest_name(shard)
     # Only this process writes this shard's files, so their leftovers are safe to delete.
     fmt = cfg.video.format
-    remove_stale_temporaries(folder, [own_manifest.name] + [n for it in mine for n in output_names(it, fmt).values()])
+    own_names = [own_manifest.name] + [n for it in mine for n in output_names(it, fmt).values()]
+    remove_stale_temporaries(folder, own_names)
     own = {r["key"]: r for r in read_records(own_manifest)}
     known = latest_records(folder)
     title = f"soragen batch: {Path(prompt_file).name}"
@@ -595,6 +589,9 @@ def run_batch(
             if time.perf_counter() - last_merge > MERGE_EVERY_SECONDS:
                 merge_manifests(folder, items, title)
                 last_merge = time.perf_counter()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: finished items stay, nothing half-written does
+        remove_stale_temporaries(folder, own_names)
+        raise
     finally:
         result.manifest = merge_manifests(folder, items, title)
     result.seconds = time.perf_counter() - t_start

@@ -32,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "stopped": False}
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset to start from.")]
 SetOpt = Annotated[
@@ -60,10 +60,20 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
 
 
 def _progress():
+    """Progress bars on stderr; every update also stops the work if a stop signal came (see _on_stop_signal)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(
+    class StoppableProgress(Progress):
+        def update(self, *args, **kwargs) -> None:
+            _raise_if_stopped()
+            super().update(*args, **kwargs)
+
+        def advance(self, *args, **kwargs) -> None:
+            _raise_if_stopped()
+            super().advance(*args, **kwargs)
+
+    return StoppableProgress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=False,
     )
@@ -116,7 +126,7 @@ def generate(
     """Generate a video from a text prompt."""
     from soragen.config import load_config
     from soragen.pipeline import Pipeline, check_prompt, plan_video
-    from soragen.video_io import check_output_suffix, check_writable, sidecar_path
+    from soragen.video_io import check_output_suffix, check_writable, remove_path, sidecar_path, temporaries
 
     prompt = check_prompt(prompt)
     values = _flag_values(
@@ -132,6 +142,7 @@ def generate(
     check_writable(sidecar_path(output), overwrite)
     pipe = Pipeline.from_config(cfg)
     before = _identity(output)
+    old_temporaries = temporaries(output) | temporaries(sidecar_path(output))
     with _progress() as progress:
         windows = len(pipe.windows(plan))
         task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=windows * cfg.sampler.steps)
@@ -141,7 +152,9 @@ def generate(
             # The video is renamed into place before its sidecar is written: a failure (or an
             # interruption) in between must not leave a video without its sidecar under the final name.
             if _identity(output) not in (None, before):
-                _remove(output)
+                remove_path(output)
+            for tmp in (temporaries(output) | temporaries(sidecar_path(output))) - old_temporaries:
+                remove_path(tmp)  # in case an interruption landed between a file's creation and its writer's cleanup
             raise
     t = sidecar["timings_seconds"]
     v = sidecar["video"]
@@ -363,15 +376,6 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
@@ -415,17 +419,31 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: partial files are removed on the way out
+def _on_stop_signal(signum, frame) -> None:
+    """SIGINT and SIGTERM: stop like Ctrl-C, so partial files are removed on the way out.
+
+    Python runs this handler between bytecodes, and an exception raised where Python
+    cannot pass it on (an at-fork hook as a subprocess starts, a __del__) is printed
+    and dropped. The flag survives that: the next progress update raises again.
+    """
+    _state["stopped"] = True
+    raise KeyboardInterrupt
+
+
+def _raise_if_stopped() -> None:
+    if _state["stopped"]:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     _setup_logging()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (nohup &)
+            signal.signal(signal.SIGINT, _on_stop_signal)
     args = sys.argv[1:] if argv is None else list(argv)
-    _state["debug"] = "--debug" in args
+    _state.update(debug="--debug" in args, stopped=False)
     try:
         result = app(args=args, prog_name="soragen", standalone_mode=False)
     except click_exc.NoArgsIsHelpError as e:
@@ -449,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         _fail(_no_space_message(e))
-    if result == 130:  # typer returns 130 for Ctrl-C (and SIGTERM, see _terminate)
+    if result == 130 or _state["stopped"]:  # typer returns 130 for Ctrl-C; a stop signal may have come at the end
         print("interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)

@@ -15,8 +15,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +72,42 @@ def fit_frames(frames: np.ndarray, box: tuple[int, int] | None) -> np.ndarray:
     return out
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends; they are delivered right after it.
+
+    Creating a temporary file and recording its name happen in such a block, so an
+    interruption cannot land between the two and leave a file nobody will delete.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def temporary_path(final: Path) -> Path:
     """A fresh hidden file name beside `final` (same folder, so the rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     return Path(name)
+
+
+def temporaries(final: Path) -> set[Path]:
+    """The temporary files and folders (.NAME.*.partial) that writers have made for `final`."""
+    final = Path(final)
+    name = re.sub(r"([*?\[])", r"[\1]", final.name)  # escape glob metacharacters
+    return set(final.parent.glob(f".{name}.*.partial"))
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder, if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -111,15 +146,23 @@ SUFFIXES = {"mp4": ".mp4", "webm": ".webm", "gif": ".gif", "frames": ""}  # a fr
 class VideoWriter:
     """Streams uint8 frames [T, H, W, 3] to `path` under a temporary name; `close()` moves it into place.
 
-    Subclasses start their encoder in `__init__` and implement `_send`, `_finish` and `_stop`.
+    Subclasses implement `_open` (start the encoder on `self.tmp`), `_send`, `_finish` and `_stop`.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: int):
+    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
         self.path = Path(path)
         self.size = (width, height)
         self.fps = fps
+        self.crf = crf
         self.frames_written = 0
-        self.tmp = temporary_path(self.path)
+        self.tmp: Path | None = None
+        try:
+            with signals_held():
+                self.tmp = temporary_path(self.path)
+            self._open()
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, frames: np.ndarray) -> None:
         """Append frames [T, H, W, 3] uint8."""
@@ -143,7 +186,12 @@ class VideoWriter:
             self._stop()
         except Exception:
             pass
-        self.tmp.unlink(missing_ok=True)
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    def _open(self) -> None:
+        """Start the encoder on self.tmp."""
+        raise NotImplementedError
 
     def _send(self, frame: np.ndarray) -> None:
         raise NotImplementedError
@@ -167,6 +215,15 @@ class VideoWriter:
 class _FfmpegWriter(VideoWriter):
     """A VideoWriter that pipes raw RGB frames into ffmpeg (imageio-ffmpeg)."""
 
+    _gen = None  # imageio-ffmpeg's frame generator
+    _proc = None  # its ffmpeg process
+
+    def _process(self):
+        """ffmpeg's process: imageio-ffmpeg does not check its exit code, so we keep it to check it ourselves."""
+        if self._proc is None and self._gen is not None and self._gen.gi_frame is not None:
+            return self._gen.gi_frame.f_locals.get("p")
+        return self._proc
+
     def _start(self, **kwargs: Any) -> None:
         import imageio_ffmpeg
 
@@ -174,13 +231,8 @@ class _FfmpegWriter(VideoWriter):
             str(self.tmp), self.size, fps=self.fps, pix_fmt_in="rgb24", quality=None, macro_block_size=1,
             ffmpeg_log_level="error", **kwargs,
         )
-        try:
-            self._gen.send(None)  # start ffmpeg
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            raise
-        # imageio-ffmpeg does not check ffmpeg's exit code; keep its process to check it ourselves.
-        self._proc = (self._gen.gi_frame.f_locals.get("p") if self._gen.gi_frame is not None else None)
+        self._gen.send(None)  # start ffmpeg
+        self._proc = self._process()
 
     def _send(self, frame: np.ndarray) -> None:
         try:
@@ -195,9 +247,11 @@ class _FfmpegWriter(VideoWriter):
             raise self._failure()
 
     def _stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()  # aborting: do not wait for ffmpeg to encode the frames it already has
-        self._gen.close()
+        proc = self._process()
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # aborting: do not wait for ffmpeg to encode the frames it already has
+        if self._gen is not None:
+            self._gen.close()
 
     def _failure(self) -> OSError:
         """An OSError for a failed ffmpeg: ENOSPC or EFBIG when the disk is full or the file hit the size limit."""
@@ -207,13 +261,12 @@ class _FfmpegWriter(VideoWriter):
 class Mp4Writer(_FfmpegWriter):
     """H.264 MP4 (yuv420p, +faststart): plays in every browser; byte-identical for the same frames."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
-        super().__init__(path, width, height, fps)
+    def _open(self) -> None:
         self._start(
             codec="libx264",
             pix_fmt_out="yuv420p",
             output_params=[
-                "-crf", str(crf),
+                "-crf", str(self.crf),
                 "-preset", "medium",
                 "-movflags", "+faststart",
                 "-map_metadata", "-1",
@@ -227,13 +280,12 @@ class Mp4Writer(_FfmpegWriter):
 class WebmWriter(_FfmpegWriter):
     """VP9 WebM (libvpx-vp9, constant quality `crf`, yuv420p): plays in Chromium and Firefox."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
-        super().__init__(path, width, height, fps)
+    def _open(self) -> None:
         self._start(
             codec="libvpx-vp9",
             pix_fmt_out="yuv420p",
             output_params=[
-                "-crf", str(crf), "-b:v", "0",  # constant quality
+                "-crf", str(self.crf), "-b:v", "0",  # constant quality
                 "-deadline", "good", "-cpu-used", "4", "-row-mt", "0", "-threads", "1",
                 "-map_metadata", "-1", "-fflags", "+bitexact", "-flags", "+bitexact",
                 "-f", "webm",
@@ -244,8 +296,7 @@ class WebmWriter(_FfmpegWriter):
 class GifWriter(_FfmpegWriter):
     """Looping GIF with a palette computed over the whole video (ffmpeg palettegen + paletteuse)."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
-        super().__init__(path, width, height, fps)
+    def _open(self) -> None:
         self._start(
             codec="gif",
             pix_fmt_out="pal8",
@@ -259,8 +310,7 @@ class GifWriter(_FfmpegWriter):
 class FramesWriter(VideoWriter):
     """A folder of PNGs (frame_000000.png, ...), filled under a temporary name and renamed as a whole."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int = 18):
-        super().__init__(path, width, height, fps)
+    def _open(self) -> None:
         self.tmp.unlink()
         self.tmp.mkdir()  # the same fresh hidden name, now a folder
 
@@ -287,8 +337,12 @@ class FramesWriter(VideoWriter):
             os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        """Delete the partial folder."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Delete the partial folder (or the file it starts as)."""
+        if self.tmp is not None:
+            if self.tmp.is_dir():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                self.tmp.unlink(missing_ok=True)
 
 
 def open_writer(path: Path, fmt: str, width: int, height: int, fps: int, crf: int = 18) -> VideoWriter:
@@ -323,24 +377,30 @@ def write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = None
     try:
+        with signals_held():
+            tmp = temporary_path(path)
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = None
     try:
+        with signals_held():
+            tmp = temporary_path(path)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
