@@ -74,8 +74,13 @@ def test_other_compressions():
     assert vae.decode(mean).shape == x.shape
 
 
-def test_normalisation_round_trip():
-    cfg = CFG.model_copy(update={"latent_mean": (0.1, 0.2, 0.3, 0.4), "latent_std": (1.0, 2.0, 3.0, 4.0)})
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_normalisation_round_trip(scale):
+    std = (1.0, 2.0, 3.0, 4.0)
+    cfg = CFG.model_copy(update={"latent_mean": (0.1, 0.2, 0.3, 0.4), "latent_std": std, "latent_scale": scale})
     vae = VideoVAE(cfg)
-    z = torch.randn(1, 4, 2, 3, 3)
-    torch.testing.assert_close(vae.denormalize(vae.normalize(z)), z)
+    z = torch.randn(20000, 4, 1, 1, 1) * torch.tensor(std).view(1, 4, 1, 1, 1) + 0.5
+    zn = vae.normalize(z)
+    torch.testing.assert_close(vae.denormalize(zn), z)
+    # Per channel: the given std divided out, then scaled by latent_scale.
+    assert torch.allclose(zn.std(dim=0).flatten(), torch.full((4,), scale), rtol=0.05)

@@ -62,6 +62,10 @@ class VAEConfig(_Frozen):
     temporal_blocks: int = 1  # causal temporal residual blocks in the encoder and in the decoder
     latent_mean: tuple[float, ...] | None = None  # per-channel latent statistics for normalising before diffusion
     latent_std: tuple[float, ...] | None = None
+    # Multiplies the normalised latents. Sparse scenes (a small object on a flat background) have
+    # heavy-tailed latents that stay visible through almost all the noise, so the layout would be
+    # decided in the last few percent of timesteps; a scale below 1 spreads it over the schedule.
+    latent_scale: float = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> "VAEConfig":
@@ -76,6 +80,8 @@ class VAEConfig(_Frozen):
             )
         if self.temporal_compression < 1:
             raise ValueError(f"vae.temporal_compression must be >= 1, got {self.temporal_compression}")
+        if not (math.isfinite(self.latent_scale) and self.latent_scale > 0):
+            raise ValueError(f"vae.latent_scale must be a positive number, got {self.latent_scale}")
         for name in ("latent_mean", "latent_std"):
             stats = getattr(self, name)
             if stats is not None and len(stats) != self.latent_channels:

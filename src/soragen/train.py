@@ -294,7 +294,7 @@ def _cache_digest(cfg: Config) -> str:
     """What the latent cache depends on: data, VAE and seed."""
     import hashlib
 
-    key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std"}),
+    key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed, "vae_model": cfg.train.vae_model}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -376,7 +376,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     mean, std = latent_stats(z_all)
     cfg = update(cfg, vae={"latent_mean": mean, "latent_std": std})
     vae = load_trained_vae(cfg, run)
-    z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, unit variance per channel
+    z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, std vae.latent_scale per channel
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")

@@ -237,9 +237,9 @@ class VideoVAE(nn.Module):
     # -- latent normalisation (per channel, fitted on the training data) --
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> zero-mean, unit-variance latents the DiT works on."""
-        return (z - self.latent_mean) / self.latent_std
+        """Raw latents -> the latents the DiT works on: zero mean, standard deviation vae.latent_scale."""
+        return (z - self.latent_mean) / self.latent_std * self.cfg.latent_scale
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalize`."""
-        return z * self.latent_std + self.latent_mean
+        return z / self.cfg.latent_scale * self.latent_std + self.latent_mean
