@@ -105,3 +105,27 @@ def test_context_frames_carry_no_loss():
     assert torch.equal(losses[0], losses[1])
     no_ctx = [dit_loss(Probe(v), sched, x0, text, mask, torch.tensor([0, 0]), 20, torch.Generator().manual_seed(0)) for v in (0.0, 5.0)]
     assert not torch.equal(no_ctx[0], no_ctx[1])
+
+
+@pytest.mark.parametrize("power, upper_half", [(1.0, 0.5), (2.0, 0.75)])
+def test_timestep_power_biases_training_towards_noise(power, upper_half):
+    """t = T * u**(1/p): the share of windows in the noisier half is 1 - 0.5**p."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            seen.append(t[:, -1])
+            return torch.zeros_like(x)
+
+    x0 = torch.zeros(4000, 1, 2, 1, 1)
+    text, mask = torch.zeros(4000, 1, 2), torch.ones(4000, 1, dtype=torch.bool)
+    dit_loss(Recorder(), sched, x0, text, mask, torch.zeros(4000, dtype=torch.long), 20,
+             torch.Generator().manual_seed(0), timestep_power=power)
+    t = seen[0]
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs((t >= 500).float().mean().item() - upper_half) < 0.03

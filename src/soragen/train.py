@@ -326,17 +326,21 @@ def sample_windows(
     return idx, starts, ctx
 
 
-def dit_loss(dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator) -> torch.Tensor:
+def dit_loss(
+    dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
+    timestep_power: float = 1.0,
+) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
     x0 [B, C, T, h, w] clean latents; n_ctx [B] context frames per sample (timestep in
-    [0, context_noise], no loss); the other frames share one timestep in [0, num_train).
+    [0, context_noise], no loss); the other frames share one timestep t = num_train * u**(1/timestep_power).
     """
     b, _, t_frames = x0.shape[:3]
     num_train = scheduler.config.num_train_timesteps
     frame = torch.arange(t_frames)[None]  # (1, T)
     is_ctx = frame < n_ctx[:, None]  # (B, T)
-    t_main = torch.randint(0, num_train, (b, 1), generator=generator)  # (B, 1)
+    u = torch.rand((b, 1), generator=generator)
+    t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, 1)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = torch.randn(x0.shape, generator=generator)
@@ -438,7 +442,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
-        loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator)
+        loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator, t.timestep_power)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
