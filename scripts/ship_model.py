@@ -99,7 +99,7 @@ default model: `soragen generate "a large red circle moving right"`.
 
 ## Parts
 - Text encoder: T5 encoder, {cfg.text_encoder.num_layers} layers, width {cfg.text_encoder.d_model}, word-level vocabulary of the captions (trained with the DiT).
-- VAE: causal, {cfg.vae.temporal_compression} x {cfg.vae.spatial_compression} x {cfg.vae.spatial_compression} compression, {cfg.vae.latent_channels} latent channels.
+- VAE: causal, {cfg.vae.temporal_compression} x {cfg.vae.spatial_compression} x {cfg.vae.spatial_compression} compression, {cfg.vae.latent_channels} latent channels; the DiT sees them normalised per channel and scaled by {cfg.vae.latent_scale}.
 - DiT: width {cfg.dit.width}, depth {cfg.dit.depth}, {cfg.dit.heads} heads, patch {"x".join(map(str, cfg.dit.patch_size))}; v-prediction, {cfg.sampler.beta_schedule} schedule (zero terminal SNR).
 - Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance}.
 - Weights (safetensors; DiT and VAE stored as float16): {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()))}.
@@ -109,7 +109,8 @@ default model: `soragen generate "a large red circle moving right"`.
   {cfg.data.long_fraction:.0%} of them cut from long trajectories (start up to {cfg.data.max_start_seconds:g} s), {cfg.data.chinese_fraction:.0%} of captions in Chinese;
   held-out combinations never rendered.
 - VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.
-- DiT + T5: {cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay}.
+- DiT + T5: {cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay};
+  timesteps drawn as 1000 * u**(1/{cfg.train.dit.timestep_power:g}).
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
