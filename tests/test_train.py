@@ -129,3 +129,27 @@ def test_timestep_power_biases_training_towards_noise(power, upper_half):
     t = seen[0]
     assert t.min() >= 0 and t.max() <= 999
     assert abs((t >= 500).float().mean().item() - upper_half) < 0.03
+
+
+def test_unit_variance_weighting_makes_every_noise_level_count_alike():
+    """A model that predicts 0 has loss E[v^2] = alpha_bar + (1 - alpha_bar) sigma^2; weighted, that is 1 at every t."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          beta_schedule="squaredcos_cap_v2")
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            return torch.zeros_like(x)
+
+    sigma = 0.25
+    x0 = torch.randn(512, 4, 2, 4, 4, generator=torch.Generator().manual_seed(1)) * sigma
+    text, mask = torch.zeros(512, 1, 2), torch.ones(512, 1, dtype=torch.bool)
+    no_ctx = torch.zeros(512, dtype=torch.long)
+    for power in (0.2, 5.0):  # mostly clean timesteps, then mostly noisy ones
+        args = (Zero(), sched, x0, text, mask, no_ctx, 20, torch.Generator().manual_seed(0), power)
+        assert abs(dit_loss(*args, sigma_data=sigma).item() - 1.0) < 0.05
+    plain = [dit_loss(Zero(), sched, x0, text, mask, no_ctx, 20, torch.Generator().manual_seed(0), p).item() for p in (0.2, 5.0)]
+    assert plain[0] > 3 * plain[1]  # unweighted, clean timesteps dominate

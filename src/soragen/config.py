@@ -238,6 +238,10 @@ class DiTTrainConfig(_Frozen):
     # Timesteps are drawn as t = T * u**(1/p), u uniform: p = 1 is uniform, p = 2 makes the density
     # grow linearly with t (3/4 of the windows in the noisier half, where the layout is decided).
     timestep_power: float = Field(1.0, gt=0)
+    # "unit_variance" divides each window's loss by the variance of its v target,
+    # alpha_bar + (1 - alpha_bar) * vae.latent_scale**2 (EDM's lambda = 1 / c_out**2, Karras et al. 2022):
+    # with latents smaller than the noise the noisy timesteps would otherwise count for little.
+    loss_weighting: Literal["none", "unit_variance"] = "none"
 
 
 class TrainConfig(_Frozen):

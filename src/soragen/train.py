@@ -328,12 +328,14 @@ def sample_windows(
 
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
-    timestep_power: float = 1.0,
+    timestep_power: float = 1.0, sigma_data: float | None = None,
 ) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
     x0 [B, C, T, h, w] clean latents; n_ctx [B] context frames per sample (timestep in
     [0, context_noise], no loss); the other frames share one timestep t = num_train * u**(1/timestep_power).
+    With `sigma_data` (the std of x0), each window's loss is divided by the variance of its
+    v target, alpha_bar + (1 - alpha_bar) * sigma_data**2, so every noise level counts alike.
     """
     b, _, t_frames = x0.shape[:3]
     num_train = scheduler.config.num_train_timesteps
@@ -349,6 +351,9 @@ def dit_loss(
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
     pred = dit(x_t.to(x0.device), timesteps.to(x0.device), text, mask)
     err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
+    if sigma_data is not None:
+        a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, 1)
+        err = err / (a_main + (1 - a_main) * sigma_data**2)
     keep = (~is_ctx).float().to(err.device)
     return (err * keep).sum() / keep.sum().clamp(min=1.0)
 
@@ -442,7 +447,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
-        loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator, t.timestep_power)
+        sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
+        loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
+                        t.timestep_power, sigma_data)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
@@ -477,7 +484,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
 @torch.no_grad()
 def text_gap(dit, text_encoder, scheduler, z_all, captions, t, n: int = 16, timestep: int = 500) -> dict[str, float]:
-    """Loss with the real caption vs with "" at one mid noise level, on fixed windows: the text signal."""
+    """Loss with the real caption vs with "" on fixed windows at t=`timestep` (loss_text, loss_empty,
+    text_gap) and the gap at t=900 (text_gap_900), where the layout is decided: the text signal."""
     was = dit.training, text_encoder.training
     dit.eval()
     text_encoder.eval()
@@ -485,17 +493,19 @@ def text_gap(dit, text_encoder, scheduler, z_all, captions, t, n: int = 16, time
     idx = torch.randint(0, z_all.shape[0], (n,), generator=g)
     x0 = z_all[idx, :, : t.window]
     noise = torch.randn(x0.shape, generator=g)
-    a = scheduler.alphas_cumprod[timestep]
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    v = a.sqrt() * noise - (1 - a).sqrt() * x0
-    ts = torch.full((n,), timestep)
+    real, empty = text_encoder([captions[i][0] for i in idx]), text_encoder([""] * n)
     out = {}
-    for name, prompts in (("loss_text", [captions[i][0] for i in idx]), ("loss_empty", [""] * n)):
-        text, mask = text_encoder(prompts)
-        out[name] = F.mse_loss(dit(x_t, ts, text, mask), v).item()
+    for step, suffix in ((timestep, ""), (900, "_900")):
+        a = scheduler.alphas_cumprod[step]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        ts = torch.full((n,), step)
+        losses = [F.mse_loss(dit(x_t, ts, *text), v).item() for text in (real, empty)]
+        if not suffix:
+            out["loss_text"], out["loss_empty"] = losses
+        out["text_gap" + suffix] = losses[1] - losses[0]
     dit.train(was[0])
     text_encoder.train(was[1])
-    out["text_gap"] = out["loss_empty"] - out["loss_text"]
     return out
 
 
