@@ -58,3 +58,18 @@ def test_guidance_one_runs_conditional_only():
     out = denoise(dit, make_scheduler(cfg.sampler), torch.randn(1, 4, 2, 4, 4, generator=g), text, mask,
                   steps=2, guidance=1.0, generator=g)
     assert out.shape == (1, 4, 2, 4, 4)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_schedule_shift_divides_the_snr(kind):
+    """sampler.schedule_shift s: every timestep's SNR is the plain schedule's divided by s**2."""
+    from soragen.config import SamplerConfig
+    from soragen.sampler import make_scheduler
+
+    plain = make_scheduler(SamplerConfig(kind=kind, rescale_betas_zero_snr=False))
+    shifted = make_scheduler(SamplerConfig(kind=kind, rescale_betas_zero_snr=False, schedule_shift=3.0))
+    snr = lambda s: s.alphas_cumprod / (1 - s.alphas_cumprod)  # noqa: E731
+    torch.testing.assert_close(snr(shifted)[:990], snr(plain)[:990] / 9, rtol=1e-3, atol=1e-7)
+    # With zero terminal SNR the schedule still ends in pure noise.
+    zero = make_scheduler(SamplerConfig(kind=kind, schedule_shift=3.0))
+    assert zero.alphas_cumprod[-1] < 1e-6 and zero.alphas_cumprod[0] > 0.99

@@ -124,6 +124,11 @@ class SamplerConfig(_Frozen):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     rescale_betas_zero_snr: bool = True  # Lin et al. 2023: the last step starts from pure noise
+    # Divides the signal-to-noise ratio of every timestep by shift**2 (the resolution shift of
+    # SD3, Esser et al. 2024, sec. 5.3.2). Sparse scenes (a small object on a flat background)
+    # stay recognisable through almost all the noise of the plain schedule, so their layout
+    # would be decided in the last few percent of timesteps; a shift spreads it over the schedule.
+    schedule_shift: float = Field(1.0, gt=0)
     # Long videos are generated window by window; each window continues the one before.
     window: int = 9  # latent frames denoised together (the training window)
     context_frames: int = 3  # latent frames of the previous window carried over as context

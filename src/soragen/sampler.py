@@ -10,6 +10,16 @@ from soragen.config import SamplerConfig
 from soragen.dit import DiT
 
 
+def shifted_betas(betas: torch.Tensor, shift: float) -> list[float]:
+    """Betas whose alpha_bar has the signal-to-noise ratio of `betas` divided by shift**2."""
+    alpha_bar = torch.cumprod(1.0 - betas.double(), dim=0)
+    snr = alpha_bar / (1.0 - alpha_bar)
+    shifted = snr / shift**2
+    alpha_bar = shifted / (1.0 + shifted)  # (T,)
+    ratio = alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return (1.0 - ratio).clamp(max=0.999).tolist()
+
+
 def make_scheduler(cfg: SamplerConfig):
     """The diffusers scheduler the config names (DDIM or DDPM), over the training noise schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -22,6 +32,9 @@ def make_scheduler(cfg: SamplerConfig):
         rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
         clip_sample=False,
     )
+    if cfg.schedule_shift != 1.0:  # the plain schedule's betas, shifted (zero terminal SNR is applied after)
+        plain = DDPMScheduler(**{**common, "rescale_betas_zero_snr": False})
+        common["trained_betas"] = shifted_betas(plain.betas, cfg.schedule_shift)
     match cfg.kind:
         case "ddim":
             return DDIMScheduler(**common, set_alpha_to_one=True)
