@@ -79,6 +79,9 @@ def signals_held() -> Iterator[None]:
     Creating a temporary file and recording its name happen in such a block, so an
     interruption cannot land between the two and leave a file nobody will delete.
     """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
+        yield
+        return
     held = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
