@@ -1,6 +1,8 @@
 """Install a trained run's model into the package as the built-in model, with its model card.
 
     python scripts/ship_model.py runs/default [--seeds 1]
+    python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
+
 
 1. copies RUN/model to src/soragen/weights/shapes (DiT and VAE weights stored as float16),
 2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with it,
@@ -56,8 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of `soragen train` (holds model/)")
     parser.add_argument("--seeds", type=int, default=1, help="videos per evaluation prompt")
+    parser.add_argument("--model", type=Path, help="model folder to ship (default RUN/model, the finished run)")
+    parser.add_argument("--step", type=int, help="DiT step of --model when it is not the finished run")
     args = parser.parse_args()
-    model = args.run / "model"
+    model = args.model or args.run / "model"
     if not (model / "soragen.yaml").is_file():
         sys.exit(f"error: {model} is not a finished model folder")
 
@@ -109,7 +113,7 @@ default model: `soragen generate "a large red circle moving right"`.
   {cfg.data.long_fraction:.0%} of them cut from long trajectories (start up to {cfg.data.max_start_seconds:g} s), {cfg.data.chinese_fraction:.0%} of captions in Chinese;
   held-out combinations never rendered.
 - VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.
-- DiT + T5: {cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay};
+- DiT + T5: {f"{args.step} of the planned {cfg.train.dit.steps}" if args.step else cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay};
   timesteps drawn as 1000 * u**(1/{cfg.train.dit.timestep_power:g}).
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
