@@ -86,3 +86,40 @@ def test_positions_distinguish_every_token():
     pos = position_embedding_3d(3, 4, 5, 32)
     assert pos.shape == (60, 32)
     assert torch.cdist(pos, pos).add(torch.eye(60) * 1e3).min() > 1e-3
+
+
+def _live(dit: DiT) -> DiT:
+    """Move a DiT off its zero initialisation so that its output depends on its input."""
+    for p in dit.parameters():
+        if p.ndim >= 1 and not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return dit
+
+
+@pytest.mark.parametrize("t, h, w", [(1, 8, 8), (9, 4, 12)])
+def test_factorized_attention_any_grid(t, h, w):
+    dit = _live(make(attention="factorized"))
+    y, m = text(2)
+    x = torch.randn(2, 4, t, h, w)
+    out = dit(x, torch.randint(0, 1000, (2, t)), y, m)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_factorized_attention_starts_as_identity_blocks():
+    """adaLN-Zero covers the extra attention too: a fresh factorised DiT predicts exactly 0."""
+    dit = make(attention="factorized")
+    y, m = text()
+    assert torch.count_nonzero(dit(torch.randn(1, 4, 3, 4, 4), torch.tensor([500]), y, m)) == 0
+
+
+def test_factorized_attention_reaches_across_frames_and_space():
+    """A change at one place of one frame reaches other frames and other places (within and across frames)."""
+    dit = _live(make(attention="factorized"))
+    y, m = text()
+    x = torch.randn(1, 4, 3, 4, 4)
+    out = dit(x, torch.tensor([500]), y, m)
+    x2 = x.clone()
+    x2[:, :, 0, :2, :2] += 1.0  # frame 0, top-left token
+    diff = (dit(x2, torch.tensor([500]), y, m) - out).abs()  # (1, 4, 3, 4, 4)
+    assert diff[:, :, 2, :2, :2].sum() > 0  # same place, another frame
+    assert diff[:, :, 2, 2:, 2:].sum() > 0  # another place, another frame (two blocks: space then time)

@@ -100,6 +100,12 @@ class DiTConfig(_Frozen):
     mlp_ratio: float = 4.0  # MLP hidden width / width
     patch_size: tuple[int, int, int] = (1, 2, 2)  # latent frames x latent rows x latent cols per token
     pooled_text: bool = True  # add the mean text embedding to the timestep conditioning (adaLN)
+    # "full": one self-attention over all tokens of the window. "factorized": attention within
+    # each token-frame, then across token-frames at each spatial position (VDM, Ho et al. 2022;
+    # Latte, Ma et al. 2024): what happens at a place in one frame reaches the same place in
+    # the others from the first step, which a small model on a small budget does not learn
+    # from full attention (measured: see docs/training-log.md).
+    attention: Literal["full", "factorized"] = "full"
 
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":

@@ -3,7 +3,8 @@
 Latents [B, C, T, H, W] are cut into patches of pt x ph x pw and become tokens
 [B, N, D] ordered (t, h, w). Positions are factorised 3D sin-cos computed from the
 token grid, so any duration, resolution and aspect ratio works. Each block is
-adaLN-Zero self-attention (Peebles & Xie 2023, DiT, sec. 3.2), cross-attention to the
+adaLN-Zero self-attention (Peebles & Xie 2023, DiT, sec. 3.2), over all tokens or
+factorised into attention within each frame and across frames, cross-attention to the
 text tokens with their padding mask (PixArt-alpha, Chen et al. 2023), and an MLP. The
 diffusion timestep is given per latent frame, so context frames can be clean while
 the others are denoised.
@@ -112,25 +113,36 @@ class CrossAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP."""
+    """adaLN-Zero self-attention (full, or within frames then across frames), cross-attention to text, adaLN-Zero MLP."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, factorized: bool = False):
         super().__init__()
+        self.factorized = factorized
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads)  # over all tokens, or within each token-frame when factorized
+        if factorized:
+            self.norm_t = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.attn_t = SelfAttention(width, heads)  # across token-frames, one spatial position at a time
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.cross = CrossAttention(width, heads)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, (9 if factorized else 6) * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, Tf, S, D] tokens grouped by token-frame; c [B, Tf, 1, D] conditioning per token-frame."""
         b, tf, s, d = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, Tf, 1, D) each
-        h = modulate(self.norm1(x), shift1, scale1).reshape(b, tf * s, d)  # (B, N, D)
-        x = x + gate1 * self.attn(h).view(b, tf, s, d)
+        mod = self.adaLN(c).chunk(9 if self.factorized else 6, dim=-1)  # (B, Tf, 1, D) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:6]
+        h = modulate(self.norm1(x), shift1, scale1)  # (B, Tf, S, D)
+        if self.factorized:
+            x = x + gate1 * self.attn(h.reshape(b * tf, s, d)).view(b, tf, s, d)  # within each token-frame
+            shift_t, scale_t, gate_t = mod[6:]
+            h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), "b t s d -> (b s) t d")
+            x = x + gate_t * rearrange(self.attn_t(h), "(b s) t d -> b t s d", b=b)  # across token-frames
+        else:
+            x = x + gate1 * self.attn(h.reshape(b, tf * s, d)).view(b, tf, s, d)
         x = x + self.cross(self.norm2(x).reshape(b, tf * s, d), text, mask).view(b, tf, s, d)
         x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x  # (B, Tf, S, D)
@@ -155,7 +167,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         self.pool_embedder = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) if cfg.pooled_text else None
-        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        factorized = cfg.attention == "factorized"
+        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio, factorized) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.proj_out = nn.Linear(width, patch_dim)
