@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -9,15 +10,27 @@ import pytest
 from soragen import video_io
 
 
-def test_signals_held_delivers_after_the_block():
-    """A signal sent while a temporary file is being created and recorded arrives only after the block."""
+@pytest.mark.parametrize("threads", [0, 2], ids=["one-thread", "other-threads-running"])
+def test_signals_held_delivers_after_the_block(threads):
+    """A signal sent while a temporary file is being created and recorded is acted on only after the block,
+    also when other threads (which the kernel may hand the signal to) are running."""
+    stop = threading.Event()
+    workers = [threading.Thread(target=stop.wait) for _ in range(threads)]
+    for w in workers:
+        w.start()
     reached_end = False
-    with pytest.raises(KeyboardInterrupt):
-        with video_io.signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            reached_end = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with video_io.signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached_end = True
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
     assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place before is back
 
 
 def test_writer_interrupted_while_opening_leaves_nothing(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,20 +75,32 @@ def fit_frames(frames: np.ndarray, box: tuple[int, int] | None) -> np.ndarray:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends; they are delivered right after it.
+    """Hold SIGINT and SIGTERM until the block ends; they are acted on right after it.
 
     Creating a temporary file and recording its name happen in such a block, so an
     interruption cannot land between the two and leave a file nobody will delete.
+    The signals are held at the Python level: a per-thread signal mask would not do,
+    since the kernel hands a signal to any thread that does not block it (torch's
+    and rich's threads). Python handlers can only be set in the main thread; elsewhere
+    this does nothing.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):  # each held signal once, as the handlers in place before would have
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def temporary_path(final: Path) -> Path:
