@@ -19,18 +19,21 @@ def test_signals_held_delivers_after_the_block(threads):
     for w in workers:
         w.start()
     reached_end = False
+    # Python's own Ctrl-C handler (earlier in-process CLI tests install soragen's; a shell may start us with SIGINT ignored).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             with video_io.signals_held():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
                 reached_end = True
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place before is back
     finally:
+        signal.signal(signal.SIGINT, before)
         stop.set()
         for w in workers:
             w.join()
     assert reached_end
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place before is back
 
 
 def test_writer_interrupted_while_opening_leaves_nothing(tmp_path, monkeypatch):
