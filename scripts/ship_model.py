@@ -104,12 +104,12 @@ default model: `soragen generate "a large red circle moving right"`.
 ## Parts
 - Text encoder: T5 encoder, {cfg.text_encoder.num_layers} layers, width {cfg.text_encoder.d_model}, word-level vocabulary of the captions (trained with the DiT).
 - VAE: causal, {cfg.vae.temporal_compression} x {cfg.vae.spatial_compression} x {cfg.vae.spatial_compression} compression, {cfg.vae.latent_channels} latent channels; the DiT sees them normalised per channel and scaled by {cfg.vae.latent_scale}.
-- DiT: width {cfg.dit.width}, depth {cfg.dit.depth}, {cfg.dit.heads} heads, patch {"x".join(map(str, cfg.dit.patch_size))}; v-prediction, {cfg.sampler.beta_schedule} schedule (zero terminal SNR).
-- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance}.
+- DiT: width {cfg.dit.width}, depth {cfg.dit.depth}, {cfg.dit.heads} heads, patch {"x".join(map(str, cfg.dit.patch_size))}, {cfg.dit.attention} attention; v-prediction, {cfg.sampler.beta_schedule} schedule shifted by {cfg.sampler.schedule_shift:g} (SNR / {cfg.sampler.schedule_shift ** 2:g}), zero terminal SNR.
+- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance}; long videos in windows of {cfg.sampler.window} latent frames, {cfg.sampler.context_frames} of them context from the window before.
 - Weights (safetensors; DiT and VAE stored as float16): {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()))}.
 
 ## Training
-- Data: the Shapes World rendered on the fly; {cfg.data.clips} clips of {1 + 4 * (cfg.data.clip_latent_frames - 1)} frames encoded once for the DiT,
+- Data: the Shapes World rendered on the fly; {cfg.data.clips} clips of {1 + cfg.vae.temporal_compression * (cfg.data.clip_latent_frames - 1)} frames encoded once for the DiT,
   {cfg.data.long_fraction:.0%} of them cut from long trajectories (start up to {cfg.data.max_start_seconds:g} s), {cfg.data.chinese_fraction:.0%} of captions in Chinese;
   held-out combinations never rendered.
 - VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.
