@@ -123,3 +123,23 @@ def test_factorized_attention_reaches_across_frames_and_space():
     diff = (dit(x2, torch.tensor([500]), y, m) - out).abs()  # (1, 4, 3, 4, 4)
     assert diff[:, :, 2, :2, :2].sum() > 0  # same place, another frame
     assert diff[:, :, 2, 2:, 2:].sum() > 0  # another place, another frame (two blocks: space then time)
+
+
+def test_temporal_conv_starts_as_identity_and_mixes_neighbouring_frames():
+    """The temporal convolution adds nothing at initialisation; once trained it reaches the next frame at the same place."""
+    dit = make(attention="factorized", temporal_conv=True)
+    y, m = text()
+    x = torch.randn(1, 4, 5, 4, 4)
+    assert torch.count_nonzero(dit(x, torch.tensor([500]), y, m)) == 0
+    dit = _live(dit)
+    for block in dit.blocks:
+        torch.nn.init.normal_(block.tconv.proj.weight, std=0.05)
+        for layer in (block.attn, block.attn_t, block.cross):  # only the convolution may carry a frame to another
+            torch.nn.init.zeros_(layer.proj.weight)
+            torch.nn.init.zeros_(layer.proj.bias)
+    out = dit(x, torch.tensor([500]), y, m)
+    x2 = x.clone()
+    x2[:, :, 2, :2, :2] += 1.0  # frame 2, top-left token
+    diff = (dit(x2, torch.tensor([500]), y, m) - out).abs()  # (1, 4, 5, 4, 4)
+    assert diff[:, :, 1, :2, :2].sum() > 0 and diff[:, :, 3, :2, :2].sum() > 0  # the frames before and after
+    assert diff[:, :, 1:4, 2:, 2:].sum() == 0  # no other place: the convolution mixes time only

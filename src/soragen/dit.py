@@ -4,7 +4,8 @@ Latents [B, C, T, H, W] are cut into patches of pt x ph x pw and become tokens
 [B, N, D] ordered (t, h, w). Positions are factorised 3D sin-cos computed from the
 token grid, so any duration, resolution and aspect ratio works. Each block is
 adaLN-Zero self-attention (Peebles & Xie 2023, DiT, sec. 3.2), over all tokens or
-factorised into attention within each frame and across frames, cross-attention to the
+factorised into attention within each frame and across frames (optionally with a
+depthwise convolution over neighbouring frames), cross-attention to the
 text tokens with their padding mask (PixArt-alpha, Chen et al. 2023), and an MLP. The
 diffusion timestep is given per latent frame, so context frames can be clean while
 the others are denoised.
@@ -112,12 +113,30 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
+class TemporalConv(nn.Module):
+    """Depthwise convolution over token-frames at each spatial position, then a linear map (zero-initialised)."""
+
+    def __init__(self, width: int, kernel: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, Tf, S, D] -> the residual update [B, Tf, S, D]."""
+        b = x.shape[0]
+        h = rearrange(self.norm(x), "b t s d -> (b s) d t")
+        h = rearrange(self.conv(h), "(b s) d t -> b t s d", b=b)
+        return self.proj(h)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention (full, or within frames then across frames), cross-attention to text, adaLN-Zero MLP."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, factorized: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, factorized: bool = False, temporal_conv: bool = False):
         super().__init__()
         self.factorized = factorized
+        self.tconv = TemporalConv(width) if temporal_conv else None
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(width, heads)  # over all tokens, or within each token-frame when factorized
         if factorized:
@@ -143,6 +162,8 @@ class DiTBlock(nn.Module):
             x = x + gate_t * rearrange(self.attn_t(h), "(b s) t d -> b t s d", b=b)  # across token-frames
         else:
             x = x + gate1 * self.attn(h.reshape(b, tf * s, d)).view(b, tf, s, d)
+        if self.tconv is not None:
+            x = x + self.tconv(x)  # the same place one token-frame before and after
         x = x + self.cross(self.norm2(x).reshape(b, tf * s, d), text, mask).view(b, tf, s, d)
         x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x  # (B, Tf, S, D)
@@ -168,7 +189,7 @@ class DiT(nn.Module):
         self.y_embedder = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         self.pool_embedder = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) if cfg.pooled_text else None
         factorized = cfg.attention == "factorized"
-        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio, factorized) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio, factorized, cfg.temporal_conv) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.proj_out = nn.Linear(width, patch_dim)
@@ -184,10 +205,12 @@ class DiT(nn.Module):
         for layer in self.t_embedder.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity (shift = scale = gate = 0).
+        # adaLN-Zero: every block starts as the identity (shift = scale = gate = 0), the temporal convolution too.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
+            if block.tconv is not None:
+                nn.init.zeros_(block.tconv.proj.weight)
         # Output: zero modulation and zero projection, so the initial prediction is 0.
         nn.init.zeros_(self.adaLN_out[-1].weight)
         nn.init.zeros_(self.adaLN_out[-1].bias)
