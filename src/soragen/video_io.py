@@ -243,12 +243,15 @@ class _FfmpegWriter(VideoWriter):
     def _start(self, **kwargs: Any) -> None:
         import imageio_ffmpeg
 
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp), self.size, fps=self.fps, pix_fmt_in="rgb24", quality=None, macro_block_size=1,
-            ffmpeg_log_level="error", **kwargs,
-        )
-        self._gen.send(None)  # start ffmpeg
-        self._proc = self._process()
+        # Held signals: an interruption inside the generator while it starts ffmpeg would close it
+        # and lose the process, which then writes an empty file at self.tmp after abort() removed it.
+        with signals_held():
+            self._gen = imageio_ffmpeg.write_frames(
+                str(self.tmp), self.size, fps=self.fps, pix_fmt_in="rgb24", quality=None, macro_block_size=1,
+                ffmpeg_log_level="error", **kwargs,
+            )
+            self._gen.send(None)  # start ffmpeg
+            self._proc = self._process()
 
     def _send(self, frame: np.ndarray) -> None:
         try:
@@ -266,6 +269,7 @@ class _FfmpegWriter(VideoWriter):
         proc = self._process()
         if proc is not None and proc.poll() is None:
             proc.kill()  # aborting: do not wait for ffmpeg to encode the frames it already has
+            proc.wait(timeout=10)  # gone before abort() removes its file
         if self._gen is not None:
             self._gen.close()
 
