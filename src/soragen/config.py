@@ -107,8 +107,8 @@ class DiTConfig(_Frozen):
     # from full attention (measured: see docs/training-log.md).
     attention: Literal["full", "factorized"] = "full"
     # A depthwise convolution over neighbouring token-frames in every block (kernel 3, then a
-    # zero-initialised linear map), mixing a place with the same place one frame before and
-    # after whatever the tokens hold. Attention between noisy frames is driven by their noise;
+    # zero-initialised linear map): each place is mixed with the same place one frame before
+    # and after, whatever the tokens hold. Attention between noisy frames follows their noise;
     # without this the DiT denoised every latent frame on its own (docs/training-log.md).
     temporal_conv: bool = False
 
