@@ -73,3 +73,35 @@ def test_schedule_shift_divides_the_snr(kind):
     # With zero terminal SNR the schedule still ends in pure noise.
     zero = make_scheduler(SamplerConfig(kind=kind, schedule_shift=3.0))
     assert zero.alphas_cumprod[-1] < 1e-6 and zero.alphas_cumprod[0] > 0.99
+
+
+@pytest.mark.parametrize("lag", [0.5, 1.0, 2.0])
+def test_staircase_lags_each_frame(lag):
+    """sampler.frame_lag: frame k walks the same timestep ladder, floor(k*lag) model calls behind frame 0."""
+    import math
+
+    from soragen.sampler import denoise_iterations
+
+    cfg, te, dit = parts()
+    seen = []  # per model call: the timesteps of the conditional batch's frames
+
+    def recording(x, timesteps, text, mask):
+        seen.append(timesteps[0].tolist())
+        return dit(x, timesteps, text, mask)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        text, mask = te(["a red ball", ""])
+    context = torch.randn(1, 4, 1, 4, 4)
+    scheduler = make_scheduler(cfg.sampler)
+    out = denoise(recording, scheduler, torch.randn(1, 4, 4, 4, 4, generator=g), text, mask, steps=4, guidance=4.0,
+                  generator=g, context=context, frame_lag=lag)
+    ladder = [int(t) for t in scheduler.timesteps]
+    assert len(seen) == denoise_iterations(4, 3, lag)
+    assert all(call[0] == 0 for call in seen)  # the context frame stays clean
+    for k in range(3):
+        start = math.floor(k * lag)
+        expected = [ladder[0]] * start + ladder + [0] * (len(seen) - start - len(ladder))
+        assert [call[1 + k] for call in seen] == expected
+    assert torch.equal(out[:, :, :1], context)
+    assert torch.isfinite(out).all() and not torch.allclose(out[:, :, 1:], out[:, :, 1:2].expand_as(out[:, :, 1:]))

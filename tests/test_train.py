@@ -153,3 +153,30 @@ def test_unit_variance_weighting_makes_every_noise_level_count_alike():
         assert abs(dit_loss(*args, sigma_data=sigma).item() - 1.0) < 0.05
     plain = [dit_loss(Zero(), sched, x0, text, mask, no_ctx, 20, torch.Generator().manual_seed(0), p).item() for p in (0.2, 5.0)]
     assert plain[0] > 3 * plain[1]  # unweighted, clean timesteps dominate
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_frame_noise_gives_a_share_of_windows_a_timestep_per_frame(share):
+    """train.dit.frame_noise: that share of windows draws each non-context frame's t on its own."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            seen.append(t)
+            return torch.zeros_like(x)
+
+    n = 2000
+    x0 = torch.zeros(n, 1, 5, 1, 1)
+    text, mask = torch.zeros(n, 1, 2), torch.ones(n, 1, dtype=torch.bool)
+    ctx = torch.ones(n, dtype=torch.long)  # frame 0 is context in every window
+    dit_loss(Recorder(), sched, x0, text, mask, ctx, 20, torch.Generator().manual_seed(0), frame_noise=share)
+    t = seen[0]  # (n, 5)
+    assert (t[:, 0] <= 20).all()  # context frames keep their low noise level
+    varied = (t[:, 1:] != t[:, 1:2]).any(dim=1).float().mean().item()
+    assert abs(varied - share) < 0.03
+    assert t[:, 1:].min() >= 0 and t[:, 1:].max() <= 999

@@ -470,7 +470,7 @@ def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter)
     t0 = time.perf_counter()
     plan = plan_video(cfg)
     item_pipe = Pipeline(cfg, pipe.text_encoder, pipe.vae, pipe.dit, pipe.model_name)  # same models, item's settings
-    reporter.item_start(item, len(item_pipe.windows(plan)) * cfg.sampler.steps)
+    reporter.item_start(item, item_pipe.denoise_calls(plan))
     names = output_names(item, cfg.video.format)
     frames = FrameSampler(plan.num_frames, cfg.video.fps)
     sidecar = item_pipe.generate(item.fields["prompt"], folder / names["video"], overwrite=True,

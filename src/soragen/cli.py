@@ -145,7 +145,7 @@ def generate(
     old_temporaries = temporaries(output) | temporaries(sidecar_path(output))
     with _progress() as progress:
         windows = len(pipe.windows(plan))
-        task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=windows * cfg.sampler.steps)
+        task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=pipe.denoise_calls(plan))
         try:
             sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
         except BaseException:

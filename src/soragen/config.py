@@ -144,6 +144,9 @@ class SamplerConfig(_Frozen):
     window: int = 9  # latent frames denoised together (the training window)
     context_frames: int = 3  # latent frames of the previous window carried over as context
     context_timestep: int = 0  # noise level the context frames are re-noised to (0 = clean)
+    # Staircase denoising: latent frame k starts k*frame_lag steps after the first (0 = all frames
+    # together). Costs floor((frames - 1) * frame_lag) extra model calls per window.
+    frame_lag: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _windows(self) -> "SamplerConfig":
@@ -258,6 +261,9 @@ class DiTTrainConfig(_Frozen):
     # alpha_bar + (1 - alpha_bar) * vae.latent_scale**2 (EDM's lambda = 1 / c_out**2, Karras et al. 2022):
     # with latents smaller than the noise the noisy timesteps would otherwise count for little.
     loss_weighting: Literal["none", "unit_variance"] = "none"
+    # Share of windows whose frames each get their own timestep (diffusion forcing) instead of one
+    # shared t: a frame noisier than its neighbours must be predicted from them.
+    frame_noise: float = Field(0.0, ge=0, le=1)
 
 
 class TrainConfig(_Frozen):

@@ -144,6 +144,13 @@ class Pipeline:
             done += new
         return out
 
+    def denoise_calls(self, plan: VideoPlan) -> int:
+        """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""
+        from soragen.sampler import denoise_iterations
+
+        s = self.cfg.sampler
+        return sum(denoise_iterations(s.steps, new, s.frame_lag) for _, new in self.windows(plan))
+
     @torch.no_grad()
     def generate_latents(
         self, plan: VideoPlan, text: torch.Tensor, mask: torch.Tensor, on_step: Callable[[int], None] | None = None
@@ -153,21 +160,23 @@ class Pipeline:
         The first window is text-to-video; each next one is conditioned on the last
         latent frames of the one before as context (per-frame timesteps), and continues.
         """
-        from soragen.sampler import denoise, make_scheduler
+        from soragen.sampler import denoise, denoise_iterations, make_scheduler
 
         s = self.cfg.sampler
         generator = torch.Generator().manual_seed(self.cfg.seed)
         scheduler = make_scheduler(s)
         previous: torch.Tensor | None = None  # (1, C, n, h, w): the last window's latents
-        for w, (ctx, new) in enumerate(self.windows(plan)):
+        done = 0  # model calls of the windows before
+        for ctx, new in self.windows(plan):
             shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
             noise = torch.randn(shape, generator=generator)  # (1, C, ctx+new, h, w)
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
             x = denoise(
                 self.dit, scheduler, noise, text, mask, steps=s.steps, guidance=s.guidance, generator=generator,
-                context=context, context_timestep=s.context_timestep,
-                on_step=None if on_step is None else (lambda i, w=w: on_step(w * s.steps + i)),
+                context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
+                on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
+            done += denoise_iterations(s.steps, new, s.frame_lag)
             previous = x
             yield x[:, :, ctx:]  # (1, C, new, h, w)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,16 @@ def make_scheduler(cfg: SamplerConfig):
             return DDPMScheduler(**common, variance_type="fixed_small")
 
 
+def frame_indices(iteration: int, frames: int, steps: int, lag: float) -> list[int]:
+    """Schedule position of each frame (0 = pure noise .. steps = clean) at `iteration`, frame k lagging k*lag steps."""
+    return [min(steps, max(0, iteration - math.floor(lag * k))) for k in range(frames)]
+
+
+def denoise_iterations(steps: int, frames: int, lag: float) -> int:
+    """Model evaluations `denoise` makes: the last frame starts floor((frames-1)*lag) iterations late."""
+    return steps + math.floor(lag * max(frames - 1, 0))
+
+
 @torch.no_grad()
 def denoise(
     dit: DiT,
@@ -55,6 +66,7 @@ def denoise(
     generator: torch.Generator,
     context: torch.Tensor | None = None,
     context_timestep: int = 0,
+    frame_lag: float = 0.0,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
@@ -63,7 +75,14 @@ def denoise(
     prompt) batch, [2B, L, D] / [2B, L], when guidance != 1, else just [B, L, D].
     `context` [B, C, Tc, H, W] fixes the first Tc latent frames (clean, or re-noised to
     `context_timestep`); they carry their own per-frame timestep and are never stepped.
+    With `frame_lag` > 0 the frames are denoised in a staircase: frame k starts k*lag
+    steps after the first, so each frame is denoised next to cleaner frames before it
+    (the "pyramid" schedule of diffusion forcing). It takes `denoise_iterations` model calls.
     """
+    if frame_lag > 0:
+        return _denoise_staircase(dit, scheduler, noise, text, text_mask, steps=steps, guidance=guidance,
+                                  generator=generator, context=context, context_timestep=context_timestep,
+                                  frame_lag=frame_lag, on_step=on_step)
     b, _, t_frames, _, _ = noise.shape
     guided = guidance != 1.0
     n_ctx = 0 if context is None else context.shape[2]
@@ -98,4 +117,46 @@ def denoise(
 
     if n_ctx:
         x[:, :, :n_ctx] = context  # context frames are given, not generated
+    return x
+
+
+def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float) -> torch.Tensor:
+    """The model's prediction with classifier-free guidance (one batched forward when guided)."""
+    if guidance == 1.0:
+        return dit(x, timesteps, text, text_mask)
+    pred_cond, pred_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask).chunk(2)
+    return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+
+def _denoise_staircase(
+    dit: DiT, scheduler, noise: torch.Tensor, text, text_mask, *, steps: int, guidance: float,
+    generator: torch.Generator, context: torch.Tensor | None, context_timestep: int, frame_lag: float,
+    on_step: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """`denoise` with frame k lagging k*frame_lag steps; frames at the same step are stepped together."""
+    b, _, t_frames, _, _ = noise.shape
+    n_ctx = 0 if context is None else context.shape[2]
+    new = t_frames - n_ctx
+    scheduler.set_timesteps(steps)
+    ladder = [int(t) for t in scheduler.timesteps]  # (steps,): noisiest first
+    x = noise * scheduler.init_noise_sigma  # (B, C, T, H, W)
+    if n_ctx:
+        ctx_t = torch.full((b,), context_timestep, dtype=torch.long)
+        x[:, :, :n_ctx] = scheduler.add_noise(context, torch.randn(context.shape, generator=generator), ctx_t) if context_timestep else context
+    for it in range(denoise_iterations(steps, new, frame_lag)):
+        pos = frame_indices(it, new, steps, frame_lag)  # (new,): position of each generated frame
+        # A clean frame is shown at timestep 0, like a context frame.
+        t_new = [ladder[p] if p < steps else 0 for p in pos]
+        timesteps = torch.tensor([context_timestep] * n_ctx + t_new, dtype=torch.long).expand(b, t_frames)
+        pred = _guided(dit, x, timesteps, text, text_mask, guidance)
+        # Step the frames that are at the same schedule position together, with the diffusers scheduler.
+        for p in sorted(set(pos) - {steps}):
+            frames = [n_ctx + k for k, q in enumerate(pos) if q == p and it - math.floor(frame_lag * k) >= 0]
+            if not frames:
+                continue
+            x[:, :, frames] = scheduler.step(pred[:, :, frames], ladder[p], x[:, :, frames], generator=generator).prev_sample
+        if on_step is not None:
+            on_step(it)
+    if n_ctx:
+        x[:, :, :n_ctx] = context
     return x

@@ -328,13 +328,16 @@ def sample_windows(
 
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
-    timestep_power: float = 1.0, sigma_data: float | None = None,
+    timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
 ) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
     x0 [B, C, T, h, w] clean latents; n_ctx [B] context frames per sample (timestep in
     [0, context_noise], no loss); the other frames share one timestep t = num_train * u**(1/timestep_power).
-    With `sigma_data` (the std of x0), each window's loss is divided by the variance of its
+    A share `frame_noise` of the windows draws t for each of those frames on its own instead
+    (diffusion forcing, Chen et al. 2024): a frame noisier than its neighbours can only be
+    predicted from them, which teaches the model to look across frames.
+    With `sigma_data` (the std of x0), each frame's loss is divided by the variance of its
     v target, alpha_bar + (1 - alpha_bar) * sigma_data**2, so every noise level counts alike.
     """
     b, _, t_frames = x0.shape[:3]
@@ -342,7 +345,9 @@ def dit_loss(
     frame = torch.arange(t_frames)[None]  # (1, T)
     is_ctx = frame < n_ctx[:, None]  # (B, T)
     u = torch.rand((b, 1), generator=generator)
-    t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, 1)
+    per_frame = torch.rand((b, 1), generator=generator) < frame_noise  # (B, 1): windows with a t per frame
+    u = torch.where(per_frame, torch.rand((b, t_frames), generator=generator), u)  # (B, T)
+    t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, T)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = torch.randn(x0.shape, generator=generator)
@@ -352,7 +357,7 @@ def dit_loss(
     pred = dit(x_t.to(x0.device), timesteps.to(x0.device), text, mask)
     err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
     if sigma_data is not None:
-        a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, 1)
+        a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
         err = err / (a_main + (1 - a_main) * sigma_data**2)
     keep = (~is_ctx).float().to(err.device)
     return (err * keep).sum() / keep.sum().clamp(min=1.0)
@@ -449,7 +454,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
-                        t.timestep_power, sigma_data)
+                        t.timestep_power, sigma_data, t.frame_noise)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
