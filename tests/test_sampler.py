@@ -105,3 +105,23 @@ def test_staircase_lags_each_frame(lag):
         assert [call[1 + k] for call in seen] == expected
     assert torch.equal(out[:, :, :1], context)
     assert torch.isfinite(out).all() and not torch.allclose(out[:, :, 1:], out[:, :, 1:2].expand_as(out[:, :, 1:]))
+
+
+@pytest.mark.parametrize("continuation, rows", [(None, [2, 2, 2]), (1.0, [2, 1, 1])])
+def test_continuation_guidance(continuation, rows):
+    """sampler.continuation_guidance = 1: windows after the first run the conditional pass only."""
+    from soragen.pipeline import Pipeline, plan_video
+
+    cfg = tiny_config(sampler={"steps": 2, "guidance": 4.0, "window": 3, "context_frames": 1,
+                               "continuation_guidance": continuation}, video={"seconds": 3})
+    pipe = Pipeline.from_config(cfg)
+    plan = plan_video(cfg)
+    calls = []
+    dit = pipe.dit
+    pipe.dit = lambda x, t, text, mask: calls.append(x.shape[0]) or dit(x, t, text, mask)
+    text, mask = pipe.encode_text("a red ball", "")
+    windows = list(pipe.generate_latents(plan, text, mask))
+    assert len(windows) == len(pipe.windows(plan)) >= 3
+    per_window = [calls[i] for i in range(0, len(calls), 2)][:3]
+    assert per_window == rows
+    assert len(calls) == pipe.denoise_calls(plan)

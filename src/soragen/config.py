@@ -144,6 +144,9 @@ class SamplerConfig(_Frozen):
     window: int = 9  # latent frames denoised together (the training window)
     context_frames: int = 3  # latent frames of the previous window carried over as context
     context_timestep: int = 0  # noise level the context frames are re-noised to (0 = clean)
+    # Guidance of the windows after the first (None = `guidance`). Their context already holds the
+    # scene, so 1 (no unconditional pass) halves their cost.
+    continuation_guidance: float | None = Field(None, ge=0)
     # Staircase denoising: latent frame k starts k*frame_lag steps after the first (0 = all frames
     # together). Costs floor((frames - 1) * frame_lag) extra model calls per window.
     frame_lag: float = Field(0.0, ge=0)

@@ -128,7 +128,9 @@ class Pipeline:
     @torch.no_grad()
     def encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tokens for the sampler: [cond; uncond] batched when guidance is on."""
-        prompts = [prompt, negative_prompt] if self.cfg.sampler.guidance != 1.0 else [prompt]
+        s = self.cfg.sampler
+        guided = s.guidance != 1.0 or (s.continuation_guidance or 1.0) != 1.0
+        prompts = [prompt, negative_prompt] if guided else [prompt]
         return self.text_encoder(prompts)  # (1 or 2, L, D), (1 or 2, L)
 
     def windows(self, plan: VideoPlan) -> list[tuple[int, int]]:
@@ -171,8 +173,10 @@ class Pipeline:
             shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
             noise = torch.randn(shape, generator=generator)  # (1, C, ctx+new, h, w)
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
+            guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
+            rows = 2 if guidance != 1.0 else 1  # [cond; uncond] or cond only
             x = denoise(
-                self.dit, scheduler, noise, text, mask, steps=s.steps, guidance=s.guidance, generator=generator,
+                self.dit, scheduler, noise, text[:rows], mask[:rows], steps=s.steps, guidance=guidance, generator=generator,
                 context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
                 on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
