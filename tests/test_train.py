@@ -60,6 +60,16 @@ def test_resume_continues_from_checkpoint(trained):
     assert steps[-1] == 6 and 5 not in steps[:-1]  # continued at step 5, not from 0
 
 
+def test_stop_after_then_resume_with_other_settings(tmp_path):
+    """train.dit.stop_after stops with a checkpoint and no model; --resume (here with frame noise) finishes."""
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"])
+    assert train(cfg) == tmp_path
+    assert RunFolder(tmp_path).latest("dit").name == "dit-0000002" and not (tmp_path / "model").exists()
+    more = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.frame_noise=0.5"])
+    assert train(more, resume=True) == tmp_path / "model"
+    assert RunFolder(tmp_path).latest("dit").name == "dit-0000004" and (tmp_path / "model" / "soragen.yaml").is_file()
+
+
 def test_non_empty_run_folder_needs_resume(trained):
     cfg, root, _ = trained
     with pytest.raises(UserError, match="--resume"):

@@ -447,7 +447,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     dit.train()
     text_encoder.train(train_text)
     t_last, n_last = time.perf_counter(), step
-    while step < t.steps:
+    end = t.steps if t.stop_after is None else min(t.stop_after, t.steps)
+    while step < end:
         idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
@@ -473,7 +474,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
                 acc.log({f"dit/{k}": v for k, v in metrics.items()}, step=step)
             if progress:
                 progress("dit", step, t.steps, metrics)
-        if step % cfg.train.checkpoint_every == 0 or step == t.steps:
+        if step % cfg.train.checkpoint_every == 0 or step in (t.steps, end):
             acc.wait_for_everyone()
             if acc.is_main_process:
                 run.save_checkpoint("dit", step, save, cfg.train.keep_checkpoints)
@@ -482,7 +483,10 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
             write_samples(cfg, run, step)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        export(run.model)
+        if step < t.steps:
+            log.info("stopped at step %d of %d (train.dit.stop_after); continue with --resume", step, t.steps)
+        else:
+            export(run.model)
     acc.end_training()
     return cfg
 
@@ -558,5 +562,6 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
             train_vae(cfg, run, resume, progress)
     if "dit" in cfg.train.stages:
         train_dit(cfg, run, resume, progress)
-        return run.model
+        stopped_early = cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps
+        return run.root if stopped_early else run.model
     return run.root
