@@ -47,17 +47,21 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     pipe = Pipeline.from_config(cfg)
     plan = plan_video(cfg)
     windows = pipe.windows(plan)
-    # FLOPs of the denoiser forwards: one batched (cond + uncond) forward per step and window.
+    # FLOPs of the denoiser forwards: per window, its model calls, each batched (cond + uncond) when guided.
+    from soragen.sampler import denoise_iterations
+
+    s = cfg.sampler
     flops = 0
-    guided = 2 if cfg.sampler.guidance != 1.0 else 1
     with torch.no_grad():
         text, mask = pipe.encode_text("a red ball", "")
-        for ctx, new in {w for w in windows}:
-            x = torch.randn(guided, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
+        for w, (ctx, new) in enumerate(windows):
+            guidance = s.guidance if w == 0 or s.continuation_guidance is None else s.continuation_guidance
+            rows = 2 if guidance != 1.0 else 1
+            x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
             counter = FlopCounterMode(display=False)
             with counter:
-                pipe.dit(x, torch.zeros(guided, ctx + new, dtype=torch.long), text, mask)
-            flops += counter.get_total_flops() * cfg.sampler.steps * windows.count((ctx, new))
+                pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), text[:rows], mask[:rows])
+            flops += counter.get_total_flops() * denoise_iterations(s.steps, new, s.frame_lag)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         sidecar = pipe.generate("a large red circle moving right", Path(tmp) / "v.mp4")
