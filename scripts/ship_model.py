@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="videos per evaluation prompt")
     parser.add_argument("--model", type=Path, help="model folder to ship (default RUN/model, the finished run)")
     parser.add_argument("--step", type=int, help="DiT step of --model when it is not the finished run")
+    parser.add_argument("--history", help="how the run got there, when it changed settings along the way")
     args = parser.parse_args()
     model = args.model or args.run / "model"
     if not (model / "soragen.yaml").is_file():
@@ -92,6 +93,7 @@ def main() -> None:
     gate_path = args.run / "vae" / "gate.json"
     gate = json.loads(gate_path.read_text()) if gate_path.is_file() else {}
     sizes = {p.relative_to(TARGET).as_posix(): p.stat().st_size for p in TARGET.rglob("*.safetensors")}
+    history = f"\n- History: {args.history}." if args.history else ""
     card = f"""# soragen built-in model: Shapes World
 
 A text-to-video model trained from scratch by `scripts/train_default.sh` on the Shapes
@@ -114,7 +116,7 @@ default model: `soragen generate "a large red circle moving right"`.
   held-out combinations never rendered.
 - VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.
 - DiT + T5: {f"{args.step} of the planned {cfg.train.dit.steps}" if args.step else cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay};
-  timesteps drawn as 1000 * u**(1/{cfg.train.dit.timestep_power:g}).
+  timesteps drawn as 1000 * u**(1/{cfg.train.dit.timestep_power:g}); {cfg.train.dit.frame_noise:.0%} of windows with a timestep per frame.{history}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
