@@ -143,3 +143,20 @@ def test_temporal_conv_starts_as_identity_and_mixes_neighbouring_frames():
     diff = (dit(x2, torch.tensor([500]), y, m) - out).abs()  # (1, 4, 5, 4, 4)
     assert diff[:, :, 1, :2, :2].sum() > 0 and diff[:, :, 3, :2, :2].sum() > 0  # the frames before and after
     assert diff[:, :, 1:4, 2:, 2:].sum() == 0  # no other place: the convolution mixes time only
+
+
+def test_self_condition_input():
+    """dit.self_condition: the previous estimate is an input (None = zeros); without the flag there is none."""
+    from soragen.config import DiTConfig
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(width=32, depth=1, heads=2, self_condition=True), 4, 16).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(1, 4, 2, 4, 4), torch.full((1, 2), 500)
+    text, mask = torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        none = dit(x, t, text, mask)
+        assert torch.equal(none, dit(x, t, text, mask, x_self=torch.zeros_like(x)))
+        assert not torch.allclose(none, dit(x, t, text, mask, x_self=torch.randn_like(x)))
+    assert DiT(DiTConfig(width=32, depth=1, heads=2), 4, 16).x_embedder.in_features * 2 == dit.x_embedder.in_features

@@ -125,3 +125,37 @@ def test_continuation_guidance(continuation, rows):
     per_window = [calls[i] for i in range(0, len(calls), 2)][:3]
     assert per_window == rows
     assert len(calls) == pipe.denoise_calls(plan)
+
+
+def test_self_conditioning_feeds_back_the_previous_estimate():
+    """dit.self_condition: step 1 sees zeros, each later step the x0 estimate of the step before."""
+    from soragen.sampler import x0_estimate
+
+    cfg, te, _ = parts()
+    cfg = tiny_config(sampler={"kind": "ddim", "steps": 3}, dit={"self_condition": True})
+    torch.manual_seed(0)
+    dit = DiT(cfg.dit, cfg.vae.latent_channels, te.dim).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg = dit.cfg
+
+        def forward(self, x, t, text, mask, x_self=None):
+            out = dit(x, t, text, mask, x_self=x_self)
+            calls.append((x, t, x_self, out))
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        text, mask = te(["a red ball"])
+        scheduler = make_scheduler(cfg.sampler)
+        denoise(Recorder(), scheduler, torch.randn(1, 4, 2, 4, 4, generator=g), text, mask, steps=3, guidance=1.0,
+                generator=g)
+    assert len(calls) == 3 and torch.equal(calls[0][2], torch.zeros_like(calls[0][0]))
+    for (x, t, _, out), (_, _, fed, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(fed, x0_estimate(scheduler, x, out, t))
+        assert fed.abs().sum() > 0

@@ -190,3 +190,41 @@ def test_frame_noise_gives_a_share_of_windows_a_timestep_per_frame(share):
     varied = (t[:, 1:] != t[:, 1:2]).any(dim=1).float().mean().item()
     assert abs(varied - share) < 0.03
     assert t[:, 1:].min() >= 0 and t[:, 1:].max() <= 999
+
+
+def test_self_condition_training_gives_half_the_batches_an_estimate():
+    """With self-conditioning, about half the batches make a first pass whose x0 estimate the second pass gets."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    fed = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, mask, x_self=None):
+            fed.append(x_self)
+            return torch.ones_like(x)
+
+    x0 = torch.randn(2, 4, 3, 2, 2)
+    text, mask = torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    for _ in range(200):
+        before = len(fed)
+        dit_loss(Recorder(), sched, x0, text, mask, torch.tensor([0, 0]), 20, g, self_condition=True)
+        calls.append(len(fed) - before)
+        if calls[-1] == 2:
+            assert torch.equal(fed[-2], torch.zeros_like(x0)) and fed[-1].abs().sum() > 0
+        else:
+            assert torch.equal(fed[-1], torch.zeros_like(x0))
+    assert 0.4 < calls.count(2) / len(calls) < 0.6
+
+
+def test_self_conditioned_model_trains_and_generates(tmp_path):
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "dit.self_condition=true", "sampler.frame_lag=1"])
+    model = train(cfg)
+    pipe = Pipeline.from_config(load_config(None, [f"model={model}"]))
+    assert pipe.dit.cfg.self_condition
+    sidecar = pipe.generate("a red circle moving left", tmp_path / "v.mp4")
+    assert sidecar["video"]["frames"] == 8

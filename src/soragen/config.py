@@ -111,6 +111,10 @@ class DiTConfig(_Frozen):
     # and after, whatever the tokens hold. Attention between noisy frames follows their noise;
     # without this the DiT denoised every latent frame on its own (docs/training-log.md).
     temporal_conv: bool = False
+    # Self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", sec. 3.2): the model also
+    # sees its previous estimate of the clean latents (zeros at the first sampler step, and in
+    # half of the training batches), so a layout once estimated is refined, not re-decided.
+    self_condition: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":

@@ -184,7 +184,7 @@ class DiT(nn.Module):
         width = cfg.width
         pt, ph, pw = cfg.patch_size
         patch_dim = in_channels * pt * ph * pw
-        self.x_embedder = nn.Linear(patch_dim, width)
+        self.x_embedder = nn.Linear(patch_dim * (2 if cfg.self_condition else 1), width)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         self.pool_embedder = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) if cfg.pooled_text else None
@@ -240,9 +240,14 @@ class DiT(nn.Module):
     # -- forward --------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+        x_self: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict for noisy latents x [B, C, T, H, W] at timesteps [B, T] (or [B]) given text [B, L, Dt], mask [B, L]."""
+        """Predict for noisy latents x [B, C, T, H, W] at timesteps [B, T] (or [B]) given text [B, L, Dt], mask [B, L].
+
+        x_self [B, C, T, H, W]: the previous estimate of the clean latents, for a model with
+        dit.self_condition (None = zeros, "no estimate yet"); ignored otherwise.
+        """
         b, _, t, h, w = x.shape
         self.check_grid(t, h, w)
         pt, ph, pw = self.cfg.patch_size
@@ -250,8 +255,12 @@ class DiT(nn.Module):
         if timesteps.ndim == 1:
             timesteps = timesteps[:, None].expand(b, t)  # (B, T)
 
-        # 1. Tokens with 3D positions.
-        tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
+        # 1. Tokens with 3D positions (self-conditioning: the estimate's patches beside the noisy ones).
+        patches = self.patchify(x)  # (B, N, C*pt*ph*pw)
+        if self.cfg.self_condition:
+            estimate = self.patchify(x_self) if x_self is not None else torch.zeros_like(patches)
+            patches = torch.cat([patches, estimate], dim=-1)  # (B, N, 2*C*pt*ph*pw)
+        tokens = self.x_embedder(patches)  # (B, N, D)
         tokens = tokens + position_embedding_3d(gt, gh, gw, self.cfg.width, x.device).to(tokens.dtype)
         tokens = tokens.view(b, gt, gh * gw, -1)  # (B, Tf, S, D)
 

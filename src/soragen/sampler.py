@@ -84,7 +84,6 @@ def denoise(
                                   generator=generator, context=context, context_timestep=context_timestep,
                                   frame_lag=frame_lag, on_step=on_step)
     b, _, t_frames, _, _ = noise.shape
-    guided = guidance != 1.0
     n_ctx = 0 if context is None else context.shape[2]
 
     # 1. Timesteps and the initial latents x_T.
@@ -94,7 +93,8 @@ def denoise(
         ctx_t = torch.full((b,), context_timestep, dtype=torch.long)
         ctx = scheduler.add_noise(context, torch.randn(context.shape, generator=generator), ctx_t) if context_timestep else context
 
-    # 2. Denoising loop.
+    # 2. Denoising loop (a self-conditioned model also gets its previous x0 estimate).
+    estimate = torch.zeros_like(x) if _self_conditioned(dit) else None  # (B, C, T, H, W)
     for i, t in enumerate(scheduler.timesteps):
         # 2a. Per-frame timesteps: context frames keep theirs, the rest are at t.
         timesteps = torch.full((b, t_frames), int(t), dtype=torch.long)  # (B, T)
@@ -103,12 +103,9 @@ def denoise(
             timesteps[:, :n_ctx] = context_timestep
 
         # 2b. Classifier-free guidance (Ho & Salimans 2022, eq. 6): one batched forward, split, combine.
-        x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, T, H, W)
-        t_in = torch.cat([timesteps, timesteps]) if guided else timesteps
-        pred = dit(x_in, t_in, text, text_mask)
-        if guided:
-            pred_cond, pred_uncond = pred.chunk(2)
-            pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+        pred = _guided(dit, x, timesteps, text, text_mask, guidance, estimate)
+        if estimate is not None:
+            estimate = x0_estimate(scheduler, x, pred, timesteps)
 
         # 2c. One scheduler step x_t -> x_{t-1}.
         x = scheduler.step(pred, t, x, generator=generator).prev_sample
@@ -120,11 +117,28 @@ def denoise(
     return x
 
 
-def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float) -> torch.Tensor:
+def _self_conditioned(dit) -> bool:
+    """Whether the denoiser takes its previous x0 estimate (dit.self_condition)."""
+    return bool(getattr(getattr(dit, "cfg", None), "self_condition", False))
+
+
+def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latents implied by a prediction on x [B, C, T, H, W] at per-frame timesteps [B, T]."""
+    a = scheduler.alphas_cumprod[timesteps].to(x)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * pred
+    return (x - (1 - a).sqrt() * pred) / a.sqrt().clamp(min=1e-4)  # epsilon
+
+
+def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float,
+            estimate: torch.Tensor | None = None) -> torch.Tensor:
     """The model's prediction with classifier-free guidance (one batched forward when guided)."""
+    extra = {} if estimate is None else {"x_self": estimate}
     if guidance == 1.0:
-        return dit(x, timesteps, text, text_mask)
-    pred_cond, pred_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask).chunk(2)
+        return dit(x, timesteps, text, text_mask, **extra)
+    if estimate is not None:
+        extra = {"x_self": torch.cat([estimate, estimate])}
+    pred_cond, pred_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask, **extra).chunk(2)
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 
 
@@ -143,12 +157,15 @@ def _denoise_staircase(
     if n_ctx:
         ctx_t = torch.full((b,), context_timestep, dtype=torch.long)
         x[:, :, :n_ctx] = scheduler.add_noise(context, torch.randn(context.shape, generator=generator), ctx_t) if context_timestep else context
+    estimate = torch.zeros_like(x) if _self_conditioned(dit) else None  # (B, C, T, H, W)
     for it in range(denoise_iterations(steps, new, frame_lag)):
         pos = frame_indices(it, new, steps, frame_lag)  # (new,): position of each generated frame
         # A clean frame is shown at timestep 0, like a context frame.
         t_new = [ladder[p] if p < steps else 0 for p in pos]
         timesteps = torch.tensor([context_timestep] * n_ctx + t_new, dtype=torch.long).expand(b, t_frames)
-        pred = _guided(dit, x, timesteps, text, text_mask, guidance)
+        pred = _guided(dit, x, timesteps, text, text_mask, guidance, estimate)
+        if estimate is not None:
+            estimate = x0_estimate(scheduler, x, pred, timesteps)
         # Step the frames that are at the same schedule position together, with the diffusers scheduler.
         for p in sorted(set(pos) - {steps}):
             frames = [n_ctx + k for k, q in enumerate(pos) if q == p and it - math.floor(frame_lag * k) >= 0]

@@ -329,6 +329,7 @@ def sample_windows(
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
+    self_condition: bool = False,
 ) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -339,6 +340,9 @@ def dit_loss(
     predicted from them, which teaches the model to look across frames.
     With `sigma_data` (the std of x0), each frame's loss is divided by the variance of its
     v target, alpha_bar + (1 - alpha_bar) * sigma_data**2, so every noise level counts alike.
+    With `self_condition`, half the batches first estimate x0 without gradients and give the
+    estimate to the model as its previous one; the other half give none (zeros), as at the
+    first sampler step.
     """
     b, _, t_frames = x0.shape[:3]
     num_train = scheduler.config.num_train_timesteps
@@ -354,7 +358,16 @@ def dit_loss(
     alpha_bar = scheduler.alphas_cumprod[timesteps].to(x0)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
-    pred = dit(x_t.to(x0.device), timesteps.to(x0.device), text, mask)
+    x_t, timesteps = x_t.to(x0.device), timesteps.to(x0.device)
+    if not self_condition:
+        pred = dit(x_t, timesteps, text, mask)
+    else:
+        estimate = torch.zeros_like(x_t)  # (B, C, T, h, w): "no estimate yet"
+        if torch.rand((), generator=generator) < 0.5:
+            with torch.no_grad():
+                first = dit(x_t, timesteps, text.detach(), mask, x_self=estimate)
+            estimate = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * first  # x0 from v
+        pred = dit(x_t, timesteps, text, mask, x_self=estimate)
     err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
     if sigma_data is not None:
         a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
@@ -455,7 +468,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
-                        t.timestep_power, sigma_data, t.frame_noise)
+                        t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
