@@ -228,3 +228,25 @@ def test_self_conditioned_model_trains_and_generates(tmp_path):
     assert pipe.dit.cfg.self_condition
     sidecar = pipe.generate("a red circle moving left", tmp_path / "v.mp4")
     assert sidecar["video"]["frames"] == 8
+
+
+def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
+    """train.dit.init_model: the DiT starts as the given model; a new self-conditioning input starts at zero."""
+    from safetensors.torch import load_file
+
+    cfg, root, model = trained
+    run = tmp_path / "ft"
+    # Same VAE: reuse the trained run's VAE weights and latent cache by copying the run folder's VAE stage.
+    ft = load_config(None, TINY + [f"train.output_dir={run}", f"train.vae_model={model}", "train.dit.steps=0",
+                                   f"train.dit.init_model={model}", "dit.self_condition=true"])
+    out = train(ft)
+    old = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    new = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    half = old["x_embedder.weight"].shape[1]
+    torch.testing.assert_close(new["x_embedder.weight"][:, :half], old["x_embedder.weight"])
+    assert new["x_embedder.weight"][:, half:].abs().max() == 0
+    torch.testing.assert_close(new["proj_out.weight"], old["proj_out.weight"])
+    bad = load_config(None, TINY + [f"train.output_dir={tmp_path / 'bad'}", f"train.vae_model={model}",
+                                    f"train.dit.init_model={model}", "dit.width=64"])
+    with pytest.raises(UserError, match="init_model"):
+        train(bad)

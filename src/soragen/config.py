@@ -274,6 +274,10 @@ class DiTTrainConfig(_Frozen):
     # Stop (with a checkpoint) after this step, leaving the learning-rate schedule set by `steps`;
     # a later `--resume`, possibly with other settings, continues it. None = run to `steps`.
     stop_after: int | None = Field(None, ge=1)
+    # Start the DiT and the small T5 from this model folder (a fine-tune) instead of random
+    # weights; it must have been trained on latents of the same VAE. Inputs that the new
+    # config adds (dit.self_condition) start at zero, so the model begins as the old one.
+    init_model: str | None = None
 
 
 class TrainConfig(_Frozen):

@@ -376,6 +376,36 @@ def dit_loss(
     return (err * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def _init_from_model(cfg: Config, name: str):
+    """The text encoder and DiT of model folder `name`, for fine-tuning with `cfg`.
+
+    A DiT that gains self-conditioning gets zero weights for the new input, so it starts
+    as the model it came from.
+    """
+    from safetensors.torch import load_file
+
+    from soragen.dit import DiT
+    from soragen.model_io import WEIGHTS, resolve_model
+    from soragen.text_encoder import TextEncoder
+
+    folder = resolve_model(name)
+    text_encoder = TextEncoder.from_pretrained(folder / "text_encoder", cfg.text_encoder.max_length,
+                                               tokenizer_path=folder / "tokenizer", trainable=cfg.text_encoder.trainable)
+    dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
+    state = load_file(str(folder / "transformer" / WEIGHTS))
+    weight = state.get("x_embedder.weight")
+    wanted = dit.x_embedder.weight.shape
+    if weight is not None and cfg.dit.self_condition and weight.shape[1] * 2 == wanted[1]:
+        state["x_embedder.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # (D, 2*patch_dim)
+    try:
+        dit.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"train.dit.init_model {folder}: its DiT does not match this config's dit settings ({first})") from None
+    log.info("started the DiT and the text encoder from %s", folder)
+    return text_encoder, dit
+
+
 SAMPLE_PROMPTS = (
     "a large red circle moving right",
     "a small blue square moving left",
@@ -416,8 +446,11 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         r = np.random.default_rng(0)
         corpus += [shapes.caption(shapes.sample_scene(r, held_out=bool(i % 2)), r, language=lang)
                    for i in range(3000) for lang in ("en", "zh")]
-    text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
-    dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
+    if t.init_model is None:
+        text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
+        dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
+    else:
+        text_encoder, dit = _init_from_model(cfg, t.init_model)
     train_text = cfg.text_encoder.pretrained is None and cfg.text_encoder.trainable
     params = [{"params": list(dit.parameters()), "lr": t.lr}]
     if train_text:
