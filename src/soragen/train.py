@@ -362,11 +362,13 @@ def dit_loss(
     if not self_condition:
         pred = dit(x_t, timesteps, text, mask)
     else:
+        from soragen.sampler import x0_estimate
+
         estimate = torch.zeros_like(x_t)  # (B, C, T, h, w): "no estimate yet"
         if torch.rand((), generator=generator) < 0.5:
             with torch.no_grad():
                 first = dit(x_t, timesteps, text.detach(), mask, x_self=estimate)
-            estimate = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * first  # x0 from v
+            estimate = x0_estimate(scheduler, x_t, first, timesteps)  # the sampler's own conversion
         pred = dit(x_t, timesteps, text, mask, x_self=estimate)
     err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
     if sigma_data is not None:
