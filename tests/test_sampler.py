@@ -159,3 +159,57 @@ def test_self_conditioning_feeds_back_the_previous_estimate():
     for (x, t, _, out), (_, _, fed, _) in zip(calls, calls[1:]):
         torch.testing.assert_close(fed, x0_estimate(scheduler, x, out, t))
         assert fed.abs().sum() > 0
+
+
+@pytest.mark.parametrize("r", [0.0, 0.5, 0.8])
+def test_noise_correlation_shares_that_much_variance_across_frames(r):
+    """sampler.noise_correlation: unit variance per value; corr(frame i, frame j) = r within a window."""
+    from soragen.sampler import draw_noise
+
+    noise = draw_noise((64, 4, 5, 8, 8), torch.Generator().manual_seed(0), r)  # (B, C, T, H, W)
+    assert abs(noise.var().item() - 1.0) < 0.02
+    a, b = noise[:, :, 1].flatten(), noise[:, :, 4].flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - r) < 0.03
+    other = draw_noise((64, 4, 5, 8, 8), torch.Generator().manual_seed(1), r)  # another window shares nothing
+    assert abs(torch.corrcoef(torch.stack([a, other[:, :, 1].flatten()]))[0, 1].item()) < 0.03
+    if r == 0:  # independent noise is plain torch.randn, so earlier seeds give what they gave
+        assert torch.equal(noise, torch.randn((64, 4, 5, 8, 8), generator=torch.Generator().manual_seed(0)))
+
+
+def test_noise_correlation_reaches_the_sampler_and_training(monkeypatch):
+    """The pipeline's starting noise and dit_loss's noise are both drawn with the configured correlation."""
+    from diffusers import DDPMScheduler
+
+    import soragen.sampler
+    from soragen.pipeline import Pipeline, plan_video
+    from soragen.train import dit_loss
+
+    started = []
+    monkeypatch.setattr(soragen.sampler, "denoise", lambda dit, sched, noise, *a, **k: started.append(noise) or noise)
+    for r in (0.0, 0.9):
+        cfg = tiny_config(sampler={"steps": 2, "noise_correlation": r}, video={"seconds": 1})
+        pipe = Pipeline.from_config(cfg)
+        text, mask = pipe.encode_text("a red ball", "")
+        list(pipe.generate_latents(plan_video(cfg), text, mask))
+        noise = started[-1]  # (1, C, T, h, w)
+        assert noise.shape[2] > 1
+        spread = (noise - noise.mean(dim=2, keepdim=True)).var().item()  # what is not shared by the frames
+        assert abs(spread - (1 - r) * (1 - 1 / noise.shape[2])) < 0.15
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            seen.append(x)
+            return torch.zeros_like(x)
+
+    # At t = 999 (zero terminal SNR) x_t is the noise itself.
+    x0 = torch.zeros(256, 2, 4, 4, 4)
+    text, mask = torch.zeros(256, 1, 2), torch.ones(256, 1, dtype=torch.bool)
+    for r in (0.0, 0.6):
+        dit_loss(Recorder(), sched, x0, text, mask, torch.zeros(256, dtype=torch.long), 20,
+                 torch.Generator().manual_seed(0), noise_correlation=r)
+        x = seen[-1]
+        corr = torch.corrcoef(torch.stack([x[:, :, 0].flatten(), x[:, :, 3].flatten()]))[0, 1].item()
+        assert abs(corr - r) < 0.05

@@ -144,6 +144,11 @@ class SamplerConfig(_Frozen):
     # stay recognisable through almost all the noise of the plain schedule, so their layout
     # would be decided in the last few percent of timesteps; a shift spreads it over the schedule.
     schedule_shift: float = Field(1.0, gt=0)
+    # Share of each latent frame's noise variance that is one draw common to all frames of a
+    # window (the mixed noise prior of PYoCo, Ge et al. 2023); 0 = independent noise per frame.
+    # Part of the model: training and sampling must use the same value. With it, every frame
+    # starts from the same seed for where things are, instead of each settling on its own.
+    noise_correlation: float = Field(0.0, ge=0, lt=1)
     # Long videos are generated window by window; each window continues the one before.
     window: int = 9  # latent frames denoised together (the training window)
     context_frames: int = 3  # latent frames of the previous window carried over as context

@@ -162,7 +162,7 @@ class Pipeline:
         The first window is text-to-video; each next one is conditioned on the last
         latent frames of the one before as context (per-frame timesteps), and continues.
         """
-        from soragen.sampler import denoise, denoise_iterations, make_scheduler
+        from soragen.sampler import denoise, denoise_iterations, draw_noise, make_scheduler
 
         s = self.cfg.sampler
         generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -171,7 +171,7 @@ class Pipeline:
         done = 0  # model calls of the windows before
         for ctx, new in self.windows(plan):
             shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
-            noise = torch.randn(shape, generator=generator)  # (1, C, ctx+new, h, w)
+            noise = draw_noise(shape, generator, s.noise_correlation)  # (1, C, ctx+new, h, w)
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
             guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
             rows = 2 if guidance != 1.0 else 1  # [cond; uncond] or cond only

@@ -43,6 +43,16 @@ def make_scheduler(cfg: SamplerConfig):
             return DDPMScheduler(**common, variance_type="fixed_small")
 
 
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, correlation: float = 0.0) -> torch.Tensor:
+    """Unit-variance Gaussian noise [B, C, T, H, W]; a share `correlation` of each value's variance
+    is drawn once per window and shared by all T frames (sampler.noise_correlation)."""
+    noise = torch.randn(shape, generator=generator)  # (B, C, T, H, W)
+    if correlation > 0:
+        shared = torch.randn((shape[0], shape[1], 1, *shape[3:]), generator=generator)  # (B, C, 1, H, W)
+        noise = math.sqrt(1.0 - correlation) * noise + math.sqrt(correlation) * shared
+    return noise
+
+
 def frame_indices(iteration: int, frames: int, steps: int, lag: float) -> list[int]:
     """Schedule position of each frame (0 = pure noise .. steps = clean) at `iteration`, frame k lagging k*lag steps."""
     return [min(steps, max(0, iteration - math.floor(lag * k))) for k in range(frames)]

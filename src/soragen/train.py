@@ -329,7 +329,7 @@ def sample_windows(
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
-    self_condition: bool = False,
+    self_condition: bool = False, noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -342,8 +342,10 @@ def dit_loss(
     v target, alpha_bar + (1 - alpha_bar) * sigma_data**2, so every noise level counts alike.
     With `self_condition`, half the batches first estimate x0 without gradients and give the
     estimate to the model as its previous one; the other half give none (zeros), as at the
-    first sampler step.
+    first sampler step. `noise_correlation` is sampler.noise_correlation (noise shared across frames).
     """
+    from soragen.sampler import draw_noise, x0_estimate
+
     b, _, t_frames = x0.shape[:3]
     num_train = scheduler.config.num_train_timesteps
     frame = torch.arange(t_frames)[None]  # (1, T)
@@ -354,7 +356,7 @@ def dit_loss(
     t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, T)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = draw_noise(x0.shape, generator, noise_correlation)  # (B, C, T, h, w)
     alpha_bar = scheduler.alphas_cumprod[timesteps].to(x0)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
@@ -362,8 +364,6 @@ def dit_loss(
     if not self_condition:
         pred = dit(x_t, timesteps, text, mask)
     else:
-        from soragen.sampler import x0_estimate
-
         estimate = torch.zeros_like(x_t)  # (B, C, T, h, w): "no estimate yet"
         if torch.rand((), generator=generator) < 0.5:
             with torch.no_grad():
@@ -503,7 +503,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
-                        t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition)
+                        t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
+                        cfg.sampler.noise_correlation)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
@@ -517,7 +518,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
                 now = time.perf_counter()
                 metrics["samples_per_s"] = (step - n_last) * t.batch_size * acc.num_processes / (now - t_last)
                 t_last, n_last = now, step
-                metrics.update(text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t))
+                metrics.update(text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t,
+                                        cfg.sampler.noise_correlation))
                 run.log_metrics({"stage": "dit", "step": step, "time": time.time(), **metrics})
                 acc.log({f"dit/{k}": v for k, v in metrics.items()}, step=step)
             if progress:
@@ -540,7 +542,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
 
 @torch.no_grad()
-def text_gap(dit, text_encoder, scheduler, z_all, captions, t, n: int = 16, timestep: int = 500) -> dict[str, float]:
+def text_gap(dit, text_encoder, scheduler, z_all, captions, t, noise_correlation: float = 0.0, n: int = 16,
+             timestep: int = 500) -> dict[str, float]:
     """Loss with the real caption vs with "" on fixed windows at t=`timestep` (loss_text, loss_empty,
     text_gap) and the gap at t=900 (text_gap_900), where the layout is decided: the text signal."""
     was = dit.training, text_encoder.training
@@ -549,7 +552,9 @@ def text_gap(dit, text_encoder, scheduler, z_all, captions, t, n: int = 16, time
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, z_all.shape[0], (n,), generator=g)
     x0 = z_all[idx, :, : t.window]
-    noise = torch.randn(x0.shape, generator=g)
+    from soragen.sampler import draw_noise
+
+    noise = draw_noise(x0.shape, g, noise_correlation)  # (n, C, T, h, w)
     real, empty = text_encoder([captions[i][0] for i in idx]), text_encoder([""] * n)
     out = {}
     for step, suffix in ((timestep, ""), (900, "_900")):
