@@ -160,3 +160,43 @@ def test_self_condition_input():
         assert torch.equal(none, dit(x, t, text, mask, x_self=torch.zeros_like(x)))
         assert not torch.allclose(none, dit(x, t, text, mask, x_self=torch.randn_like(x)))
     assert DiT(DiTConfig(width=32, depth=1, heads=2), 4, 16).x_embedder.in_features * 2 == dit.x_embedder.in_features
+
+
+@pytest.mark.parametrize("frames", [1, 2, 7])
+def test_temporal_conv_is_a_depthwise_convolution_over_frames(frames):
+    """The in-layout shifted multiply-adds give what nn.Conv1d over the frames gives, values and gradients."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from soragen.dit import TemporalConv
+
+    torch.manual_seed(0)
+    tc = TemporalConv(16)
+    torch.nn.init.normal_(tc.proj.weight, std=0.1)
+    torch.nn.init.normal_(tc.conv.bias, std=0.1)
+    x = torch.randn(2, frames, 5, 16, requires_grad=True)  # (B, Tf, S, D)
+
+    def reference(x):
+        h = rearrange(tc.norm(x), "b t s d -> (b s) d t")
+        h = F.conv1d(h, tc.conv.weight, tc.conv.bias, padding=1, groups=16)
+        return tc.proj(rearrange(h, "(b s) d t -> b t s d", b=2))
+
+    out, ref = tc(x), reference(x)
+    torch.testing.assert_close(out, ref)
+    g_out = torch.autograd.grad(out.square().sum(), [x, tc.conv.weight])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, tc.conv.weight])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_gelu_is_the_tanh_approximation_with_and_without_gradients():
+    import torch.nn.functional as F
+
+    from soragen.dit import GELUTanh
+
+    x = torch.linspace(-8, 8, 4001)
+    with torch.no_grad():
+        torch.testing.assert_close(GELUTanh()(x), F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
+    x.requires_grad_(True)
+    y = GELUTanh()(x)
+    assert y.requires_grad and torch.equal(y, F.gelu(x, approximate="tanh"))
