@@ -148,6 +148,7 @@ class SamplerConfig(_Frozen):
     # window (the mixed noise prior of PYoCo, Ge et al. 2023); 0 = independent noise per frame.
     # Part of the model: training and sampling must use the same value. With it, every frame
     # starts from the same seed for where things are, instead of each settling on its own.
+    # (It sets the starting noise; DDPM's noise added at each step stays independent.)
     noise_correlation: float = Field(0.0, ge=0, lt=1)
     # Long videos are generated window by window; each window continues the one before.
     window: int = 9  # latent frames denoised together (the training window)
