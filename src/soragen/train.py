@@ -546,14 +546,14 @@ def text_gap(dit, text_encoder, scheduler, z_all, captions, t, noise_correlation
              timestep: int = 500) -> dict[str, float]:
     """Loss with the real caption vs with "" on fixed windows at t=`timestep` (loss_text, loss_empty,
     text_gap) and the gap at t=900 (text_gap_900), where the layout is decided: the text signal."""
+    from soragen.sampler import draw_noise
+
     was = dit.training, text_encoder.training
     dit.eval()
     text_encoder.eval()
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, z_all.shape[0], (n,), generator=g)
     x0 = z_all[idx, :, : t.window]
-    from soragen.sampler import draw_noise
-
     noise = draw_noise(x0.shape, g, noise_correlation)  # (n, C, T, h, w)
     real, empty = text_encoder([captions[i][0] for i in idx]), text_encoder([""] * n)
     out = {}
