@@ -213,3 +213,27 @@ def test_noise_correlation_reaches_the_sampler_and_training(monkeypatch):
         x = seen[-1]
         corr = torch.corrcoef(torch.stack([x[:, :, 0].flatten(), x[:, :, 3].flatten()]))[0, 1].item()
         assert abs(corr - r) < 0.05
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_start_runs_only_the_last_steps(start):
+    """denoise(start=k) from the latents a full run had at its k-th timestep ends where the full run ends."""
+    cfg, te, dit = parts()
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            seen.append((x[:1].clone(), int(t[0, 0])))
+            return dit(x, t, text, mask)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        text, mask = te(["a red ball", ""])
+    scheduler = make_scheduler(cfg.sampler)
+    full = denoise(Recorder(), scheduler, torch.randn(1, 4, 3, 4, 4, generator=g), text, mask, steps=4, guidance=3.0,
+                   generator=g)
+    x_k, t_k = seen[start]
+    seen.clear()
+    part = denoise(Recorder(), scheduler, x_k, text, mask, steps=4, guidance=3.0, generator=g, start=start)
+    assert len(seen) == 4 - start and seen[0][1] == t_k
+    torch.testing.assert_close(part, full)

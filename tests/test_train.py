@@ -250,3 +250,40 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
                                     f"train.dit.init_model={model}", "dit.width=64"])
     with pytest.raises(UserError, match="init_model"):
         train(bad)
+
+
+def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
+    """train.stages [decoder]: the decoder of run/model learns on the DiT's latents; the encoder stays as it was."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg, root, model = trained
+    run = tmp_path / "dec"
+    shutil.copytree(model, run / "model")
+    before = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
+    ft = load_config(None, TINY + [f"train.output_dir={run}", "train.stages=[decoder]", "train.decoder.steps=3",
+                                   "train.decoder.batch_size=2", "train.decoder.clip_frames=5",
+                                   "train.decoder.last_steps=2", "train.decoder.clean_fraction=0"])
+    assert train(ft, resume=True) == run / "model"
+    after = load_file(str(run / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    info = json.loads((run / "model" / "vae" / "decoder_finetune.json").read_text())
+    assert info["steps"] == 3 and "gate" in info
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [2, 3]
+    assert all(m["sampler_steps"] >= 1 for m in lines if m["stage"] == "decoder" and "loss" in m)
+    # The fine-tuned model generates; a rerun with --resume finds the stage done.
+    pipe = Pipeline.from_config(load_config(None, [f"model={run / 'model'}"]))
+    assert pipe.generate("a red circle moving left", tmp_path / "v.mp4")["video"]["frames"] == 8
+    train(ft, resume=True)
+    again = load_file(str(run / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_decoder_stage_needs_a_trained_model(tmp_path):
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[decoder]"])
+    with pytest.raises(UserError, match="runs after the 'dit' stage"):
+        train(cfg)

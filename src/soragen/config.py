@@ -286,11 +286,29 @@ class DiTTrainConfig(_Frozen):
     init_model: str | None = None
 
 
+class DecoderTrainConfig(_Frozen):
+    """Stage 3 of training (optional): the VAE decoder fine-tuned on the DiT's own latents.
+
+    Real clips are encoded, noised to one of the sampler's last timesteps and denoised by the
+    trained DiT with the sampler (guidance and self-conditioning as in generation); the decoder
+    learns to turn those latents, which the DiT leaves softer than the encoder's, back into the
+    real frames. The encoder and so the latent space stay fixed: the DiT stays valid.
+    """
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 4  # clips per step
+    clip_frames: int = 17  # frames per clip (1 + f*k)
+    lr: float = 2e-4  # AdamW learning rate of the decoder (cosine decay to 10%)
+    last_steps: int = Field(4, ge=1)  # clips start at one of the sampler's last N timesteps
+    clean_fraction: float = Field(0.25, ge=0, le=1)  # share of steps decoding the encoder's own latents
+
+
 class TrainConfig(_Frozen):
     """Where and how often to write."""
 
     output_dir: str = "runs/default"  # checkpoints, logs, samples and the final model folder
-    stages: tuple[Literal["vae", "dit"], ...] = ("vae", "dit")  # which stages this run trains, in order
+    # Which stages this run trains, in order; "decoder" (after "dit") fine-tunes the VAE decoder on the DiT's latents.
+    stages: tuple[Literal["vae", "dit", "decoder"], ...] = ("vae", "dit")
     vae_model: str | None = None  # reuse the VAE of this model folder instead of training one
     checkpoint_every: int = 250  # optimizer steps between checkpoints
     sample_every: int = 500  # steps between sample videos (and detector scores)
@@ -300,6 +318,7 @@ class TrainConfig(_Frozen):
     threads: int = 0  # torch threads (0 = all cores)
     vae: VAETrainConfig = VAETrainConfig()
     dit: DiTTrainConfig = DiTTrainConfig()
+    decoder: DecoderTrainConfig = DecoderTrainConfig()
 
 
 class Config(_Frozen):

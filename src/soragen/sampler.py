@@ -77,6 +77,7 @@ def denoise(
     context: torch.Tensor | None = None,
     context_timestep: int = 0,
     frame_lag: float = 0.0,
+    start: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
@@ -88,7 +89,12 @@ def denoise(
     With `frame_lag` > 0 the frames are denoised in a staircase: frame k starts k*lag
     steps after the first, so each frame is denoised next to cleaner frames before it
     (the "pyramid" schedule of diffusion forcing). It takes `denoise_iterations` model calls.
+    With `start` > 0 the first `start` of the `steps` timesteps are skipped: `noise` is then the
+    latents at timestep scheduler.timesteps[start] (clean latents noised to it with
+    `scheduler.add_noise`), and only the last steps - start steps run.
     """
+    if start and frame_lag > 0:
+        raise ValueError("denoise: start > 0 is not supported with the staircase (frame_lag > 0)")
     if frame_lag > 0:
         return _denoise_staircase(dit, scheduler, noise, text, text_mask, steps=steps, guidance=guidance,
                                   generator=generator, context=context, context_timestep=context_timestep,
@@ -98,14 +104,14 @@ def denoise(
 
     # 1. Timesteps and the initial latents x_T.
     scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma  # (B, C, T, H, W)
+    x = noise * scheduler.init_noise_sigma if not start else noise.clone()  # (B, C, T, H, W)
     if n_ctx:
         ctx_t = torch.full((b,), context_timestep, dtype=torch.long)
         ctx = scheduler.add_noise(context, torch.randn(context.shape, generator=generator), ctx_t) if context_timestep else context
 
     # 2. Denoising loop (a self-conditioned model also gets its previous x0 estimate).
     estimate = torch.zeros_like(x) if _self_conditioned(dit) else None  # (B, C, T, H, W)
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[start:]):
         # 2a. Per-frame timesteps: context frames keep theirs, the rest are at t.
         timesteps = torch.full((b, t_frames), int(t), dtype=torch.long)  # (B, T)
         if n_ctx:

@@ -105,6 +105,31 @@ def _make_accelerator(root: Path):
     return acc
 
 
+class _StageLog:
+    """After each optimizer step of a stage: metric lines with clips/s, progress, checkpoints."""
+
+    def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, step: int, total: int, batch: int,
+                 progress: Progress | None):
+        self.acc, self.run, self.cfg, self.stage, self.total, self.batch, self.progress = acc, run, cfg, stage, total, batch, progress
+        self.t_last, self.n_last = time.perf_counter(), step
+
+    def after_step(self, step: int, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        acc, cfg = self.acc, self.cfg
+        if acc.is_main_process:
+            if step % cfg.train.log_every == 0 or step == self.total:
+                now = time.perf_counter()
+                metrics["clips_per_s"] = (step - self.n_last) * self.batch * acc.num_processes / (now - self.t_last)
+                self.t_last, self.n_last = now, step
+                self.run.log_metrics({"stage": self.stage, "step": step, "time": time.time(), **metrics})
+                acc.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+            if self.progress:
+                self.progress(self.stage, step, self.total, metrics)
+        if step % cfg.train.checkpoint_every == 0 or step == self.total:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self.run.save_checkpoint(self.stage, step, save, cfg.train.keep_checkpoints)
+
+
 def _cosine(optimizer, warmup: int, total: int):
     """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
 
@@ -128,21 +153,28 @@ def _clips_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def vae_loss(vae, x: torch.Tensor, cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (object-weighted L1 + L2), edge (image-gradient L1) and KL terms for frames x [B, 3, T, H, W]."""
-    recon, mean, logvar = vae(x)
-    weight = 1.0 + cfg.object_weight * (x.amax(dim=1, keepdim=True) > -0.9).float()  # (B, 1, T, H, W): objects count more
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, object_weight: float, edge_weight: float
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Object-weighted L1 + L2 and edge (image-gradient L1) terms of frames recon vs x [B, 3, T, H, W] in [-1, 1]."""
+    weight = 1.0 + object_weight * (x.amax(dim=1, keepdim=True) > -0.9).float()  # (B, 1, T, H, W): objects count more
     err = recon - x
     l1 = (weight * err.abs()).mean()
     l2 = (weight * err.square()).mean()
     edge = (torch.diff(recon, dim=-1) - torch.diff(x, dim=-1)).abs().mean() + (
         torch.diff(recon, dim=-2) - torch.diff(x, dim=-2)
     ).abs().mean()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-    loss = l1 + l2 + cfg.edge_weight * edge + cfg.kl_weight * kl
+    loss = l1 + l2 + edge_weight * edge
     mse = err.square().mean().item()
-    return loss, {"loss": loss.item(), "l1": l1.item(), "edge": edge.item(), "kl": kl.item(),
-                  "psnr": 10 * math.log10(4.0 / max(mse, 1e-10))}
+    return loss, {"l1": l1.item(), "edge": edge.item(), "psnr": 10 * math.log10(4.0 / max(mse, 1e-10))}
+
+
+def vae_loss(vae, x: torch.Tensor, cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction terms plus the KL term for frames x [B, 3, T, H, W]."""
+    recon, mean, logvar = vae(x)
+    loss, metrics = reconstruction_loss(recon, x, cfg.object_weight, cfg.edge_weight)
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+    loss = loss + cfg.kl_weight * kl
+    return loss, {"loss": loss.item(), **metrics, "kl": kl.item()}
 
 
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
@@ -171,7 +203,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         _write_json(tmp / "meta.json", {"stage": "vae", "step": step, "config": cfg.to_dict()})
 
     vae.train()
-    t_last, n_last = time.perf_counter(), step
+    clock = _StageLog(acc, run, cfg, "vae", step, t.steps, t.batch_size, progress)
     while step < t.steps:
         x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
         loss, metrics = vae_loss(vae, x, t)
@@ -181,19 +213,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         optimizer.step()
         scheduler.step()
         step += 1
-        if acc.is_main_process:
-            if step % cfg.train.log_every == 0 or step == t.steps:
-                now = time.perf_counter()
-                metrics["clips_per_s"] = (step - n_last) * t.batch_size * acc.num_processes / (now - t_last)
-                t_last, n_last = now, step
-                run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **metrics})
-                acc.log({f"vae/{k}": v for k, v in metrics.items()}, step=step)
-            if progress:
-                progress("vae", step, t.steps, metrics)
-        if step % cfg.train.checkpoint_every == 0 or step == t.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                run.save_checkpoint("vae", step, save, cfg.train.keep_checkpoints)
+        clock.after_step(step, metrics, save)
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(vae)
@@ -595,12 +615,109 @@ def write_samples(cfg: Config, run: RunFolder, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Stage 3 (optional): the decoder on the DiT's own latents
+# ---------------------------------------------------------------------------
+
+DECODER_DONE = "decoder_finetune.json"  # in model/vae once stage 3 has replaced the decoder
+
+
+def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
+    """Stage 3: fine-tune the VAE decoder of run/model on latents the DiT denoised from real clips.
+
+    Each step encodes fresh clips, noises them to one of the sampler's last `last_steps`
+    timesteps and runs the rest of the sampler with the trained DiT and the clips' captions
+    (a share `clean_fraction` of steps decodes the encoder's latents instead); the decoder
+    learns to map the result to the real frames. Replaces run/model/vae when done.
+    """
+    from soragen.config import load_config
+    from soragen.data.clips import make_source
+    from soragen.model_io import WEIGHTS, save_file_atomic
+    from soragen.pipeline import Pipeline
+    from soragen.sampler import denoise, draw_noise, make_scheduler
+
+    t = cfg.train.decoder
+    done_marker = run.model / "vae" / DECODER_DONE
+    if not (run.model / "soragen.yaml").is_file():
+        raise UserError(f"no trained model in {run.model}; the 'decoder' stage runs after the 'dit' stage")
+    if resume and done_marker.is_file():
+        log.info("the decoder of %s is fine-tuned; skipping stage 3", run.model)
+        return
+    model_cfg = load_config(None, [f"model={run.model}"])
+    pipe = Pipeline.from_config(model_cfg)
+    s = model_cfg.sampler
+    if t.last_steps > s.steps:
+        raise UserError(f"train.decoder.last_steps {t.last_steps} is more than sampler.steps {s.steps}")
+    vae, dit, text_encoder = pipe.vae, pipe.dit.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    decoder = vae.decoder.requires_grad_(True)
+    acc = _make_accelerator(run.root)
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=t.lr, weight_decay=0.0)
+    lr_sched = _cosine(optimizer, warmup=min(50, t.steps // 10), total=t.steps)
+    decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
+    scheduler = make_scheduler(s)
+    source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
+    step = 0
+    if resume and (ckpt := run.latest("decoder")) is not None:
+        acc.load_state(str(ckpt / "state"))
+        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        log.info("resumed the decoder from %s (step %d)", ckpt, step)
+    rng = np.random.default_rng([cfg.seed, 3, step, acc.process_index])
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 3 + step + acc.process_index)
+    vt = cfg.train.vae
+
+    def save(tmp: Path) -> None:
+        acc.save_state(str(tmp / "state"), safe_serialization=True)
+        _write_json(tmp / "meta.json", {"stage": "decoder", "step": step, "config": cfg.to_dict()})
+
+    decoder.train()
+    clock = _StageLog(acc, run, cfg, "decoder", step, t.steps, t.batch_size, progress)
+    while step < t.steps:
+        clips = [source.sample(rng, t.clip_frames) for _ in range(t.batch_size)]
+        x = _clips_to_tensor([c.frames for c in clips]).to(acc.device)  # (B, 3, T, H, W)
+        with torch.no_grad():
+            z0 = vae.normalize(vae.encode(x)[0])  # (B, C, K, h, w): the latents the DiT works on
+            k = 0 if rng.random() < t.clean_fraction else int(rng.integers(1, t.last_steps + 1))
+            if k:
+                prompts = ["" if c.continues else c.captions[rng.integers(len(c.captions))] for c in clips]
+                text, mask = text_encoder(prompts + [s.negative_prompt] * len(clips) if s.guidance != 1.0 else prompts)
+                scheduler.set_timesteps(s.steps)
+                first = scheduler.timesteps[s.steps - k]
+                noise = draw_noise(z0.shape, generator, s.noise_correlation)
+                z_t = scheduler.add_noise(z0, noise, first.expand(z0.shape[0]))
+                z = denoise(dit, scheduler, z_t, text, mask, steps=s.steps, guidance=s.guidance,
+                            generator=generator, start=s.steps - k)
+            else:
+                z = z0
+        recon = decoder(vae.denormalize(z))  # (B, 3, T, H, W)
+        loss, metrics = reconstruction_loss(recon, x, vt.object_weight, vt.edge_weight)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        lr_sched.step()
+        step += 1
+        clock.after_step(step, {"loss": loss.item(), **metrics, "sampler_steps": k}, save)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        vae.decoder = acc.unwrap_model(decoder)
+        vae.eval()
+        save_file_atomic(vae.state_dict(), run.model / "vae" / WEIGHTS)
+        info: dict[str, Any] = {"steps": t.steps, "last_steps": t.last_steps, "clean_fraction": t.clean_fraction}
+        if cfg.data.kind == "shapes" and cfg.train.vae_gate_clips:
+            info["gate"] = vae_gate(model_cfg, vae, clips=cfg.train.vae_gate_clips)
+            log.info("fine-tuned decoder, reconstructions scored by the detector: %s", info["gate"])
+        _write_json(done_marker, info)
+    acc.end_training()
+
+
+# ---------------------------------------------------------------------------
 # Entry
 # ---------------------------------------------------------------------------
 
 
 def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
-    """Run the configured stages; returns the final model folder (or the run folder if only the VAE trained)."""
+    """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run = RunFolder(Path(cfg.train.output_dir))
@@ -615,6 +732,8 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
             train_vae(cfg, run, resume, progress)
     if "dit" in cfg.train.stages:
         train_dit(cfg, run, resume, progress)
-        stopped_early = cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps
-        return run.root if stopped_early else run.model
-    return run.root
+        if cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps:
+            return run.root  # stopped early: no model yet
+    if "decoder" in cfg.train.stages:
+        train_decoder(cfg, run, resume, progress)
+    return run.model if (run.model / "soragen.yaml").is_file() else run.root
