@@ -69,8 +69,8 @@ class GELUTanh(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, per token-frame. x [B, Tf, S, D]; shift, scale [B, Tf, 1, D]."""
-    return x * (1 + scale) + shift
+    """adaLN: x * (1 + scale) + shift, per token-frame, in one pass. x [B, Tf, S, D]; shift, scale [B, Tf, 1, D]."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class TimestepEmbedder(nn.Module):
@@ -181,16 +181,16 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod[:6]
         h = modulate(self.norm1(x), shift1, scale1)  # (B, Tf, S, D)
         if self.factorized:
-            x = x + gate1 * self.attn(h.reshape(b * tf, s, d)).view(b, tf, s, d)  # within each token-frame
+            x = torch.addcmul(x, gate1, self.attn(h.reshape(b * tf, s, d)).view(b, tf, s, d))  # within each token-frame
             shift_t, scale_t, gate_t = mod[6:]
             h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), "b t s d -> (b s) t d")
-            x = x + gate_t * rearrange(self.attn_t(h), "(b s) t d -> b t s d", b=b)  # across token-frames
+            x = torch.addcmul(x, gate_t, rearrange(self.attn_t(h), "(b s) t d -> b t s d", b=b))  # across token-frames
         else:
-            x = x + gate1 * self.attn(h.reshape(b, tf * s, d)).view(b, tf, s, d)
+            x = torch.addcmul(x, gate1, self.attn(h.reshape(b, tf * s, d)).view(b, tf, s, d))
         if self.tconv is not None:
             x = x + self.tconv(x)  # the same place one token-frame before and after
         x = x + self.cross(self.norm2(x).reshape(b, tf * s, d), text, mask).view(b, tf, s, d)
-        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
         return x  # (B, Tf, S, D)
 
 
