@@ -2,9 +2,10 @@
 
     python scripts/ship_model.py runs/default [--seeds 1]
     python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
+    python scripts/ship_model.py runs/default --to models/shapes-wip   # not the built-in model: a folder to fine-tune from
 
 
-1. copies RUN/model to src/soragen/weights/shapes (DiT and VAE weights stored as float16),
+1. copies RUN/model to src/soragen/weights/shapes, or to --to DIR (DiT and VAE weights stored as float16),
 2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with it,
 3. writes the model card (README.md) and PROMPTS.txt beside the weights.
 """
@@ -61,25 +62,30 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="model folder to ship (default RUN/model, the finished run)")
     parser.add_argument("--step", type=int, help="DiT step of --model when it is not the finished run")
     parser.add_argument("--history", help="how the run got there, when it changed settings along the way")
+    parser.add_argument("--prompts", type=Path, default=ROOT / "configs/prompts/shapes-eval.txt", help="evaluation prompts")
+    parser.add_argument("--to", type=Path, default=TARGET, help="where to install it (default: the package's built-in model)")
     args = parser.parse_args()
+    target = args.to.resolve()
     model = args.model or args.run / "model"
     if not (model / "soragen.yaml").is_file():
         sys.exit(f"error: {model} is not a finished model folder")
 
     # 1. Copy into the package (atomic rename of a complete folder).
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes.", dir=TARGET.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     shutil.rmtree(tmp)
     shutil.copytree(model, tmp)
     for sub in ("transformer", "vae"):
         to_half(tmp / sub / "diffusion_pytorch_model.safetensors")
     (tmp / "PROMPTS.txt").write_text(PROMPTS + "\n", encoding="utf-8")
-    if TARGET.exists():
-        shutil.rmtree(TARGET)
-    os.replace(tmp, TARGET)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
     # 2. Evaluate the installed model as a user would.
     eval_dir = args.run / "eval-4s"
-    subprocess.run(["soragen", "eval", "--prompts", str(ROOT / "configs/prompts/shapes-eval.txt"), "--model", "builtin",
+    name = "builtin" if target == TARGET.resolve() else str(target)
+    subprocess.run(["soragen", "eval", "--prompts", str(args.prompts), "--model", name,
                     "--seconds", "4", "--seeds", str(args.seeds), "--out", str(eval_dir)], check=True)
     report = json.loads((eval_dir / "eval.json").read_text())
 
@@ -88,17 +94,27 @@ def main() -> None:
     from soragen.config import load_config
     from soragen.evaluation.run import format_table
 
-    cfg = load_config(None, ["model=builtin"])
+    cfg = load_config(None, [f"model={name}"])
     times = wall_time(args.run / "metrics.jsonl")
     gate_path = args.run / "vae" / "gate.json"
     gate = json.loads(gate_path.read_text()) if gate_path.is_file() else {}
-    sizes = {p.relative_to(TARGET).as_posix(): p.stat().st_size for p in TARGET.rglob("*.safetensors")}
+    sizes = {p.relative_to(target).as_posix(): p.stat().st_size for p in target.rglob("*.safetensors")}
     history = f"\n- History: {args.history}." if args.history else ""
+    if name == "builtin":
+        role = 'It is soragen\'s default model: `soragen generate "a large red circle moving right"`.'
+    else:
+        role = (f"It is not the built-in model (it does not yet pass the regression guard, tests/test_builtin.py); "
+                f"continue training from it with `--set train.vae_model={args.to} --set train.dit.init_model={args.to}`.")
+    decoder_path = target / "vae" / "decoder_finetune.json"
+    decoder = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
+    if decoder:
+        history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
+                    f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
+                    f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
     card = f"""# soragen built-in model: Shapes World
 
 A text-to-video model trained from scratch by `scripts/train_default.sh` on the Shapes
-World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. It is soragen's
-default model: `soragen generate "a large red circle moving right"`.
+World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 
 ## What it understands
 {PROMPTS}
@@ -120,13 +136,13 @@ default model: `soragen generate "a large red circle moving right"`.
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
-## Evaluation (`soragen eval --prompts configs/prompts/shapes-eval.txt --seconds 4`, {report["seeds"]} seed(s) per prompt)
+## Evaluation (`soragen eval --prompts {args.prompts.resolve().relative_to(ROOT) if args.prompts.resolve().is_relative_to(ROOT) else args.prompts} --seconds 4`, {report["seeds"]} seed(s) per prompt)
 
 ```
 {format_table(report["table"])}
 ```
 """
-    (TARGET / "README.md").write_text(card, encoding="utf-8")
+    (target / "README.md").write_text(card, encoding="utf-8")
     print(card)
 
 
