@@ -118,6 +118,8 @@ class DiTConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":
+        if self.heads < 1:
+            raise ValueError(f"dit.heads must be at least 1, got {self.heads}")
         if self.width % self.heads:
             raise ValueError(f"dit.width ({self.width}) must be divisible by dit.heads ({self.heads})")
         if min(self.patch_size) < 1:
