@@ -111,6 +111,8 @@ def main() -> None:
         history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
                     f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
                     f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
+    prompts = args.prompts.resolve()
+    shown_prompts = prompts.relative_to(ROOT) if prompts.is_relative_to(ROOT) else prompts
     card = f"""# soragen built-in model: Shapes World
 
 A text-to-video model trained from scratch by `scripts/train_default.sh` on the Shapes
@@ -136,7 +138,7 @@ World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
-## Evaluation (`soragen eval --prompts {args.prompts.resolve().relative_to(ROOT) if args.prompts.resolve().is_relative_to(ROOT) else args.prompts} --seconds 4`, {report["seeds"]} seed(s) per prompt)
+## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed(s) per prompt)
 
 ```
 {format_table(report["table"])}

@@ -106,14 +106,23 @@ def _make_accelerator(root: Path):
 
 
 class _StageLog:
-    """After each optimizer step of a stage: metric lines with clips/s, progress, checkpoints."""
+    """Checkpoints, metric lines (with clips/s) and progress of a stage whose state is all in accelerate's."""
 
-    def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, step: int, total: int, batch: int,
-                 progress: Progress | None):
+    def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, total: int, batch: int, progress: Progress | None):
         self.acc, self.run, self.cfg, self.stage, self.total, self.batch, self.progress = acc, run, cfg, stage, total, batch, progress
-        self.t_last, self.n_last = time.perf_counter(), step
+        self.t_last, self.n_last = time.perf_counter(), 0
 
-    def after_step(self, step: int, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    def resume(self) -> int:
+        """Load the stage's newest checkpoint, if any; returns its step (0 without one)."""
+        step = 0
+        if (ckpt := self.run.latest(self.stage)) is not None:
+            self.acc.load_state(str(ckpt / "state"))
+            step = json.loads((ckpt / "meta.json").read_text())["step"]
+            log.info("resumed the %s from %s (step %d)", self.stage, ckpt, step)
+        self.t_last, self.n_last = time.perf_counter(), step
+        return step
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
         acc, cfg = self.acc, self.cfg
         if acc.is_main_process:
             if step % cfg.train.log_every == 0 or step == self.total:
@@ -127,7 +136,11 @@ class _StageLog:
         if step % cfg.train.checkpoint_every == 0 or step == self.total:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                self.run.save_checkpoint(self.stage, step, save, cfg.train.keep_checkpoints)
+                self.run.save_checkpoint(self.stage, step, lambda tmp: self._save(tmp, step), cfg.train.keep_checkpoints)
+
+    def _save(self, tmp: Path, step: int) -> None:
+        self.acc.save_state(str(tmp / "state"), safe_serialization=True)
+        _write_json(tmp / "meta.json", {"stage": self.stage, "step": step, "config": self.cfg.to_dict()})
 
 
 def _cosine(optimizer, warmup: int, total: int):
@@ -191,19 +204,10 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
     vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
-    step = 0
-    if resume and (ckpt := run.latest("vae")) is not None:
-        acc.load_state(str(ckpt / "state"))
-        step = json.loads((ckpt / "meta.json").read_text())["step"]
-        log.info("resumed the VAE from %s (step %d)", ckpt, step)
+    stage = _StageLog(acc, run, cfg, "vae", t.steps, t.batch_size, progress)
+    step = stage.resume() if resume else 0
     rng = np.random.default_rng([cfg.seed, step, acc.process_index])
-
-    def save(tmp: Path) -> None:
-        acc.save_state(str(tmp / "state"), safe_serialization=True)
-        _write_json(tmp / "meta.json", {"stage": "vae", "step": step, "config": cfg.to_dict()})
-
     vae.train()
-    clock = _StageLog(acc, run, cfg, "vae", step, t.steps, t.batch_size, progress)
     while step < t.steps:
         x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
         loss, metrics = vae_loss(vae, x, t)
@@ -213,7 +217,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         optimizer.step()
         scheduler.step()
         step += 1
-        clock.after_step(step, metrics, save)
+        stage.after_step(step, metrics)
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(vae)
@@ -656,22 +660,15 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     lr_sched = _cosine(optimizer, warmup=min(50, t.steps // 10), total=t.steps)
     decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
     scheduler = make_scheduler(s)
+    scheduler.set_timesteps(s.steps)
+    ladder = scheduler.timesteps.clone()  # (steps,): the sampler's timesteps, noisiest first
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
-    step = 0
-    if resume and (ckpt := run.latest("decoder")) is not None:
-        acc.load_state(str(ckpt / "state"))
-        step = json.loads((ckpt / "meta.json").read_text())["step"]
-        log.info("resumed the decoder from %s (step %d)", ckpt, step)
+    stage = _StageLog(acc, run, cfg, "decoder", t.steps, t.batch_size, progress)
+    step = stage.resume() if resume else 0
     rng = np.random.default_rng([cfg.seed, 3, step, acc.process_index])
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + 3 + step + acc.process_index)
     vt = cfg.train.vae
-
-    def save(tmp: Path) -> None:
-        acc.save_state(str(tmp / "state"), safe_serialization=True)
-        _write_json(tmp / "meta.json", {"stage": "decoder", "step": step, "config": cfg.to_dict()})
-
     decoder.train()
-    clock = _StageLog(acc, run, cfg, "decoder", step, t.steps, t.batch_size, progress)
     while step < t.steps:
         clips = [source.sample(rng, t.clip_frames) for _ in range(t.batch_size)]
         x = _clips_to_tensor([c.frames for c in clips]).to(acc.device)  # (B, 3, T, H, W)
@@ -681,10 +678,8 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
             if k:
                 prompts = ["" if c.continues else c.captions[rng.integers(len(c.captions))] for c in clips]
                 text, mask = text_encoder(prompts + [s.negative_prompt] * len(clips) if s.guidance != 1.0 else prompts)
-                scheduler.set_timesteps(s.steps)
-                first = scheduler.timesteps[s.steps - k]
                 noise = draw_noise(z0.shape, generator, s.noise_correlation)
-                z_t = scheduler.add_noise(z0, noise, first.expand(z0.shape[0]))
+                z_t = scheduler.add_noise(z0, noise, ladder[s.steps - k].expand(z0.shape[0]))
                 z = denoise(dit, scheduler, z_t, text, mask, steps=s.steps, guidance=s.guidance,
                             generator=generator, start=s.steps - k)
             else:
@@ -697,7 +692,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
         optimizer.step()
         lr_sched.step()
         step += 1
-        clock.after_step(step, {"loss": loss.item(), **metrics, "sampler_steps": k}, save)
+        stage.after_step(step, {"loss": loss.item(), **metrics, "sampler_steps": k})
     acc.wait_for_everyone()
     if acc.is_main_process:
         vae.decoder = acc.unwrap_model(decoder)
