@@ -4,8 +4,9 @@
 # Re-running continues an interrupted run from its newest checkpoint.
 #   bash scripts/train_default.sh            # runs/default
 #
-# One phase on configs/default.yaml: VAE 2,000 steps (~24 min), latent cache (~8 min),
-# DiT 3,600 steps (~2.4 s each with self-conditioning: ~2.4 h). The recipe's levers were
+# One phase on configs/default.yaml, as measured on 2 cores (run s6, sessions 6-7): VAE
+# 2,000 steps (~33 min), latent cache (~15 min), DiT 3,600 steps (~3 s each with
+# self-conditioning: ~3 h), so about 3.8 h in all. The recipe's levers were
 # found as fine-tunes of earlier runs (docs/training-log.md, sessions 3-5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
