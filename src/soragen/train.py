@@ -106,10 +106,24 @@ def _make_accelerator(root: Path):
 
 
 class _StageLog:
-    """Checkpoints, metric lines (with clips/s) and progress of a stage whose state is all in accelerate's."""
+    """Checkpoints, metric lines (with a throughput) and progress of a training stage.
 
-    def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, total: int, batch: int, progress: Progress | None):
+    The stage's state is accelerate's, plus whatever `save_extra(tmp) -> meta fields` writes
+    beside it and `load_extra(checkpoint, meta)` reads back (the DiT's EMA). `extra_metrics()`
+    adds measures to each logged line; a checkpoint is also written at step `end` (a run
+    stopped early by train.dit.stop_after).
+    """
+
+    NAMES = {"vae": "VAE", "dit": "DiT"}
+
+    def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, total: int, batch: int, progress: Progress | None,
+                 *, end: int | None = None, rate: str = "clips_per_s",
+                 extra_metrics: Callable[[], dict[str, float]] | None = None,
+                 save_extra: Callable[[Path], dict[str, Any]] | None = None,
+                 load_extra: Callable[[Path, dict[str, Any]], None] | None = None):
         self.acc, self.run, self.cfg, self.stage, self.total, self.batch, self.progress = acc, run, cfg, stage, total, batch, progress
+        self.end = total if end is None else end
+        self.rate, self.extra_metrics, self.save_extra, self.load_extra = rate, extra_metrics, save_extra, load_extra
         self.t_last, self.n_last = time.perf_counter(), 0
 
     def resume(self) -> int:
@@ -117,8 +131,11 @@ class _StageLog:
         step = 0
         if (ckpt := self.run.latest(self.stage)) is not None:
             self.acc.load_state(str(ckpt / "state"))
-            step = json.loads((ckpt / "meta.json").read_text())["step"]
-            log.info("resumed the %s from %s (step %d)", self.stage, ckpt, step)
+            meta = json.loads((ckpt / "meta.json").read_text())
+            step = meta["step"]
+            if self.load_extra is not None:
+                self.load_extra(ckpt, meta)
+            log.info("resumed the %s from %s (step %d)", self.NAMES.get(self.stage, self.stage), ckpt, step)
         self.t_last, self.n_last = time.perf_counter(), step
         return step
 
@@ -127,20 +144,23 @@ class _StageLog:
         if acc.is_main_process:
             if step % cfg.train.log_every == 0 or step == self.total:
                 now = time.perf_counter()
-                metrics["clips_per_s"] = (step - self.n_last) * self.batch * acc.num_processes / (now - self.t_last)
+                metrics[self.rate] = (step - self.n_last) * self.batch * acc.num_processes / (now - self.t_last)
                 self.t_last, self.n_last = now, step
+                if self.extra_metrics is not None:
+                    metrics.update(self.extra_metrics())
                 self.run.log_metrics({"stage": self.stage, "step": step, "time": time.time(), **metrics})
                 acc.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
             if self.progress:
                 self.progress(self.stage, step, self.total, metrics)
-        if step % cfg.train.checkpoint_every == 0 or step == self.total:
+        if step % cfg.train.checkpoint_every == 0 or step in (self.total, self.end):
             acc.wait_for_everyone()
             if acc.is_main_process:
                 self.run.save_checkpoint(self.stage, step, lambda tmp: self._save(tmp, step), cfg.train.keep_checkpoints)
 
     def _save(self, tmp: Path, step: int) -> None:
         self.acc.save_state(str(tmp / "state"), safe_serialization=True)
-        _write_json(tmp / "meta.json", {"stage": self.stage, "step": step, "config": self.cfg.to_dict()})
+        extra = self.save_extra(tmp) if self.save_extra is not None else {}
+        _write_json(tmp / "meta.json", {"stage": self.stage, "step": step, **extra, "config": self.cfg.to_dict()})
 
 
 def _cosine(optimizer, warmup: int, total: int):
@@ -490,20 +510,23 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     ema = EMAModel(trained, decay=t.ema_decay, use_ema_warmup=True, power=0.75)
     noise_sched = DDPMScheduler.from_config(make_scheduler(cfg.sampler.model_copy(update={"kind": "ddpm"})).config)
 
-    step = 0
-    if resume and (ckpt := run.latest("dit")) is not None:
-        acc.load_state(str(ckpt / "state"))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        step = meta["step"]
-        shadow = load_file(str(ckpt / "ema.safetensors"))
-        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]})
-        log.info("resumed the DiT from %s (step %d)", ckpt, step)
-
-    def save(tmp: Path) -> None:
-        acc.save_state(str(tmp / "state"), safe_serialization=True)
+    def save_ema(tmp: Path) -> dict[str, Any]:
         state = ema.state_dict()
         save_file_atomic({f"{i}": p for i, p in enumerate(state.pop("shadow_params"))}, tmp / "ema.safetensors")
-        _write_json(tmp / "meta.json", {"stage": "dit", "step": step, "ema": state, "config": cfg.to_dict()})
+        return {"ema": state}
+
+    def load_ema(ckpt: Path, meta: dict[str, Any]) -> None:
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]})
+
+    def gap() -> dict[str, float]:
+        return text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t,
+                        cfg.sampler.noise_correlation)
+
+    end = t.steps if t.stop_after is None else min(t.stop_after, t.steps)
+    stage = _StageLog(acc, run, cfg, "dit", t.steps, t.batch_size, progress, end=end, rate="samples_per_s",
+                      extra_metrics=gap, save_extra=save_ema, load_extra=load_ema)
+    step = stage.resume() if resume else 0
 
     def export(folder: Path) -> None:
         """Write a model folder with the EMA weights."""
@@ -518,8 +541,6 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + step + acc.process_index)
     dit.train()
     text_encoder.train(train_text)
-    t_last, n_last = time.perf_counter(), step
-    end = t.steps if t.stop_after is None else min(t.stop_after, t.steps)
     while step < end:
         idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
@@ -536,22 +557,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         lr_sched.step()
         ema.step(trained)
         step += 1
-        metrics = {"loss": loss.item(), "grad_norm": float(grad_norm)}
-        if acc.is_main_process:
-            if step % cfg.train.log_every == 0 or step == t.steps:
-                now = time.perf_counter()
-                metrics["samples_per_s"] = (step - n_last) * t.batch_size * acc.num_processes / (now - t_last)
-                t_last, n_last = now, step
-                metrics.update(text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t,
-                                        cfg.sampler.noise_correlation))
-                run.log_metrics({"stage": "dit", "step": step, "time": time.time(), **metrics})
-                acc.log({f"dit/{k}": v for k, v in metrics.items()}, step=step)
-            if progress:
-                progress("dit", step, t.steps, metrics)
-        if step % cfg.train.checkpoint_every == 0 or step in (t.steps, end):
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                run.save_checkpoint("dit", step, save, cfg.train.keep_checkpoints)
+        stage.after_step(step, {"loss": loss.item(), "grad_norm": float(grad_norm)})
         if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == t.steps):
             export(run.root / "samples" / "model")
             write_samples(cfg, run, step)
