@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from soragen.errors import UserError
@@ -48,3 +49,36 @@ def test_invalid_utf8_prompt_file_is_one_line(tmp_path):
     path.write_bytes(b"a red ball moving left\n\xff\xfe\n")
     with pytest.raises(UserError, match="not valid UTF-8"):
         read_prompts(path)
+
+
+def test_tabulate_long_and_its_table():
+    from soragen.evaluation.run import format_long_table, tabulate_long
+
+    long_a = {"objects": [{"keeps": 1.0, "moves": 0.5, "vanishes": False, "keeps_bouncing": True}], "count": 1.0,
+              "boundary_jump": 1.5}
+    long_b = {"objects": [{"keeps": 0.5, "moves": 1.0, "vanishes": True, "re_emerges": False},
+                          {"keeps": 0.0, "moves": 0.0, "vanishes": True}], "count": 0.5, "boundary_jump": 2.5}
+    rows = [{"long": long_a}, {"long": long_b}, {"verdicts": {}}]  # the last: a short video, not counted
+    table = tabulate_long(rows)
+    assert table["videos"] == 2 and table["objects"] == 3
+    assert table["keeps"] == pytest.approx(0.5) and table["moves"] == pytest.approx(0.5)
+    assert table["never_vanishes"] == pytest.approx(1 / 3)
+    assert table["keeps_bouncing"] == 1.0 and table["re_emerges"] == 0.0
+    assert table["count"] == pytest.approx(0.75) and table["boundary_jump"] == pytest.approx(2.0)
+    text = format_long_table(table)
+    assert "2 videos, 3 objects" in text and "33.3%" in text and "2.00x" in text
+    assert tabulate_long([{"verdicts": {}}]) is None
+
+
+def test_window_starts_are_where_decoded_windows_begin():
+    """Pipeline.window_starts names the first frame of each window after the first, as decoding yields them."""
+    from conftest import tiny_config
+    from soragen.pipeline import Pipeline, plan_video
+
+    cfg = tiny_config(sampler={"steps": 1, "guidance": 1.0, "window": 3, "context_frames": 1}, video={"seconds": 3})
+    pipe = Pipeline.from_config(cfg)
+    plan = plan_video(cfg)
+    text, mask = pipe.encode_text("a red ball", "")
+    sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.num_frames)]
+    assert len(sizes) == len(pipe.windows(plan)) >= 3
+    assert pipe.window_starts(plan) == list(np.cumsum(sizes)[:-1])

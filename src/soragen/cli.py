@@ -321,7 +321,7 @@ def eval_(
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import load_config
-    from soragen.evaluation.run import evaluate, format_table, read_prompts
+    from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
     from soragen.pipeline import plan_video
 
     if seeds < 1:
@@ -334,6 +334,8 @@ def eval_(
         task = progress.add_task("videos", total=len(items) * seeds)
         report = evaluate(cfg, items, out, seeds=seeds, on_video=lambda n, total: progress.update(task, completed=n))
     typer.echo(format_table(report["table"]))
+    if report["long_table"] is not None:
+        typer.echo(format_long_table(report["long_table"]))
     typer.echo(f"wrote {out / 'eval.json'}")
 
 

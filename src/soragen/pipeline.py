@@ -146,6 +146,16 @@ class Pipeline:
             done += new
         return out
 
+    def window_starts(self, plan: VideoPlan) -> list[int]:
+        """Index of the first frame of each window after the first, within plan.num_frames."""
+        from soragen.vae import frames_for
+
+        starts, done = [], 0
+        for _, new in self.windows(plan)[:-1]:
+            done += new  # latent frames 0..done-1 decode to frames 0..frames_for(done)-1
+            starts.append(frames_for(done, self.cfg.vae.temporal_compression))
+        return [k for k in starts if k < plan.num_frames]
+
     def denoise_calls(self, plan: VideoPlan) -> int:
         """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""
         from soragen.sampler import denoise_iterations

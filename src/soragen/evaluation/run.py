@@ -86,8 +86,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate and score every prompt (x seeds); writes out/eval.json and returns it."""
     from soragen.data.clips import read_frames
-    from soragen.evaluation.detector import score_long_video, score_video
-    from soragen.pipeline import Pipeline
+    from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
+    from soragen.pipeline import Pipeline, plan_video
     from soragen.video_io import write_json
 
     out = Path(out)
@@ -107,13 +107,61 @@ def evaluate(
                       "verdicts": video_verdicts(score), "score": score, "timings_seconds": sidecar["timings_seconds"]}
             if cfg.video.seconds >= LONG_SECONDS:
                 record["long"] = score_long_video(frames, prompt, fps=cfg.video.fps)
+                starts = pipe.window_starts(plan_video(pipe.cfg))
+                if starts:  # the change from a window's last frame to the next one's first, against the change inside
+                    record["long"]["boundary_jump"] = boundary_jump(frame_change_profile(frames), [k - 1 for k in starts])
             results.append(record)
             if on_video is not None:
                 on_video(len(results), total)
     report = {"model": pipe.model_name, "seconds": cfg.video.seconds, "seeds": seeds, "table": tabulate(results),
-              "results": results, "config": cfg.to_dict()}
+              "long_table": tabulate_long(results), "results": results, "config": cfg.to_dict()}
     write_json(out / "eval.json", report)
     return report
+
+
+LONG_MEASURES = (  # (key, what is measured, issue 4's target)
+    ("keeps", "keeps its colour and shape (2-s windows)", ">= 95%"),
+    ("moves", "keeps moving (1-s windows)", ">= 95%"),
+    ("never_vanishes", "never vanishes (but behind the wall)", "100%"),
+    ("keeps_bouncing", "keeps bouncing to the same height", "100%"),
+    ("re_emerges", "re-emerges from behind the wall", "100%"),
+    ("count", "object count right (2-s windows)", "100%"),
+)
+
+
+def tabulate_long(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Coherence of the long videos: each measure averaged over their objects (None without long videos).
+
+    boundary_jump: the mean, over videos, of the frame-to-frame change where one generation
+    window ends and the next begins, divided by the median change inside windows (1 = seamless).
+    """
+    rows = [r["long"] for r in results if "long" in r]
+    if not rows:
+        return None
+    objects = [o for r in rows for o in r["objects"]]
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    per_object = {
+        "keeps": [o["keeps"] for o in objects if o.get("keeps") is not None],
+        "moves": [o["moves"] for o in objects if o.get("moves") is not None],
+        "never_vanishes": [not o["vanishes"] for o in objects],
+        "keeps_bouncing": [o["keeps_bouncing"] for o in objects if "keeps_bouncing" in o],
+        "re_emerges": [o["re_emerges"] for o in objects if "re_emerges" in o],
+    }
+    return {"videos": len(rows), "objects": len(objects), **{k: mean(v) for k, v in per_object.items()},
+            "count": mean([r["count"] for r in rows if r.get("count") is not None]),
+            "boundary_jump": mean([r["boundary_jump"] for r in rows if "boundary_jump" in r])}
+
+
+def format_long_table(long: dict[str, Any]) -> str:
+    """The coherence measures of tabulate_long as aligned text."""
+    head = f"coherence over time ({long['videos']} videos, {long['objects']} objects)"
+    lines = [f"{head:<46} {'measured':>9}   target"]
+    for key, what, target in LONG_MEASURES:
+        value = "-" if long[key] is None else f"{100 * long[key]:.1f}%"
+        lines.append(f"  {what:<44} {value:>9}   {target}")
+    jump = "-" if long["boundary_jump"] is None else f"{long['boundary_jump']:.2f}x"
+    lines.append(f"  {'change at window boundaries / inside windows':<44} {jump:>9}   about 1x")
+    return "\n".join(lines)
 
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:
