@@ -134,6 +134,13 @@ def test_score_video_rejects_bad_caption():
 # ---------------------------------------------------------------- long videos
 
 
+def test_long_object_of_another_colour_never_keeps():
+    """An object matched to a track of another colour keeps its colour in no window."""
+    frames = _clip("a large red circle moving right", 12 * 8, seed=2)
+    obj = D.score_long_video(frames, "a large green circle moving right")["objects"][0]
+    assert obj["colour"] is False and obj["keeps"] == 0.0
+
+
 def test_long_ground_truth_keeps_everything():
     text = "a small yellow box moving to the left and a large blue triangle bouncing behind a gray wall"
     frames = _clip(text, 60 * 8, seed=1)

@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from soragen.errors import UserError
@@ -68,17 +67,3 @@ def test_tabulate_long_and_its_table():
     text = format_long_table(table)
     assert "2 videos, 3 objects" in text and "33.3%" in text and "2.00x" in text
     assert tabulate_long([{"verdicts": {}}]) is None
-
-
-def test_window_starts_are_where_decoded_windows_begin():
-    """Pipeline.window_starts names the first frame of each window after the first, as decoding yields them."""
-    from conftest import tiny_config
-    from soragen.pipeline import Pipeline, plan_video
-
-    cfg = tiny_config(sampler={"steps": 1, "guidance": 1.0, "window": 3, "context_frames": 1}, video={"seconds": 3})
-    pipe = Pipeline.from_config(cfg)
-    plan = plan_video(cfg)
-    text, mask = pipe.encode_text("a red ball", "")
-    sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.num_frames)]
-    assert len(sizes) == len(pipe.windows(plan)) >= 3
-    assert pipe.window_starts(plan) == list(np.cumsum(sizes)[:-1])

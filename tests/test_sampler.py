@@ -237,3 +237,16 @@ def test_start_runs_only_the_last_steps(start):
     part = denoise(Recorder(), scheduler, x_k, text, mask, steps=4, guidance=3.0, generator=g, start=start)
     assert len(seen) == 4 - start and seen[0][1] == t_k
     torch.testing.assert_close(part, full)
+
+
+def test_window_starts_are_where_decoded_windows_begin():
+    """Pipeline.window_starts names the first frame of each window after the first, as decoding yields them."""
+    from soragen.pipeline import Pipeline, plan_video
+
+    cfg = tiny_config(sampler={"steps": 1, "guidance": 1.0, "window": 3, "context_frames": 1}, video={"seconds": 3})
+    pipe = Pipeline.from_config(cfg)
+    plan = plan_video(cfg)
+    text, mask = pipe.encode_text("a red ball", "")
+    sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.num_frames)]
+    assert len(sizes) == len(pipe.windows(plan)) >= 3
+    assert pipe.window_starts(plan) == [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]

@@ -114,8 +114,6 @@ class _StageLog:
     stopped early by train.dit.stop_after).
     """
 
-    NAMES = {"vae": "VAE", "dit": "DiT"}
-
     def __init__(self, acc, run: RunFolder, cfg: Config, stage: str, total: int, batch: int, progress: Progress | None,
                  *, end: int | None = None, rate: str = "clips_per_s",
                  extra_metrics: Callable[[], dict[str, float]] | None = None,
@@ -135,11 +133,12 @@ class _StageLog:
             step = meta["step"]
             if self.load_extra is not None:
                 self.load_extra(ckpt, meta)
-            log.info("resumed the %s from %s (step %d)", self.NAMES.get(self.stage, self.stage), ckpt, step)
+            log.info("resumed the %s stage from %s (step %d)", self.stage, ckpt, step)
         self.t_last, self.n_last = time.perf_counter(), step
         return step
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After optimizer step `step`: the metric line (every log_every), progress, the checkpoint (every checkpoint_every)."""
         acc, cfg = self.acc, self.cfg
         if acc.is_main_process:
             if step % cfg.train.log_every == 0 or step == self.total:

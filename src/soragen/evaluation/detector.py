@@ -483,9 +483,11 @@ def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
             continue
         present = tr.present
 
+        colour_ok = tr.colour == spec.colour  # a track is one colour; another colour's track never keeps
+
         def keeps(w: slice) -> bool:
             shape = tr.vote("shape", w)
-            return bool(present[w].mean() >= 0.5 and shape in (None, spec.shape))
+            return bool(colour_ok and present[w].mean() >= 0.5 and shape in (None, spec.shape))
 
         def moves(w: slice) -> bool:
             xs, ys = tr.x[w][present[w]], tr.y[w][present[w]]
@@ -494,7 +496,7 @@ def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
         others = [t for t in tracks.values() if t is not tr and t.present.mean() >= 0.25]
         lost = _lost_frames(tr, others, wall_seen, fps)
         res |= {
-            "colour": tr.colour == spec.colour,
+            "colour": colour_ok,
             "keeps": float(np.mean([keeps(w) for w in win2])) if win2 else None,
             "moves": float(np.mean([moves(w) for w in win1])) if win1 else None,
             "vanishes": bool(lost),

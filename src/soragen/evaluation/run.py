@@ -107,9 +107,10 @@ def evaluate(
                       "verdicts": video_verdicts(score), "score": score, "timings_seconds": sidecar["timings_seconds"]}
             if cfg.video.seconds >= LONG_SECONDS:
                 record["long"] = score_long_video(frames, prompt, fps=cfg.video.fps)
-                starts = pipe.window_starts(plan_video(pipe.cfg))
-                if starts:  # the change from a window's last frame to the next one's first, against the change inside
-                    record["long"]["boundary_jump"] = boundary_jump(frame_change_profile(frames), [k - 1 for k in starts])
+                profile = frame_change_profile(frames)  # (T - 1,)
+                seams = [k - 1 for k in pipe.window_starts(plan_video(pipe.cfg)) if k - 1 < len(profile)]
+                if 0 < len(seams) < len(profile):  # a window's last frame to the next one's first, against inside
+                    record["long"]["boundary_jump"] = boundary_jump(profile, seams)
             results.append(record)
             if on_video is not None:
                 on_video(len(results), total)
