@@ -138,7 +138,7 @@ World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
-## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed(s) per prompt)
+## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance:g})
 
 ```
 {format_table(report["table"])}
