@@ -165,52 +165,6 @@ def test_unit_variance_weighting_makes_every_noise_level_count_alike():
     assert plain[0] > 3 * plain[1]  # unweighted, clean timesteps dominate
 
 
-def test_object_mask_finds_objects_off_the_background():
-    """The background is each window's median latent; positions far from it are objects."""
-    from soragen.train import object_mask
-
-    x0 = torch.full((2, 4, 3, 8, 8), 0.3)
-    x0[0, :, 1, 2:4, 5:7] = -2.0  # a 2x2 object in frame 1 of window 0
-    x0[1] += 5.0  # window 1: a background of another value, no object
-    mask = object_mask(x0)
-    assert mask.shape == (2, 1, 3, 8, 8)
-    assert mask[0, 0, 1, 2:4, 5:7].eq(1).all() and mask[0].sum() == 4 and mask[1].sum() == 0
-
-
-def test_object_weight_makes_errors_on_objects_count_more():
-    """train.dit.object_weight w: a weighted mean of the errors in which object positions count 1 + w times."""
-    from diffusers import DDPMScheduler
-
-    from soragen.train import dit_loss
-
-    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
-    x0 = torch.zeros(2, 4, 3, 4, 4)
-    x0[:, :, :, :2, :2] = 3.0  # an object on a quarter of every frame's positions
-    on_object = torch.zeros(1, 1, 1, 4, 4, dtype=torch.bool)
-    on_object[..., :2, :2] = True
-
-    class Oracle(torch.nn.Module):  # the exact v target, off by 1 on the object or on the background
-        def __init__(self, where):
-            super().__init__()
-            self.where = where
-
-        def forward(self, x, t, text, mask):
-            a = sched.alphas_cumprod[t][:, None, :, None, None]  # (B, 1, T, 1, 1)
-            v = (a.sqrt() * x - x0) / (1 - a).sqrt()
-            return v + self.where.float()
-
-    text, mask = torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.bool)
-
-    def loss(where, w):
-        return dit_loss(Oracle(where), sched, x0, text, mask, torch.zeros(2, dtype=torch.long), 20,
-                        torch.Generator().manual_seed(0), object_weight=w).item()
-
-    assert loss(on_object, 0.0) == pytest.approx(0.25, abs=1e-4)
-    assert loss(~on_object, 0.0) == pytest.approx(0.75, abs=1e-4)
-    assert loss(on_object, 4.0) == pytest.approx(5 * 0.25 / (5 * 0.25 + 0.75), abs=1e-4)
-    assert loss(~on_object, 4.0) == pytest.approx(0.75 / (5 * 0.25 + 0.75), abs=1e-4)
-
-
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_frame_noise_gives_a_share_of_windows_a_timestep_per_frame(share):
     """train.dit.frame_noise: that share of windows draws each non-context frame's t on its own."""

@@ -279,9 +279,6 @@ class DiTTrainConfig(_Frozen):
     # Share of windows whose frames each get their own timestep (diffusion forcing) instead of one
     # shared t: a frame noisier than its neighbours must be predicted from them.
     frame_noise: float = Field(0.0, ge=0, le=1)
-    # Extra loss weight of the latent positions that hold an object (off the background) in the
-    # clean window: objects fill about a sixth of a Shapes World latent, yet decide every score.
-    object_weight: float = Field(0.0, ge=0)
     # Stop (with a checkpoint) after this step, leaving the learning-rate schedule set by `steps`;
     # a later `--resume`, possibly with other settings, continues it. None = run to `steps`.
     stop_after: int | None = Field(None, ge=1)

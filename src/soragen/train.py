@@ -372,7 +372,7 @@ def sample_windows(
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
-    self_condition: bool = False, noise_correlation: float = 0.0, object_weight: float = 0.0,
+    self_condition: bool = False, noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -386,7 +386,6 @@ def dit_loss(
     With `self_condition`, half the batches first estimate x0 without gradients and give the
     estimate to the model as its previous one; the other half give none (zeros), as at the
     first sampler step. `noise_correlation` is sampler.noise_correlation (noise shared across frames).
-    With `object_weight` w, the positions of `object_mask(x0)` count 1 + w times (a weighted mean).
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -414,24 +413,12 @@ def dit_loss(
                 first = dit(x_t, timesteps, text.detach(), mask, x_self=estimate)
             estimate = x0_estimate(scheduler, x_t, first, timesteps)  # the sampler's own conversion
         pred = dit(x_t, timesteps, text, mask, x_self=estimate)
-    weight = 1.0 + object_weight * object_mask(x0)  # (B, 1, T, h, w)
-    err = ((pred - v).square().mean(dim=1, keepdim=True) * weight).sum(dim=(1, 3, 4))  # (B, T)
+    err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
     if sigma_data is not None:
         a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
         err = err / (a_main + (1 - a_main) * sigma_data**2)
     keep = (~is_ctx).float().to(err.device)
-    return (err * keep).sum() / (weight.sum(dim=(1, 3, 4)) * keep).sum().clamp(min=1.0)
-
-
-def object_mask(x0: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """1 where clean latents x0 [B, C, T, h, w] hold an object, else 0: (B, 1, T, h, w).
-
-    The background fills most of a window, so each window's per-channel median is its latent;
-    an object position is one whose mean squared distance from it exceeds `threshold` (in the
-    normalised latents, whose std is vae.latent_scale, 1 by default).
-    """
-    background = x0.flatten(2).median(dim=2).values[:, :, None, None, None]  # (B, C, 1, 1, 1)
-    return ((x0 - background).square().mean(dim=1, keepdim=True) > threshold).to(x0.dtype)
+    return (err * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def _init_from_model(cfg: Config, name: str):
@@ -561,7 +548,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation, t.object_weight)
+                        cfg.sampler.noise_correlation)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
