@@ -48,20 +48,22 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     plan = plan_video(cfg)
     windows = pipe.windows(plan)
     # FLOPs of the denoiser forwards: per window, its model calls, each batched (cond + uncond) when guided.
-    from soragen.sampler import denoise_iterations
+    from soragen.sampler import denoise_iterations, guided_steps
 
     s = cfg.sampler
     flops = 0
     with torch.no_grad():
         text, mask = pipe.encode_text("a red ball", "")
+        guided_share = guided_steps(s) / s.steps  # sampler.guidance_interval leaves some steps unguided
         for w, (ctx, new) in enumerate(windows):
             guidance = s.guidance if w == 0 or s.continuation_guidance is None else s.continuation_guidance
-            rows = 2 if guidance != 1.0 else 1
-            x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), text[:rows], mask[:rows])
-            flops += counter.get_total_flops() * denoise_iterations(s.steps, new, s.frame_lag)
+            calls = denoise_iterations(s.steps, new, s.frame_lag)
+            for rows, share in ((2, guided_share), (1, 1.0 - guided_share)) if guidance != 1.0 else ((1, 1.0),):
+                x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), text[:rows], mask[:rows])
+                flops += counter.get_total_flops() * calls * share
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         sidecar = pipe.generate("a large red circle moving right", Path(tmp) / "v.mp4")

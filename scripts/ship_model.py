@@ -111,6 +111,9 @@ def main() -> None:
         history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
                     f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
                     f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
+    guidance = f"guidance {cfg.sampler.guidance:g}"
+    if cfg.sampler.guidance_interval is not None:
+        guidance += " at t in [{}, {}] (unguided below)".format(*cfg.sampler.guidance_interval)
     prompts = args.prompts.resolve()
     shown_prompts = prompts.relative_to(ROOT) if prompts.is_relative_to(ROOT) else prompts
     card = f"""# soragen built-in model: Shapes World
@@ -125,7 +128,7 @@ World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 - Text encoder: T5 encoder, {cfg.text_encoder.num_layers} layers, width {cfg.text_encoder.d_model}, word-level vocabulary of the captions (trained with the DiT).
 - VAE: causal, {cfg.vae.temporal_compression} x {cfg.vae.spatial_compression} x {cfg.vae.spatial_compression} compression, {cfg.vae.latent_channels} latent channels; the DiT sees them normalised per channel and scaled by {cfg.vae.latent_scale}.
 - DiT: width {cfg.dit.width}, depth {cfg.dit.depth}, {cfg.dit.heads} heads, patch {"x".join(map(str, cfg.dit.patch_size))}, {cfg.dit.attention} attention; v-prediction, {cfg.sampler.beta_schedule} schedule shifted by {cfg.sampler.schedule_shift:g} (SNR / {cfg.sampler.schedule_shift ** 2:g}), zero terminal SNR.
-- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance}; long videos in windows of {cfg.sampler.window} latent frames, {cfg.sampler.context_frames} of them context from the window before.
+- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance}; long videos in windows of {cfg.sampler.window} latent frames, {cfg.sampler.context_frames} of them context from the window before.
 - Weights (safetensors; DiT and VAE stored as float16): {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()))}.
 
 ## Training
@@ -138,7 +141,7 @@ World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
-## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, guidance {cfg.sampler.guidance:g})
+## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance})
 
 ```
 {format_table(report["table"])}

@@ -250,3 +250,32 @@ def test_window_starts_are_where_decoded_windows_begin():
     sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.num_frames)]
     assert len(sizes) == len(pipe.windows(plan)) >= 3
     assert pipe.window_starts(plan) == [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """sampler.guidance_interval: steps outside [lo, hi] take one conditional forward (batch 1)."""
+    from soragen.config import load_config
+    from soragen.errors import UserError
+
+    cfg, te, dit = parts("ddpm")
+    scheduler = make_scheduler(cfg.sampler)
+    scheduler.set_timesteps(cfg.sampler.steps)
+    ladder = [int(t) for t in scheduler.timesteps]  # 4 steps, noisiest first
+    lo = ladder[1]  # guide the first two steps only
+    rows = []
+    hook = dit.register_forward_pre_hook(lambda m, args: rows.append((int(args[1][0, 0]), args[0].shape[0])))
+    with torch.no_grad():
+        text, mask = te(["a red ball", ""])
+    outs = []
+    for interval in (None, (lo, 999), (0, 999)):
+        g = torch.Generator().manual_seed(3)
+        rows.clear()
+        outs.append(denoise(dit, scheduler, torch.randn(1, 4, 3, 4, 4, generator=g), text, mask, steps=4,
+                            guidance=4.0, generator=g, guidance_interval=interval))
+        if interval == (lo, 999):
+            assert rows == [(ladder[0], 2), (ladder[1], 2), (ladder[2], 1), (ladder[3], 1)]
+    hook.remove()
+    assert torch.equal(outs[0], outs[2])  # an interval holding every step is plain guidance
+    assert not torch.allclose(outs[0], outs[1])
+    with pytest.raises(UserError, match="guidance_interval"):
+        load_config(None, ["sampler.guidance_interval=[500,100]"])

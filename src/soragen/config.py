@@ -159,6 +159,10 @@ class SamplerConfig(_Frozen):
     # Guidance of the windows after the first (None = `guidance`). Their context already holds the
     # scene, so 1 (no unconditional pass) halves their cost.
     continuation_guidance: float | None = Field(None, ge=0)
+    # Guidance only at timesteps lo <= t <= hi (Kynkaeaenniemi et al. 2024, "Applying guidance in a
+    # limited interval"); the other steps take the conditional prediction alone, one forward
+    # instead of two. None = guidance at every step.
+    guidance_interval: tuple[int, int] | None = None
     # Staircase denoising: latent frame k starts k*frame_lag steps after the first (0 = all frames
     # together). Costs floor((frames - 1) * frame_lag) extra model calls per window.
     frame_lag: float = Field(0.0, ge=0)
@@ -171,6 +175,11 @@ class SamplerConfig(_Frozen):
             )
         if not 0 <= self.context_timestep < self.num_train_timesteps:
             raise ValueError(f"sampler.context_timestep must be in [0, {self.num_train_timesteps}), got {self.context_timestep}")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0 <= lo <= hi < self.num_train_timesteps:
+                raise ValueError(f"sampler.guidance_interval must be [lo, hi] with 0 <= lo <= hi < {self.num_train_timesteps}, "
+                                 f"got [{lo}, {hi}]")
         return self
 
     @field_validator("steps")

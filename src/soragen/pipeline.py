@@ -188,7 +188,7 @@ class Pipeline:
             x = denoise(
                 self.dit, scheduler, noise, text[:rows], mask[:rows], steps=s.steps, guidance=guidance, generator=generator,
                 context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
-                on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
+                guidance_interval=s.guidance_interval, on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
             done += denoise_iterations(s.steps, new, s.frame_lag)
             previous = x

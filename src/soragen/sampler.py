@@ -79,6 +79,7 @@ def denoise(
     frame_lag: float = 0.0,
     start: int = 0,
     on_step: Callable[[int], None] | None = None,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
 
@@ -92,13 +93,15 @@ def denoise(
     With `start` > 0 the first `start` of the `steps` timesteps are skipped: `noise` is then the
     latents at timestep scheduler.timesteps[start] (clean latents noised to it with
     `scheduler.add_noise`), and only the last steps - start steps run.
+    With `guidance_interval` (lo, hi), only steps at lo <= t <= hi are guided (in the staircase,
+    by the noisiest generated frame's t); the others take one conditional forward.
     """
     if start and frame_lag > 0:
         raise ValueError("denoise: start > 0 is not supported with the staircase (frame_lag > 0)")
     if frame_lag > 0:
         return _denoise_staircase(dit, scheduler, noise, text, text_mask, steps=steps, guidance=guidance,
                                   generator=generator, context=context, context_timestep=context_timestep,
-                                  frame_lag=frame_lag, on_step=on_step)
+                                  frame_lag=frame_lag, on_step=on_step, guidance_interval=guidance_interval)
     b, _, t_frames, _, _ = noise.shape
     n_ctx = 0 if context is None else context.shape[2]
 
@@ -119,7 +122,7 @@ def denoise(
             timesteps[:, :n_ctx] = context_timestep
 
         # 2b. Classifier-free guidance (Ho & Salimans 2022, eq. 6): one batched forward, split, combine.
-        pred = _guided(dit, x, timesteps, text, text_mask, guidance, estimate)
+        pred = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, int(t), guidance_interval), estimate)
         if estimate is not None:
             estimate = x0_estimate(scheduler, x, pred, timesteps)
 
@@ -151,17 +154,34 @@ def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask,
     """The model's prediction with classifier-free guidance (one batched forward when guided)."""
     extra = {} if estimate is None else {"x_self": estimate}
     if guidance == 1.0:
-        return dit(x, timesteps, text, text_mask, **extra)
+        b = x.shape[0]  # text may still hold the unconditional rows after the conditional ones
+        return dit(x, timesteps, text[:b], text_mask[:b], **extra)
     if estimate is not None:
         extra = {"x_self": torch.cat([estimate, estimate])}
     pred_cond, pred_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask, **extra).chunk(2)
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 
 
+def _guidance_at(guidance: float, t: int, interval: tuple[int, int] | None) -> float:
+    """The guidance scale of a step at timestep t: 1 (unguided) outside the interval."""
+    if interval is None or interval[0] <= t <= interval[1]:
+        return guidance
+    return 1.0
+
+
+def guided_steps(cfg: SamplerConfig) -> int:
+    """How many of the sampler's steps are guided (two forwards) under cfg.guidance_interval."""
+    if cfg.guidance_interval is None:
+        return cfg.steps
+    scheduler = make_scheduler(cfg)
+    scheduler.set_timesteps(cfg.steps)
+    return sum(_guidance_at(2.0, int(t), cfg.guidance_interval) != 1.0 for t in scheduler.timesteps)
+
+
 def _denoise_staircase(
     dit: DiT, scheduler, noise: torch.Tensor, text, text_mask, *, steps: int, guidance: float,
     generator: torch.Generator, context: torch.Tensor | None, context_timestep: int, frame_lag: float,
-    on_step: Callable[[int], None] | None,
+    on_step: Callable[[int], None] | None, guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`denoise` with frame k lagging k*frame_lag steps; frames at the same step are stepped together."""
     b, _, t_frames, _, _ = noise.shape
@@ -179,7 +199,7 @@ def _denoise_staircase(
         # A clean frame is shown at timestep 0, like a context frame.
         t_new = [ladder[p] if p < steps else 0 for p in pos]
         timesteps = torch.tensor([context_timestep] * n_ctx + t_new, dtype=torch.long).expand(b, t_frames)
-        pred = _guided(dit, x, timesteps, text, text_mask, guidance, estimate)
+        pred = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, max(t_new), guidance_interval), estimate)
         if estimate is not None:
             estimate = x0_estimate(scheduler, x, pred, timesteps)
         # Step the frames that are at the same schedule position together, with the diffusers scheduler.

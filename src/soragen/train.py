@@ -686,7 +686,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
                 noise = draw_noise(z0.shape, generator, s.noise_correlation)
                 z_t = scheduler.add_noise(z0, noise, ladder[s.steps - k].expand(z0.shape[0]))
                 z = denoise(dit, scheduler, z_t, text, mask, steps=s.steps, guidance=s.guidance,
-                            generator=generator, start=s.steps - k)
+                            generator=generator, start=s.steps - k, guidance_interval=s.guidance_interval)
             else:
                 z = z0
         recon = decoder(vae.denormalize(z))  # (B, 3, T, H, W)
