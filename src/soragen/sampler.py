@@ -162,11 +162,14 @@ def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask,
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 
 
+def _guided_at(t: int, interval: tuple[int, int] | None) -> bool:
+    """Whether a step at timestep t is guided (sampler.guidance_interval; None = every step)."""
+    return interval is None or interval[0] <= t <= interval[1]
+
+
 def _guidance_at(guidance: float, t: int, interval: tuple[int, int] | None) -> float:
     """The guidance scale of a step at timestep t: 1 (unguided) outside the interval."""
-    if interval is None or interval[0] <= t <= interval[1]:
-        return guidance
-    return 1.0
+    return guidance if _guided_at(t, interval) else 1.0
 
 
 def guided_steps(cfg: SamplerConfig) -> int:
@@ -175,7 +178,7 @@ def guided_steps(cfg: SamplerConfig) -> int:
         return cfg.steps
     scheduler = make_scheduler(cfg)
     scheduler.set_timesteps(cfg.steps)
-    return sum(_guidance_at(2.0, int(t), cfg.guidance_interval) != 1.0 for t in scheduler.timesteps)
+    return sum(_guided_at(int(t), cfg.guidance_interval) for t in scheduler.timesteps)
 
 
 def _denoise_staircase(
