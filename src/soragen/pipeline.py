@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,22 @@ from soragen.errors import UserError
 
 MAX_FPS = 60
 MAX_SIDE = 4096
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim); called after each window.
+
+    Without it, freed activations stay resident in a fragmenting heap and peak memory
+    wandered with the video's length (1.05-1.26x at 60 s against 5 s, 19 windows against 2).
+    A no-op where the C library is not glibc. Returns whether anything was released.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +265,7 @@ class Pipeline:
 
         def timed_latents():
             for z in self.generate_latents(plan, text, mask, on_step):
+                trim_heap()  # peak memory flat in the video's length
                 lap("denoising")
                 yield z
 
