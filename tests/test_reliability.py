@@ -177,7 +177,6 @@ def test_interrupted_training_resumes_from_its_newest_checkpoint(tmp_path, sig):
     assert_resumable(root)
 
 
-
 _HEAP_PROBE = """
 import sys, numpy as np
 from soragen.pipeline import trim_heap
