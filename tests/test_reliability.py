@@ -179,7 +179,7 @@ def test_interrupted_training_resumes_from_its_newest_checkpoint(tmp_path, sig):
 
 _HEAP_PROBE = """
 import sys, numpy as np
-from soragen.pipeline import trim_heap
+from soragen.heap import trim_heap
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 a = np.ones(8 << 17); del a                 # 8 MB, mmapped; glibc then raises its threshold to 8 MB
 base = rss()
@@ -202,3 +202,37 @@ def test_trim_heap_returns_freed_activations_to_the_system():
     assert kept("keep") == ("False", pytest.approx(6.0, abs=0.5))  # glibc keeps the freed 6 MB resident
     done, mb = kept("trim")
     assert done == "True" and mb < 0.5
+
+
+_HOLD_PROBE = """
+import resource, sys, numpy as np
+from soragen.heap import hold_heap, trim_heap
+held = sys.argv[1] == "hold" and hold_heap()
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+a = np.ones(8 << 17); del a                  # glibc raises its mmap threshold to 8 MB, its trim threshold to 16
+def forward():                               # six 4-MB activations alive at once, then freed
+    acts = [np.ones(4 << 17) for _ in range(6)]
+forward()
+f0 = faults()
+for _ in range(10):
+    forward()
+refaulted = faults() - f0
+before = rss()
+trimmed = trim_heap()
+print(held, refaulted, trimmed, before - rss())
+"""
+
+
+@pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else ""), reason="glibc only")
+def test_hold_heap_reuses_freed_blocks_and_trim_still_returns_them():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def run(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", _HOLD_PROBE, mode], capture_output=True, text=True, check=True, env=env).stdout.split()
+
+    held, refaulted, _, _ = run("keep")
+    assert held == "False" and int(refaulted) > 5000  # glibc's default gives the 24 MB back and faults it in again
+    held, refaulted, trimmed, released_mb = run("hold")
+    assert held == "True" and int(refaulted) < 100  # the same blocks are reused
+    assert trimmed == "True" and float(released_mb) > 20  # and trim_heap still returns them after a window

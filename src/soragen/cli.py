@@ -7,6 +7,7 @@ Every error a user can cause prints one line on stderr and exits with code 2;
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import signal
 import sys
@@ -439,6 +440,16 @@ def _raise_if_stopped() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
+    try:
+        _main(argv)
+    finally:
+        if argv is None:  # the process ends here: spare it the last full garbage collection
+            # With torch, transformers and diffusers imported, the interpreter's final collection
+            # walks millions of objects: 2.7 s between "interrupted" and the exit on a 2-core machine.
+            gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     _setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_stop_signal)

@@ -90,6 +90,16 @@ class TimestepEmbedder(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def qk_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMS-normalise queries and keys in one pass: qk [..., n, d] (n = 2 for q and k, or 1), weight [n, 1, d].
+
+    Works on the projection's output in its own (contiguous) layout, before the heads are
+    moved to the front: torch's RMSNorm on the strided per-head views cost about twice as much.
+    """
+    inv = torch.rsqrt((qk * qk).mean(-1, keepdim=True).add_(eps))  # (..., n, h, 1)
+    return qk * inv * weight
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all tokens (torch SDPA) with RMS-normalised queries and keys."""
 
@@ -102,8 +112,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)  # (B, N, 3, h, d)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, d)
+        qk = qk_rms_norm(qkv[:, :, :2], weight, self.q_norm.eps)  # (B, N, 2, h, d)
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (B, N, h, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
@@ -120,10 +133,13 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, h, N, d)
-        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)  # (B, h, L, d)
+        q = rearrange(self.q(x), "b n (one h d) -> b n one h d", one=1, h=self.heads)  # (B, N, 1, h, d)
+        q = qk_rms_norm(q, self.q_norm.weight[None, None], self.q_norm.eps)[:, :, 0]  # (B, N, h, d)
+        kv = rearrange(self.kv(text), "b l (two h d) -> b l two h d", two=2, h=self.heads)  # (B, L, 2, h, d)
+        k = qk_rms_norm(kv[:, :, :1], self.k_norm.weight[None, None], self.k_norm.eps)[:, :, 0]  # (B, L, h, d)
+        v = kv[:, :, 1]  # (B, L, h, d)
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): True = attend
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from soragen.config import Config, update
 from soragen.errors import UserError
+from soragen.heap import hold_heap
 
 log = logging.getLogger("soragen")
 
@@ -720,6 +721,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     run = RunFolder(Path(cfg.train.output_dir))
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
