@@ -86,10 +86,12 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
 def soragen_step_time(overrides: list[str], reps: int = 5) -> tuple[float, dict]:
     """Seconds per denoising step (one CFG-batched forward) of soragen's DiT on a full window."""
     from soragen.config import load_config
+    from soragen.heap import hold_heap
     from soragen.pipeline import Pipeline
 
     cfg = load_config(None, overrides)
     pipe = Pipeline.from_config(cfg)
+    hold_heap()  # as generation does (the reference below runs with it too)
     s = cfg.vae.spatial_compression
     x = torch.randn(2, cfg.vae.latent_channels, cfg.sampler.window, cfg.video.height // s, cfg.video.width // s)
     with torch.no_grad():

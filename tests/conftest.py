@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -46,3 +48,12 @@ def cfg() -> Config:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def interactive_sigint() -> None:
+    """preexec_fn for a CLI child: SIGINT as at an interactive terminal, where Ctrl-C reaches it.
+
+    A shell without job control (a script, `sh -c 'pytest ... &'`) starts a background job with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler, so a test of Ctrl-C would fail.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

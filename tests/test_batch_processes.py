@@ -11,6 +11,7 @@ import pytest
 
 from soragen.batch import files_intact, read_records
 
+from conftest import interactive_sigint
 from test_batch import PROMPTS, base_config, count_frames, expected_files, manifest, videos, write_prompt_file
 
 
@@ -22,7 +23,7 @@ from test_batch import PROMPTS, base_config, count_frames, expected_files, manif
 def soragen(args, cwd, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "soragen", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interactive_sigint, **kwargs)
 
 
 @pytest.fixture(scope="module")

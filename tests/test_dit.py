@@ -200,3 +200,25 @@ def test_gelu_is_the_tanh_approximation_with_and_without_gradients():
     x.requires_grad_(True)
     y = GELUTanh()(x)
     assert y.requires_grad and torch.equal(y, F.gelu(x, approximate="tanh"))
+
+
+def test_qk_norm_in_one_pass_is_torchs_rms_norm_with_its_gradients():
+    from torch import nn
+
+    from soragen.dit import qk_rms_norm
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 3, 4, 16, requires_grad=True)  # (B, N, 3, h, d), as SelfAttention cuts it
+    q_norm, k_norm = nn.RMSNorm(16, eps=1e-6), nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 1.5)
+        k_norm.weight.uniform_(0.5, 1.5)
+    weight = torch.stack([q_norm.weight, k_norm.weight])[:, None]  # (2, 1, d)
+    out = qk_rms_norm(qkv[:, :, :2], weight, 1e-6)
+    ref = torch.stack([q_norm(qkv[:, :, 0]), k_norm(qkv[:, :, 1])], dim=2)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    params = [qkv, q_norm.weight, k_norm.weight]
+    g_out = torch.autograd.grad(out.square().sum(), params)
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b)

@@ -439,7 +439,11 @@ def _raise_if_stopped() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    """Run the CLI; user errors become one line on stderr and exit code 2.
+
+    argv None: the process's own arguments (the console script, `python -m soragen`), and the
+    process ends when this returns; tests pass a list and keep their interpreter as it was.
+    """
     try:
         _main(argv)
     finally:
@@ -453,7 +457,7 @@ def _main(argv: list[str] | None) -> None:
     _setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_stop_signal)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (nohup &)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (a background job of a script)
             signal.signal(signal.SIGINT, _on_stop_signal)
     args = sys.argv[1:] if argv is None else list(argv)
     _state.update(debug="--debug" in args, stopped=False)

@@ -90,13 +90,14 @@ class TimestepEmbedder(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def qk_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMS-normalise queries and keys in one pass: qk [..., n, d] (n = 2 for q and k, or 1), weight [n, 1, d].
+def qk_rms_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise queries and keys in one pass: qk [..., h, d] (e.g. [B, N, 2, h, d] for q and k), weight
+    broadcastable to it ([2, 1, d] for q and k, [d] for one of them); the same numbers as torch's RMSNorm.
 
     Works on the projection's output in its own (contiguous) layout, before the heads are
     moved to the front: torch's RMSNorm on the strided per-head views cost about twice as much.
     """
-    inv = torch.rsqrt((qk * qk).mean(-1, keepdim=True).add_(eps))  # (..., n, h, 1)
+    inv = torch.rsqrt((qk * qk).mean(-1, keepdim=True).add_(eps))  # (..., h, 1)
     return qk * inv * weight
 
 
@@ -113,7 +114,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)  # (B, N, 3, h, d)
-        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, d)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, d); both norms use eps 1e-6
         qk = qk_rms_norm(qkv[:, :, :2], weight, self.q_norm.eps)  # (B, N, 2, h, d)
         q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (B, N, h, d)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, N, d)
@@ -133,13 +134,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q(x), "b n (one h d) -> b n one h d", one=1, h=self.heads)  # (B, N, 1, h, d)
-        q = qk_rms_norm(q, self.q_norm.weight[None, None], self.q_norm.eps)[:, :, 0]  # (B, N, h, d)
-        kv = rearrange(self.kv(text), "b l (two h d) -> b l two h d", two=2, h=self.heads)  # (B, L, 2, h, d)
-        k = qk_rms_norm(kv[:, :, :1], self.k_norm.weight[None, None], self.k_norm.eps)[:, :, 0]  # (B, L, h, d)
-        v = kv[:, :, 1]  # (B, L, h, d)
+        q = rearrange(self.q(x), "b n (h d) -> b n h d", h=self.heads)  # (B, N, h, d)
+        q = qk_rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b l h d", two=2, h=self.heads)  # (B, L, h, d)
+        k = qk_rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): True = attend
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        )  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 

@@ -266,6 +266,7 @@ class Pipeline:
                 lap("mp4_encoding")
             clock["t"] = time.perf_counter()
         lap("mp4_encoding")
+        trim_heap()  # the last window's decoding too: a batch of videos starts each one from a trimmed heap
 
         sidecar = {
             "prompt": prompt,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from soragen.config import Config, update
 from soragen.errors import UserError
-from soragen.heap import hold_heap
+from soragen.heap import hold_heap, trim_heap
 
 log = logging.getLogger("soragen")
 
@@ -732,8 +732,10 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
             log.info("the VAE of %s is trained; skipping stage 1", run.root)
         else:
             train_vae(cfg, run, resume, progress)
+            trim_heap()  # the VAE's activations and data are freed: return them before the DiT stage
     if "dit" in cfg.train.stages:
         train_dit(cfg, run, resume, progress)
+        trim_heap()
         if cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps:
             return run.root  # stopped early: no model yet
     if "decoder" in cfg.train.stages:
