@@ -54,6 +54,7 @@ def interactive_sigint() -> None:
     """preexec_fn for a CLI child: SIGINT as at an interactive terminal, where Ctrl-C reaches it.
 
     A shell without job control (a script, `sh -c 'pytest ... &'`) starts a background job with
-    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler, so a test of Ctrl-C would fail.
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler,
+    so a test of Ctrl-C would fail.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)

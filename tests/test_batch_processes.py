@@ -23,7 +23,8 @@ from test_batch import PROMPTS, base_config, count_frames, expected_files, manif
 def soragen(args, cwd, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "soragen", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interactive_sigint, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interactive_sigint, **kwargs)
 
 
 @pytest.fixture(scope="module")

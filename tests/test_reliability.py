@@ -192,18 +192,22 @@ print(trimmed, rss() - base)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_trim_heap_returns_freed_activations_to_the_system():
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+
+
+def heap_probe(source: str, mode: str) -> list[str]:
+    """Run a heap probe in a fresh process (glibc's own thresholds: no MALLOC_* tunables); its printed words."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", source, mode], capture_output=True, text=True, check=True, env=env)
+    return out.stdout.split()
 
-    def kept(mode: str) -> tuple[str, float]:
-        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True, env=env)
-        done, mb = out.stdout.split()
-        return done, float(mb)
 
-    assert kept("keep") == ("False", pytest.approx(6.0, abs=0.5))  # glibc keeps the freed 6 MB resident
-    done, mb = kept("trim")
-    assert done == "True" and mb < 0.5
+@glibc_only
+def test_trim_heap_returns_freed_activations_to_the_system():
+    done, mb = heap_probe(_HEAP_PROBE, "keep")
+    assert (done, float(mb)) == ("False", pytest.approx(6.0, abs=0.5))  # glibc keeps the freed 6 MB resident
+    done, mb = heap_probe(_HEAP_PROBE, "trim")
+    assert done == "True" and float(mb) < 0.5
 
 
 _HOLD_PROBE = """
@@ -226,16 +230,11 @@ print(held, refaulted, trimmed, before - rss())
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+@glibc_only
 def test_hold_heap_reuses_freed_blocks_and_trim_still_returns_them():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-
-    def run(mode: str) -> list[str]:
-        return subprocess.run([sys.executable, "-c", _HOLD_PROBE, mode], capture_output=True, text=True, check=True, env=env).stdout.split()
-
-    held, refaulted, _, _ = run("keep")
+    held, refaulted, _, _ = heap_probe(_HOLD_PROBE, "keep")
     assert held == "False" and int(refaulted) > 5000  # glibc's default gives the 24 MB back and faults it in again
-    held, refaulted, trimmed, released_mb = run("hold")
+    held, refaulted, trimmed, released_mb = heap_probe(_HOLD_PROBE, "hold")
     if held != "True":
         pytest.skip("this glibc refused the thresholds (mallopt returned 0)")
     assert int(refaulted) < 100  # the same blocks are reused

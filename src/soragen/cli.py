@@ -457,7 +457,8 @@ def _main(argv: list[str] | None) -> None:
     _setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_stop_signal)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (a background job of a script)
+        # Not when started with SIGINT ignored (a background job of a script): Ctrl-C cannot reach it there.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _on_stop_signal)
     args = sys.argv[1:] if argv is None else list(argv)
     _state.update(debug="--debug" in args, stopped=False)
