@@ -6,9 +6,10 @@ For each duration, one fresh process generates a video (so its peak resident mem
 its own) and reports wall time split into text encoding, denoising, VAE decoding and
 MP4 encoding, the real-time factor (wall seconds per second of video), and the
 denoiser's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one forward).
-The same run measures the fp32 matrix-multiply peak, and the time per denoising step
-of a diffusers CogVideoXTransformer3DModel of the same width, depth and heads on the
-same number of video tokens, as the reference a user would otherwise reach for.
+The same run measures the fp32 matrix-multiply peak, and the time and FLOPs of one
+denoising step of soragen's DiT and of a diffusers CogVideoXTransformer3DModel of the
+same width, depth and heads on the same number of video tokens, as the reference a user
+would otherwise reach for (the two blocks differ: soragen's do more work per token).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,15 +27,22 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Measured fp32 matrix-multiply GFLOP/s on this machine."""
+def matmul_peak(n: int = 2048, reps: int = 10, rounds: int = 5) -> float:
+    """Measured fp32 matrix-multiply GFLOP/s on this machine: the best of a few timed rounds.
+
+    The first round after start-up can run well below the cores' rate (280 against 390
+    GFLOP/s, session 13), which would overstate the denoiser's share of the peak.
+    """
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(2):
         a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def one_run(seconds: float, overrides: list[str]) -> dict:
@@ -83,8 +92,25 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     }
 
 
-def soragen_step_time(overrides: list[str], reps: int = 5) -> tuple[float, dict]:
-    """Seconds per denoising step (one CFG-batched forward) of soragen's DiT on a full window."""
+def forward_cost(forward, reps: int = 10) -> tuple[float, float]:
+    """(median seconds, FLOPs) of one call of forward(), after a warm-up call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        forward()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t0)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            forward()
+    return statistics.median(times), counter.get_total_flops()
+
+
+def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
+    """(seconds, FLOPs) of one denoising step (one CFG-batched forward) of soragen's DiT on a full window."""
     from soragen.config import load_config
     from soragen.heap import hold_heap
     from soragen.pipeline import Pipeline
@@ -96,16 +122,13 @@ def soragen_step_time(overrides: list[str], reps: int = 5) -> tuple[float, dict]
     x = torch.randn(2, cfg.vae.latent_channels, cfg.sampler.window, cfg.video.height // s, cfg.video.width // s)
     with torch.no_grad():
         text, mask = pipe.encode_text("a red ball", "")
-        ts = torch.full((2, cfg.sampler.window), 500)
-        pipe.dit(x, ts, text, mask)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            pipe.dit(x, ts, text, mask)
-    return (time.perf_counter() - t0) / reps, {"cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1], "text_dim": text.shape[2]}
+    ts = torch.full((2, cfg.sampler.window), 500)
+    seconds, flops = forward_cost(lambda: pipe.dit(x, ts, text, mask))
+    return seconds, flops, {"cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1], "text_dim": text.shape[2]}
 
 
-def cogvideox_step_time(cfg, latent: tuple[int, ...], text_len: int, text_dim: int, reps: int = 5) -> float:
-    """Seconds per forward of diffusers' CogVideoXTransformer3DModel at the same width, depth, heads and tokens."""
+def cogvideox_step_cost(cfg, latent: tuple[int, ...], text_len: int, text_dim: int) -> tuple[float, float]:
+    """(seconds, FLOPs) of one forward of diffusers' CogVideoXTransformer3DModel at the same width, depth, heads and tokens."""
     from diffusers import CogVideoXTransformer3DModel
 
     b, c, t, h, w = latent
@@ -119,12 +142,7 @@ def cogvideox_step_time(cfg, latent: tuple[int, ...], text_len: int, text_dim: i
     x = torch.randn(b, t, c, h, w)  # CogVideoX takes [B, F, C, H, W]
     text = torch.randn(b, text_len, text_dim)
     ts = torch.full((b,), 500)
-    with torch.no_grad():
-        model(hidden_states=x, encoder_hidden_states=text, timestep=ts)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            model(hidden_states=x, encoder_hidden_states=text, timestep=ts)
-    return (time.perf_counter() - t0) / reps
+    return forward_cost(lambda: model(hidden_states=x, encoder_hidden_states=text, timestep=ts))
 
 
 def main() -> None:
@@ -155,13 +173,17 @@ def main() -> None:
               f"{row['peak_rss_mb']:>8.0f} {row['denoiser_gflops']:>8.1f} {100 * row['denoiser_gflops'] / peak:>6.1f}%")
     if len(rows) > 1:
         print(f"peak memory, longest / shortest: {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}x")
-    ours, info = soragen_step_time(overrides)
-    ref = cogvideox_step_time(info["cfg"], info["latent"], info["text_len"], info["text_dim"])
-    print(f"per denoising step on one window {info['latent']} (CFG batch): soragen DiT {ours * 1000:.1f} ms, "
-          f"diffusers CogVideoXTransformer3DModel (same width/depth/heads/tokens) {ref * 1000:.1f} ms")
+    ours, ours_flops, info = soragen_step_cost(overrides)
+    ref, ref_flops = cogvideox_step_cost(info["cfg"], info["latent"], info["text_len"], info["text_dim"])
+    print(f"per denoising step on one window {info['latent']} (CFG batch, median of 10):")
+    for name, sec, flops in (("soragen DiT", ours, ours_flops),
+                             ("diffusers CogVideoXTransformer3DModel (same width/depth/heads/tokens)", ref, ref_flops)):
+        print(f"  {name}: {sec * 1000:.1f} ms, {flops / 1e9:.2f} GFLOP, {flops / sec / 1e9:.1f} GFLOP/s "
+              f"({100 * flops / sec / 1e9 / peak:.1f}% peak)")
     if args.json:
         args.json.write_text(json.dumps({"matmul_peak_gflops": peak, "runs": rows, "step_ms": ours * 1000,
-                                         "cogvideox_step_ms": ref * 1000}, indent=2) + "\n")
+                                         "step_gflop": ours_flops / 1e9, "cogvideox_step_ms": ref * 1000,
+                                         "cogvideox_step_gflop": ref_flops / 1e9}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
