@@ -280,3 +280,22 @@ def test_parse_errors_are_clear(text, message):
 def test_caption_language_must_be_known():
     with pytest.raises(ValueError, match="language"):
         S.caption(Scene((_obj(),), False), np.random.default_rng(0), language="fr")
+
+
+def test_swap_directions_swaps_every_direction_word_in_both_languages():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        scene = S.sample_scene(rng)
+        for language in S.LANGUAGES:
+            text = S.caption(scene, rng, language=language)
+            swapped = S.swap_directions(text)
+            movers = [o for o in scene.objects if o.motion != "bouncing"]
+            if not movers:
+                assert swapped is None
+                continue
+            objects, wall = S.parse_caption(swapped)
+            assert wall == scene.wall
+            opposite = {"left": "right", "right": "left", "up": "down", "down": "up", "bouncing": "bouncing"}
+            assert [o.motion for o in objects] == [opposite[o.motion] for o in scene.objects]
+            assert S.swap_directions(swapped) == text
+    assert S.swap_directions("a red ball moving upward") is None  # whole words only

@@ -1,6 +1,7 @@
 """A tiny training run end to end: VAE, latent cache, DiT + T5 with context frames, checkpoints, resume, export."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -287,3 +288,52 @@ def test_decoder_stage_needs_a_trained_model(tmp_path):
     cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[decoder]"])
     with pytest.raises(UserError, match="runs after the 'dit' stage"):
         train(cfg)
+
+
+def test_direction_contrast_rewards_a_prediction_that_reads_the_swapped_caption():
+    """The contrast rows are drawn at t >= min_timestep; the term falls as the swapped caption's loss rises."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import SwappedCaptions, dit_loss, swapped_rows
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    rows, texts = swapped_rows(["a red ball moving up", "", "a red ball bouncing", "a blue box moving left"],
+                               np.array([0, 0, 0, 0]), limit=4)
+    assert rows == [0, 3] and texts == ["a red ball moving down", "a blue box moving right"]
+    assert swapped_rows(["a red ball moving up"], np.array([2]), limit=4) == ([], [])  # context: no contrast
+
+    class Reader(torch.nn.Module):
+        """Predicts 0 for the true caption (text 0) and `off` for the swapped one (text 1)."""
+
+        def __init__(self, off):
+            super().__init__()
+            self.off, self.timesteps = off, None
+
+        def forward(self, x, t, text, mask):
+            self.timesteps = t
+            return text[:, 0, 0].view(-1, 1, 1, 1, 1) * self.off * torch.ones_like(x)
+
+    x0 = torch.randn(4, 4, 3, 2, 2)
+    text, mask = torch.zeros(4, 1, 8), torch.ones(4, 1, dtype=torch.bool)
+    swapped = SwappedCaptions(torch.tensor(rows), torch.ones(2, 1, 8), torch.ones(2, 1, dtype=torch.bool), 700)
+    terms = []
+    for off in (0.0, 3.0):
+        reader = Reader(off)
+        loss, contrast, gap = dit_loss(reader, sched, x0, text, mask, torch.zeros(4, dtype=torch.long), 20,
+                                       torch.Generator().manual_seed(0), swapped=swapped)
+        assert reader.timesteps.shape[0] == 6 and (reader.timesteps[[0, 3, 4, 5]] >= 700).all()
+        terms.append((loss.item(), contrast.item(), gap.item()))
+    assert terms[0][0] == terms[1][0]  # the main loss sees only the true captions
+    assert abs(terms[0][1] - math.log(2)) < 1e-5 and abs(terms[0][2]) < 1e-5  # a prediction blind to the word
+    assert terms[1][1] < 0.01 and terms[1][2] > 1  # one that reads it
+
+
+def test_direction_contrast_trains(tmp_path):
+    """A run with the contrast on logs it (context and caption dropout off, so every batch has rows)."""
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+                                    "dit.self_condition=true", "train.dit.context_fraction=0",
+                                    "train.dit.caption_dropout=0", "data.long_fraction=0"])
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
+    assert len(steps) == 2 and all({"contrast", "swap_gap", "v_loss"} <= set(r) for r in steps)

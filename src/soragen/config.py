@@ -295,6 +295,14 @@ class DiTTrainConfig(_Frozen):
     # weights; it must have been trained on latents of the same VAE. Inputs that the new
     # config adds (dit.self_condition) start at zero, so the model begins as the old one.
     init_model: str | None = None
+    # Direction contrast (Shapes World captions): up to `direction_contrast_rows` windows of a batch
+    # that have no context and a caption naming a direction are drawn at one timestep t >=
+    # `direction_contrast_min_t` (where the motion is laid out) and scored a second time with the
+    # direction words swapped (left <-> right, up <-> down); the loss adds weight * softplus((L_true -
+    # L_swapped) / (0.1 L_true)), so a prediction that ignores the direction word costs. 0 = off.
+    direction_contrast: float = Field(0.0, ge=0)
+    direction_contrast_rows: int = Field(4, ge=1)
+    direction_contrast_min_t: int = Field(500, ge=0, le=999)
 
 
 class DecoderTrainConfig(_Frozen):

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -370,11 +371,37 @@ def sample_windows(
     return idx, starts, ctx
 
 
+CONTRAST_TEMPERATURE = 0.1  # a swapped caption 10% worse than the true one is one logit of evidence
+
+
+@dataclass(frozen=True)
+class SwappedCaptions:
+    """Rows of a training batch to predict a second time from captions with swapped directions."""
+
+    rows: torch.Tensor  # (R,) batch rows, all without context frames
+    text: torch.Tensor  # (R, L, D) the swapped captions, encoded
+    mask: torch.Tensor  # (R, L)
+    min_timestep: int  # the rows are drawn at one timestep in [min_timestep, num_train)
+
+
+def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int) -> tuple[list[int], list[str]]:
+    """The first `limit` rows without context whose caption names a direction, and those captions swapped."""
+    from soragen.data.shapes import swap_directions
+
+    rows, texts = [], []
+    for i, prompt in enumerate(prompts):
+        other = swap_directions(prompt) if n_ctx[i] == 0 else None
+        if other is not None and len(rows) < limit:
+            rows.append(i)
+            texts.append(other)
+    return rows, texts
+
+
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
-    self_condition: bool = False, noise_correlation: float = 0.0,
-) -> torch.Tensor:
+    self_condition: bool = False, noise_correlation: float = 0.0, swapped: SwappedCaptions | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
     x0 [B, C, T, h, w] clean latents; n_ctx [B] context frames per sample (timestep in
@@ -387,6 +414,10 @@ def dit_loss(
     With `self_condition`, half the batches first estimate x0 without gradients and give the
     estimate to the model as its previous one; the other half give none (zeros), as at the
     first sampler step. `noise_correlation` is sampler.noise_correlation (noise shared across frames).
+    With `swapped`, its rows (windows without context) get one timestep >= swapped.min_timestep and
+    are predicted a second time from the swapped captions (their own self-conditioning estimate
+    included); returns (loss, contrast, gap): contrast = mean softplus((L_true - L_swapped) /
+    (CONTRAST_TEMPERATURE * L_true)) over the rows, gap = mean (L_swapped - L_true) / L_true.
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -398,6 +429,9 @@ def dit_loss(
     per_frame = torch.rand((b, 1), generator=generator) < frame_noise  # (B, 1): windows with a t per frame
     u = torch.where(per_frame, torch.rand((b, t_frames), generator=generator), u)  # (B, T)
     t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, T)
+    if swapped is not None:  # the contrast rows: one high timestep for the whole window
+        high = torch.randint(swapped.min_timestep, num_train, (len(swapped.rows), 1), generator=generator)
+        t_main[swapped.rows] = high.expand(-1, t_frames)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = draw_noise(x0.shape, generator, noise_correlation)  # (B, C, T, h, w)
@@ -405,6 +439,10 @@ def dit_loss(
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
     x_t, timesteps = x_t.to(x0.device), timesteps.to(x0.device)
+    if swapped is not None:  # one forward over the batch and the swapped rows (one backward, as DDP wants)
+        rows = swapped.rows
+        x_t, timesteps = torch.cat([x_t, x_t[rows]]), torch.cat([timesteps, timesteps[rows]])
+        text, mask = torch.cat([text, swapped.text]), torch.cat([mask, swapped.mask])
     if not self_condition:
         pred = dit(x_t, timesteps, text, mask)
     else:
@@ -414,12 +452,21 @@ def dit_loss(
                 first = dit(x_t, timesteps, text.detach(), mask, x_self=estimate)
             estimate = x0_estimate(scheduler, x_t, first, timesteps)  # the sampler's own conversion
         pred = dit(x_t, timesteps, text, mask, x_self=estimate)
+    if swapped is not None:
+        pred, pred_swapped = pred[:b], pred[b:]  # (B, ...), (R, ...)
     err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
+    if swapped is not None:
+        loss_true = err[rows].mean(dim=1)  # (R,): the rows have no context frames
+        loss_swapped = (pred_swapped - v[rows]).square().mean(dim=(1, 2, 3, 4))  # (R,)
+        scale = CONTRAST_TEMPERATURE * loss_true.detach()
+        contrast = F.softplus((loss_true - loss_swapped) / scale).mean()
+        gap = ((loss_swapped - loss_true) / loss_true).detach().mean()
     if sigma_data is not None:
         a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
         err = err / (a_main + (1 - a_main) * sigma_data**2)
     keep = (~is_ctx).float().to(err.device)
-    return (err * keep).sum() / keep.sum().clamp(min=1.0)
+    loss = (err * keep).sum() / keep.sum().clamp(min=1.0)
+    return loss if swapped is None else (loss, contrast, gap)
 
 
 def _init_from_model(cfg: Config, name: str):
@@ -547,9 +594,18 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
+        swapped, metrics = None, {}
+        if t.direction_contrast > 0:
+            rows, texts = swapped_rows(prompts, n_ctx, t.direction_contrast_rows)
+            if rows:
+                swapped = SwappedCaptions(torch.tensor(rows), *text_encoder(texts), t.direction_contrast_min_t)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation)
+                        cfg.sampler.noise_correlation, swapped)
+        if swapped is not None:
+            loss, contrast, gap = loss
+            metrics = {"v_loss": loss.item(), "contrast": contrast.item(), "swap_gap": gap.item()}
+            loss = loss + t.direction_contrast * contrast
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
@@ -557,7 +613,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         lr_sched.step()
         ema.step(trained)
         step += 1
-        stage.after_step(step, {"loss": loss.item(), "grad_norm": float(grad_norm)})
+        stage.after_step(step, {"loss": loss.item(), "grad_norm": float(grad_norm), **metrics})
         if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == t.steps):
             export(run.root / "samples" / "model")
             write_samples(cfg, run, step)

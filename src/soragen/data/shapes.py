@@ -372,6 +372,18 @@ def caption(scene: Scene, rng: np.random.Generator, *, language: str = "en") -> 
     raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
 
 
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_ZH_OPPOSITE = {"向左": "向右", "向右": "向左", "向上": "向下", "向下": "向上"}
+_DIRECTION_WORD = re.compile(r"\b(left|right|up|down)\b|(向左|向右|向上|向下)")
+
+
+def swap_directions(text: str) -> str | None:
+    """The caption with each direction word replaced by its opposite (left <-> right,
+    up <-> down, in English and Chinese); None if the caption names no direction."""
+    swapped, n = _DIRECTION_WORD.subn(lambda m: _OPPOSITE.get(m.group(1)) or _ZH_OPPOSITE[m.group(2)], text)
+    return swapped if n else None
+
+
 # ---------------------------------------------------------------- parsing
 
 _EN_SHAPE_WORDS = {"circle": "circle", "ball": "circle", "square": "square", "box": "square", "triangle": "triangle"}
