@@ -20,13 +20,15 @@ from soragen.config import load_config
 from soragen.data import shapes
 from soragen.pipeline import Pipeline
 from soragen.sampler import draw_noise, make_scheduler
+from soragen.train import _clips_to_tensor
+from soragen.vae import frames_for
 
 DIRECTIONS = ("left", "right", "up", "down")
 TIMESTEPS = (300, 500, 700, 900)
 
 
-def one_object_windows(n: int, rng: np.random.Generator, frames: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """n clips [n, frames, 64, 64, 3], their captions and the asked direction, an equal share of each."""
+def one_object_windows(n: int, rng: np.random.Generator, frames: int) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """n clips [frames, 64, 64, 3], their captions and the asked direction, an equal share of each."""
     clips, captions, asked = [], [], []
     while len(clips) < n:
         scene = shapes.sample_scene(rng)
@@ -36,20 +38,17 @@ def one_object_windows(n: int, rng: np.random.Generator, frames: int) -> tuple[n
         clips.append(shapes.render(scene, frames))
         captions.append(shapes.caption(scene, rng))
         asked.append(obj.motion)
-    return np.stack(clips), captions, asked
+    return clips, captions, asked
 
 
 @torch.no_grad()
-def v_loss(pipe: Pipeline, sched, z: torch.Tensor, prompts: list[str], t: int, seed: int, correlation: float):
-    """Per-window v-loss [n] at timestep t, one noise draw (the same for every caption)."""
+def v_losses(pipe: Pipeline, sched, z: torch.Tensor, texts: list, t: int, seed: int, correlation: float):
+    """Per-window v-loss [n] at timestep t for each encoded caption set, one noise draw for all."""
     noise = draw_noise(tuple(z.shape), torch.Generator().manual_seed(seed + t), correlation)
-    a = sched.alphas_cumprod[t].to(z)
-    x_t = a.sqrt() * z + (1 - a).sqrt() * noise
-    v = a.sqrt() * noise - (1 - a).sqrt() * z
-    text, mask = pipe.text_encoder(prompts)
-    timesteps = torch.full((z.shape[0], z.shape[2]), t, dtype=torch.long)
-    pred = pipe.dit(x_t, timesteps, text, mask)
-    return (pred - v).square().mean(dim=(1, 2, 3, 4))
+    t_batch = torch.full((z.shape[0],), t, dtype=torch.long)
+    x_t, v = sched.add_noise(z, noise, t_batch), sched.get_velocity(z, noise, t_batch)
+    timesteps = t_batch[:, None].expand(-1, z.shape[2])  # (n, T): one timestep per latent frame
+    return [(pipe.dit(x_t, timesteps, text, mask) - v).square().mean(dim=(1, 2, 3, 4)) for text, mask in texts]
 
 
 def main() -> None:
@@ -65,17 +64,16 @@ def main() -> None:
 
     sched = DDPMScheduler.from_config(make_scheduler(cfg.sampler.model_copy(update={"kind": "ddpm"})).config)
     k = cfg.sampler.window  # latent frames of a generation window
-    frames = 1 + (k - 1) * cfg.vae.temporal_compression
+    frames = frames_for(k, cfg.vae.temporal_compression)
     clips, captions, asked = one_object_windows(args.windows, np.random.default_rng(args.seed), frames)
-    x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (n, 3, T, 64, 64)
     with torch.no_grad():
-        z = torch.cat([pipe.vae.normalize(pipe.vae.encode(x[i : i + 8])[0]) for i in range(0, len(x), 8)])
-    swapped = [shapes.swap_directions(c) for c in captions]
+        z = torch.cat([pipe.vae.normalize(pipe.vae.encode(_clips_to_tensor(clips[i : i + 8]))[0])
+                       for i in range(0, len(clips), 8)])  # (n, C, k, h, w)
+        texts = [pipe.text_encoder(captions), pipe.text_encoder([shapes.swap_directions(c) for c in captions])]
     print(f"{args.model}: {len(captions)} one-object windows of {k} latent frames, seed {args.seed}")
     print(f"{'t':>4} {'true':>8} {'swapped':>8}  " + "  ".join(f"{d:>6}" for d in DIRECTIONS))
     for t in TIMESTEPS:
-        true = v_loss(pipe, sched, z, captions, t, args.seed, cfg.sampler.noise_correlation)
-        wrong = v_loss(pipe, sched, z, swapped, t, args.seed, cfg.sampler.noise_correlation)
+        true, wrong = v_losses(pipe, sched, z, texts, t, args.seed, cfg.sampler.noise_correlation)
         by_dir = []
         for d in DIRECTIONS:
             sel = torch.tensor([a == d for a in asked])
