@@ -127,12 +127,11 @@ def test_continuation_guidance(continuation, rows):
     assert len(calls) == pipe.denoise_calls(plan)
 
 
-def test_self_conditioning_feeds_back_the_previous_estimate():
-    """dit.self_condition: step 1 sees zeros, each later step the x0 estimate of the step before."""
-    from soragen.sampler import x0_estimate
-
-    cfg, te, _ = parts()
+def self_conditioned_run(prompts: list[str], guidance: float, **options):
+    """Denoise 3 DDIM steps with a small self-conditioned DiT; returns the scheduler and each call's
+    (x, timesteps, x_self fed, output)."""
     cfg = tiny_config(sampler={"kind": "ddim", "steps": 3}, dit={"self_condition": True})
+    _, te, _ = parts()
     torch.manual_seed(0)
     dit = DiT(cfg.dit, cfg.vae.latent_channels, te.dim).eval()
     for p in dit.parameters():
@@ -151,14 +150,53 @@ def test_self_conditioning_feeds_back_the_previous_estimate():
 
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        text, mask = te(["a red ball"])
+        text, mask = te(prompts)
         scheduler = make_scheduler(cfg.sampler)
-        denoise(Recorder(), scheduler, torch.randn(1, 4, 2, 4, 4, generator=g), text, mask, steps=3, guidance=1.0,
-                generator=g)
+        denoise(Recorder(), scheduler, torch.randn(1, 4, 2, 4, 4, generator=g), text, mask, steps=3, guidance=guidance,
+                generator=g, **options)
+    return scheduler, calls
+
+
+def test_self_conditioning_feeds_back_the_previous_estimate():
+    """dit.self_condition: step 1 sees zeros, each later step the x0 estimate of the step before."""
+    from soragen.sampler import x0_estimate
+
+    scheduler, calls = self_conditioned_run(["a red ball"], 1.0)
     assert len(calls) == 3 and torch.equal(calls[0][2], torch.zeros_like(calls[0][0]))
     for (x, t, _, out), (_, _, fed, _) in zip(calls, calls[1:]):
         torch.testing.assert_close(fed, x0_estimate(scheduler, x, out, t))
         assert fed.abs().sum() > 0
+
+
+def test_branch_estimates_give_each_guided_pass_its_own_estimate():
+    """sampler.branch_estimates: under guidance the conditional pass gets the conditional x0 estimate of the
+    step before and the unconditional pass the unconditional one (not both the guided estimate)."""
+    from soragen.sampler import x0_estimate
+
+    scheduler, calls = self_conditioned_run(["a red ball", ""], 3.0, branch_estimates=True)
+    assert len(calls) == 3 and torch.equal(calls[0][2], torch.zeros_like(calls[0][0]))
+    for (x, t, _, out), (_, _, fed, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(fed, x0_estimate(scheduler, x, out, t))  # (2, ...): one estimate per pass
+        assert not torch.allclose(fed[0], fed[1])
+
+
+@pytest.mark.parametrize("r", [0.0, 0.6])
+def test_stochastic_ddim_step_noise_is_correlated_across_frames(r):
+    """sampler.eta with correlated_step_noise: a DDIM step adds noise whose frames share r of its variance."""
+    from soragen.sampler import _step
+
+    cfg = tiny_config(sampler={"kind": "ddim", "steps": 10})
+    scheduler = make_scheduler(cfg.sampler)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    x = torch.randn(64, 4, 6, 8, 8)
+    pred = torch.randn(64, 4, 6, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    mean = scheduler.step(pred, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+    added = _step(scheduler, pred, t, x, g, 1.0, r) - mean  # (B, C, T, H, W)
+    assert added.std() > 0.01
+    a, b = added[:, :, 1].flatten(), added[:, :, 4].flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - r) < 0.05
 
 
 @pytest.mark.parametrize("r", [0.0, 0.5, 0.8])

@@ -299,3 +299,19 @@ def test_swap_directions_swaps_every_direction_word_in_both_languages():
             assert [o.motion for o in objects] == [opposite[o.motion] for o in scene.objects]
             assert S.swap_directions(swapped) == text
     assert S.swap_directions("a red ball moving upward") is None  # whole words only
+
+
+def test_swap_shapes_swaps_every_shape_word_in_both_languages():
+    assert S.swap_shapes("a large red circle moving right and a small blue box bouncing behind a gray wall") == (
+        "a large red square moving right and a small blue ball bouncing behind a gray wall")
+    assert S.swap_shapes("a green triangle moving up") == "a green circle moving up"
+    assert S.swap_shapes("一个红色的大圆向右移动和一个蓝色的方块在弹跳") == "一个红色的大正方形向右移动和一个蓝色的球在弹跳"
+    assert S.swap_shapes("一个绿色的三角形向上移动") == "一个绿色的圆向上移动"
+    assert S.swap_shapes("") is None and S.swap_shapes("a red boxer") is None
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # every swapped caption still parses, with the other shapes
+        for language in ("en", "zh"):
+            scene = S.sample_scene(rng)
+            objects, _ = S.parse_caption(S.swap_shapes(S.caption(scene, rng, language=language)))
+            assert [o.shape for o in objects] == [{"circle": "square", "square": "circle", "triangle": "circle"}[o.shape]
+                                                  for o in scene.objects]

@@ -315,14 +315,15 @@ def test_direction_contrast_rewards_a_prediction_that_reads_the_swapped_caption(
 
     x0 = torch.randn(4, 4, 3, 2, 2)
     text, mask = torch.zeros(4, 1, 8), torch.ones(4, 1, dtype=torch.bool)
-    swapped = SwappedCaptions(torch.tensor(rows), torch.ones(2, 1, 8), torch.ones(2, 1, dtype=torch.bool), 700)
+    swapped = SwappedCaptions(torch.tensor(rows), torch.ones(2, 1, 8), torch.ones(2, 1, dtype=torch.bool),
+                              torch.tensor([[700, 1000], [700, 1000]]))
     terms = []
     for off in (0.0, 3.0):
         reader = Reader(off)
         loss, contrast, gap = dit_loss(reader, sched, x0, text, mask, torch.zeros(4, dtype=torch.long), 20,
                                        torch.Generator().manual_seed(0), swapped=swapped)
         assert reader.timesteps.shape[0] == 6 and (reader.timesteps[[0, 3, 4, 5]] >= 700).all()
-        terms.append((loss.item(), contrast.item(), gap.item()))
+        terms.append((loss.item(), contrast.mean().item(), gap.mean().item()))
     assert terms[0][0] == terms[1][0]  # the main loss sees only the true captions
     assert abs(terms[0][1] - math.log(2)) < 1e-5 and abs(terms[0][2]) < 1e-5  # a prediction blind to the word
     assert terms[1][1] < 0.01 and terms[1][2] > 1  # one that reads it
@@ -337,3 +338,35 @@ def test_direction_contrast_trains(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
     assert len(steps) == 2 and all({"contrast", "swap_gap", "v_loss"} <= set(r) for r in steps)
+
+
+def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_timesteps():
+    """Direction rows first (t >= direction_contrast_min_t), then other rows for the shape contrast (t in its span)."""
+    from soragen.train import contrast_batch
+
+    class Encoder:
+        def __call__(self, texts):
+            return torch.zeros(len(texts), 2, 8), torch.ones(len(texts), 2, dtype=torch.bool)
+
+    cfg = load_config(None, TINY + ["train.dit.direction_contrast=0.1", "train.dit.shape_contrast=0.2",
+                                    "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast_rows=2",
+                                    "train.dit.shape_contrast_t=[40,300]"])
+    prompts = ["a red ball moving up", "a blue box moving left", "", "a green triangle bouncing", "a red ball moving up"]
+    swapped, groups = contrast_batch(Encoder(), prompts, np.array([0, 0, 0, 0, 3]), cfg.train.dit, 1000)
+    assert groups == [("direction", 0.1, 1), ("shape", 0.2, 2)]
+    assert swapped.rows.tolist() == [0, 1, 3]  # row 4 has context, row 2 no caption
+    assert swapped.timesteps.tolist() == [[500, 1000], [40, 300], [40, 300]]
+    off, _ = contrast_batch(Encoder(), prompts, np.zeros(5, dtype=int), load_config(None, TINY).train.dit, 1000)
+    assert off is None
+
+
+def test_shape_contrast_trains(tmp_path):
+    """A run with both contrasts logs each of them."""
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+                                    "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast=0.5",
+                                    "train.dit.context_fraction=0",
+                                    "train.dit.caption_dropout=0", "data.long_fraction=0"])
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
+    assert steps and all({"shape_contrast", "shape_swap_gap"} <= set(r) for r in steps)

@@ -166,6 +166,14 @@ class SamplerConfig(_Frozen):
     # Staircase denoising: latent frame k starts k*frame_lag steps after the first (0 = all frames
     # together). Costs floor((frames - 1) * frame_lag) extra model calls per window.
     frame_lag: float = Field(0.0, ge=0)
+    # A self-conditioned DiT under guidance: give its conditional and unconditional passes each
+    # their own previous x0 estimate (true), as in training, instead of both the guided one (false).
+    branch_estimates: bool = False
+    # DDIM's eta (kind: ddim): 0 = deterministic, 1 = the variance of DDPM's posterior. The noise a
+    # step then adds is correlated across the window's frames like the starting noise if
+    # correlated_step_noise (DDPM's own steps add independent noise).
+    eta: float = Field(0.0, ge=0, le=1)
+    correlated_step_noise: bool = False
 
     @model_validator(mode="after")
     def _windows(self) -> "SamplerConfig":
@@ -303,6 +311,20 @@ class DiTTrainConfig(_Frozen):
     direction_contrast: float = Field(0.0, ge=0)
     direction_contrast_rows: int = Field(4, ge=1)
     direction_contrast_min_t: int = Field(500, ge=0, le=999)
+    # Shape contrast, the same with the shape words swapped (circle <-> square, ball <-> box, triangle ->
+    # circle) on up to `shape_contrast_rows` other windows, drawn at a timestep in `shape_contrast_t`
+    # [lo, hi), where a shape is settled (the model's x0 for a square at t <= 300 was the same whatever
+    # shape word it was given: docs/training-log.md, session 15). 0 = off.
+    shape_contrast: float = Field(0.0, ge=0)
+    shape_contrast_rows: int = Field(4, ge=1)
+    shape_contrast_t: tuple[int, int] = (30, 500)
+
+    @field_validator("shape_contrast_t")
+    @classmethod
+    def _shape_span(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1] <= 1000:
+            raise ValueError(f"must be [lo, hi] with 0 <= lo < hi <= 1000, got {list(v)}")
+        return v
 
 
 class DecoderTrainConfig(_Frozen):

@@ -80,6 +80,9 @@ def denoise(
     start: int = 0,
     on_step: Callable[[int], None] | None = None,
     guidance_interval: tuple[int, int] | None = None,
+    branch_estimates: bool = False,
+    eta: float = 0.0,
+    step_noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
 
@@ -95,6 +98,11 @@ def denoise(
     `scheduler.add_noise`), and only the last steps - start steps run.
     With `guidance_interval` (lo, hi), only steps at lo <= t <= hi are guided (in the staircase,
     by the noisiest generated frame's t); the others take one conditional forward.
+    With `branch_estimates`, a self-conditioned model's conditional and unconditional passes each
+    get their own previous x0 estimate (as in training, where the estimate is the model's own
+    unguided one) instead of both getting the guided estimate.
+    `eta` is DDIM's (0 = deterministic, 1 = DDPM's posterior variance; ignored by DDPM); the noise a
+    DDIM step then adds shares `step_noise_correlation` of its variance across the window's frames.
     """
     if start and frame_lag > 0:
         raise ValueError("denoise: start > 0 is not supported with the staircase (frame_lag > 0)")
@@ -122,18 +130,33 @@ def denoise(
             timesteps[:, :n_ctx] = context_timestep
 
         # 2b. Classifier-free guidance (Ho & Salimans 2022, eq. 6): one batched forward, split, combine.
-        pred = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, int(t), guidance_interval), estimate)
+        pred, branches = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, int(t), guidance_interval),
+                                 estimate)
         if estimate is not None:
-            estimate = x0_estimate(scheduler, x, pred, timesteps)
+            if branch_estimates:  # (2B, ...): conditional rows, then unconditional
+                estimate = x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
+            else:
+                estimate = x0_estimate(scheduler, x, pred, timesteps)
 
         # 2c. One scheduler step x_t -> x_{t-1}.
-        x = scheduler.step(pred, t, x, generator=generator).prev_sample
+        x = _step(scheduler, pred, t, x, generator, eta, step_noise_correlation)
         if on_step is not None:
             on_step(i)
 
     if n_ctx:
         x[:, :, :n_ctx] = context  # context frames are given, not generated
     return x
+
+
+def _step(scheduler, pred: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator, eta: float,
+          correlation: float) -> torch.Tensor:
+    """One scheduler step x_t -> x_{t-1}; a stochastic DDIM step (eta > 0) adds noise drawn by `draw_noise`."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler) and eta > 0:
+        noise = draw_noise(tuple(x.shape), generator, correlation)  # (B, C, T, H, W)
+        return scheduler.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample
+    return scheduler.step(pred, t, x, generator=generator).prev_sample
 
 
 def _self_conditioned(dit) -> bool:
@@ -150,16 +173,23 @@ def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch
 
 
 def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float,
-            estimate: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's prediction with classifier-free guidance (one batched forward when guided)."""
-    extra = {} if estimate is None else {"x_self": estimate}
-    if guidance == 1.0:
-        b = x.shape[0]  # text may still hold the unconditional rows after the conditional ones
-        return dit(x, timesteps, text[:b], text_mask[:b], **extra)
+            estimate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's prediction with classifier-free guidance (one batched forward when guided), and the
+    branches' own predictions [2B, ...] (conditional rows, then unconditional; the conditional twice unguided).
+
+    `estimate` is the previous x0 estimate, [B, ...] for both branches or [2B, ...] one per branch.
+    """
+    b = x.shape[0]
+    if guidance == 1.0:  # text may still hold the unconditional rows after the conditional ones
+        extra = {} if estimate is None else {"x_self": estimate[:b]}
+        pred = dit(x, timesteps, text[:b], text_mask[:b], **extra)
+        return pred, torch.cat([pred, pred])
+    extra = {}
     if estimate is not None:
-        extra = {"x_self": torch.cat([estimate, estimate])}
-    pred_cond, pred_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask, **extra).chunk(2)
-    return pred_uncond + guidance * (pred_cond - pred_uncond)
+        extra = {"x_self": estimate if estimate.shape[0] == 2 * b else torch.cat([estimate, estimate])}
+    both = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), text, text_mask, **extra)  # (2B, ...)
+    pred_cond, pred_uncond = both.chunk(2)
+    return pred_uncond + guidance * (pred_cond - pred_uncond), both
 
 
 def _guided_at(t: int, interval: tuple[int, int] | None) -> bool:
@@ -202,7 +232,8 @@ def _denoise_staircase(
         # A clean frame is shown at timestep 0, like a context frame.
         t_new = [ladder[p] if p < steps else 0 for p in pos]
         timesteps = torch.tensor([context_timestep] * n_ctx + t_new, dtype=torch.long).expand(b, t_frames)
-        pred = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, max(t_new), guidance_interval), estimate)
+        pred, _ = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, max(t_new), guidance_interval),
+                          estimate)
         if estimate is not None:
             estimate = x0_estimate(scheduler, x, pred, timesteps)
         # Step the frames that are at the same schedule position together, with the diffusers scheduler.

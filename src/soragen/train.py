@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,25 +376,49 @@ CONTRAST_TEMPERATURE = 0.1  # a swapped caption 10% worse than the true one is o
 
 @dataclass(frozen=True)
 class SwappedCaptions:
-    """Rows of a training batch to predict a second time from captions with swapped directions."""
+    """Rows of a training batch to predict a second time from captions with a word swapped (a contrast)."""
 
     rows: torch.Tensor  # (R,) batch rows, all without context frames
     text: torch.Tensor  # (R, L, D) the swapped captions, encoded
     mask: torch.Tensor  # (R, L)
-    min_timestep: int  # the rows are drawn at one timestep in [min_timestep, num_train)
+    timesteps: torch.Tensor  # (R, 2) each row is drawn at one timestep in [lo, hi)
 
 
-def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int) -> tuple[list[int], list[str]]:
-    """The first `limit` rows without context whose caption names a direction, and those captions swapped."""
+def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int, swap: Callable[[str], str | None] | None = None,
+                 skip: Sequence[int] = ()) -> tuple[list[int], list[str]]:
+    """The first `limit` rows without context (and not in `skip`) whose caption `swap` changes, and those
+    captions swapped; `swap` defaults to the Shapes World direction swap (left <-> right, up <-> down)."""
     from soragen.data.shapes import swap_directions
 
+    swap = swap or swap_directions
     rows, texts = [], []
     for i, prompt in enumerate(prompts):
-        other = swap_directions(prompt) if n_ctx[i] == 0 else None
+        other = swap(prompt) if n_ctx[i] == 0 and i not in skip else None
         if other is not None and len(rows) < limit:
             rows.append(i)
             texts.append(other)
     return rows, texts
+
+
+def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_train: int
+                   ) -> tuple[SwappedCaptions | None, list[tuple[str, float, int]]]:
+    """The contrast rows of a batch: direction rows (t >= direction_contrast_min_t), then shape rows
+    (t in shape_contrast_t); and per contrast (name, weight, how many rows) in that order."""
+    from soragen.data.shapes import swap_shapes
+
+    groups, rows, texts, ranges = [], [], [], []
+    specs = (("direction", t.direction_contrast, t.direction_contrast_rows, None, (t.direction_contrast_min_t, num_train)),
+             ("shape", t.shape_contrast, t.shape_contrast_rows, swap_shapes, tuple(t.shape_contrast_t)))
+    for name, weight, limit, swap, span in specs:
+        if weight <= 0:
+            continue
+        r, x = swapped_rows(prompts, n_ctx, limit, swap, skip=rows)
+        if r:
+            groups.append((name, weight, len(r)))
+            rows, texts, ranges = rows + r, texts + x, ranges + [span] * len(r)
+    if not rows:
+        return None, []
+    return SwappedCaptions(torch.tensor(rows), *text_encoder(texts), torch.tensor(ranges)), groups
 
 
 def dit_loss(
@@ -414,10 +438,10 @@ def dit_loss(
     With `self_condition`, half the batches first estimate x0 without gradients and give the
     estimate to the model as its previous one; the other half give none (zeros), as at the
     first sampler step. `noise_correlation` is sampler.noise_correlation (noise shared across frames).
-    With `swapped`, its rows (windows without context) get one timestep >= swapped.min_timestep and
+    With `swapped`, its rows (windows without context) get one timestep each in their range and
     are predicted a second time from the swapped captions (their own self-conditioning estimate
-    included); returns (loss, contrast, gap): contrast = mean softplus((L_true - L_swapped) /
-    (CONTRAST_TEMPERATURE * L_true)) over the rows, gap = mean (L_swapped - L_true) / L_true.
+    included); returns (loss, contrast, gap), per row [R]: contrast = softplus((L_true - L_swapped) /
+    (CONTRAST_TEMPERATURE * L_true)), gap = (L_swapped - L_true) / L_true.
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -429,9 +453,10 @@ def dit_loss(
     per_frame = torch.rand((b, 1), generator=generator) < frame_noise  # (B, 1): windows with a t per frame
     u = torch.where(per_frame, torch.rand((b, t_frames), generator=generator), u)  # (B, T)
     t_main = (num_train * u ** (1.0 / timestep_power)).long().clamp(max=num_train - 1)  # (B, T)
-    if swapped is not None:  # the contrast rows: one high timestep for the whole window
-        high = torch.randint(swapped.min_timestep, num_train, (len(swapped.rows), 1), generator=generator)
-        t_main[swapped.rows] = high.expand(-1, t_frames)
+    if swapped is not None:  # the contrast rows: one timestep in the row's range for the whole window
+        lo, hi = swapped.timesteps[:, 0], swapped.timesteps[:, 1]  # (R,)
+        drawn = lo + (torch.rand(len(swapped.rows), generator=generator) * (hi - lo)).long()  # (R,)
+        t_main[swapped.rows] = drawn[:, None].expand(-1, t_frames)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = draw_noise(x0.shape, generator, noise_correlation)  # (B, C, T, h, w)
@@ -459,8 +484,8 @@ def dit_loss(
         loss_true = err[rows].mean(dim=1)  # (R,): the rows have no context frames
         loss_swapped = (pred_swapped - v[rows]).square().mean(dim=(1, 2, 3, 4))  # (R,)
         scale = CONTRAST_TEMPERATURE * loss_true.detach()
-        contrast = F.softplus((loss_true - loss_swapped) / scale).mean()
-        gap = ((loss_swapped - loss_true) / loss_true).detach().mean()
+        contrast = F.softplus((loss_true - loss_swapped) / scale)  # (R,)
+        gap = ((loss_swapped - loss_true) / loss_true).detach()  # (R,)
     if sigma_data is not None:
         a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
         err = err / (a_main + (1 - a_main) * sigma_data**2)
@@ -594,18 +619,21 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
-        swapped, metrics = None, {}
-        if t.direction_contrast > 0:
-            rows, texts = swapped_rows(prompts, n_ctx, t.direction_contrast_rows)
-            if rows:
-                swapped = SwappedCaptions(torch.tensor(rows), *text_encoder(texts), t.direction_contrast_min_t)
+        swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
                         cfg.sampler.noise_correlation, swapped)
+        metrics = {}
         if swapped is not None:
             loss, contrast, gap = loss
-            metrics = {"v_loss": loss.item(), "contrast": contrast.item(), "swap_gap": gap.item()}
-            loss = loss + t.direction_contrast * contrast
+            metrics = {"v_loss": loss.item()}
+            first = 0
+            for name, weight, n in groups:
+                part = slice(first, first + n)
+                first += n
+                loss = loss + weight * contrast[part].mean()
+                prefix = "" if name == "direction" else f"{name}_"  # the direction contrast keeps its metric names
+                metrics |= {f"{prefix}contrast": contrast[part].mean().item(), f"{prefix}swap_gap": gap[part].mean().item()}
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)

@@ -384,6 +384,18 @@ def swap_directions(text: str) -> str | None:
     return swapped if n else None
 
 
+_OTHER_SHAPE = {"circle": "square", "ball": "box", "square": "circle", "box": "ball", "triangle": "circle",
+                "圆": "正方形", "球": "方块", "正方形": "圆", "方块": "球", "三角形": "圆"}
+_SHAPE_WORD = re.compile(r"\b(circle|ball|square|box|triangle)\b|(正方形|三角形|方块|圆|球)")
+
+
+def swap_shapes(text: str) -> str | None:
+    """The caption with each shape word replaced by the shape the model confuses it with (circle <->
+    square, ball <-> box, triangle -> circle, in English and Chinese); None if it names no shape."""
+    swapped, n = _SHAPE_WORD.subn(lambda m: _OTHER_SHAPE[m.group(1) or m.group(2)], text)
+    return swapped if n else None
+
+
 # ---------------------------------------------------------------- parsing
 
 _EN_SHAPE_WORDS = {"circle": "circle", "ball": "circle", "square": "square", "box": "square", "triangle": "triangle"}
