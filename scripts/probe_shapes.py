@@ -96,8 +96,7 @@ def main() -> None:
                 with torch.no_grad():
                     zi = denoise(pipe.dit, scheduler, x_t, text[:rows_text], mask[:rows_text], steps=s.steps,
                                  guidance=s.guidance, generator=g, start=k, guidance_interval=s.guidance_interval,
-                                 branch_estimates=s.branch_estimates, eta=s.eta,
-                                 step_noise_correlation=s.noise_correlation if s.correlated_step_noise else 0.0)
+                                 branch_estimates=s.branch_estimates)
             with torch.no_grad():
                 video = pipe.vae.decode(pipe.vae.denormalize(zi))[0]  # (3, T, H, W)
             f, r = shape_reads(video, asked[i])

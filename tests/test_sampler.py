@@ -180,25 +180,6 @@ def test_branch_estimates_give_each_guided_pass_its_own_estimate():
         assert not torch.allclose(fed[0], fed[1])
 
 
-@pytest.mark.parametrize("r", [0.0, 0.6])
-def test_stochastic_ddim_step_noise_is_correlated_across_frames(r):
-    """sampler.eta with correlated_step_noise: a DDIM step adds noise whose frames share r of its variance."""
-    from soragen.sampler import _step
-
-    cfg = tiny_config(sampler={"kind": "ddim", "steps": 10})
-    scheduler = make_scheduler(cfg.sampler)
-    scheduler.set_timesteps(10)
-    t = scheduler.timesteps[3]
-    x = torch.randn(64, 4, 6, 8, 8)
-    pred = torch.randn(64, 4, 6, 8, 8)
-    g = torch.Generator().manual_seed(0)
-    mean = scheduler.step(pred, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
-    added = _step(scheduler, pred, t, x, g, 1.0, r) - mean  # (B, C, T, H, W)
-    assert added.std() > 0.01
-    a, b = added[:, :, 1].flatten(), added[:, :, 4].flatten()
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - r) < 0.05
-
-
 @pytest.mark.parametrize("r", [0.0, 0.5, 0.8])
 def test_noise_correlation_shares_that_much_variance_across_frames(r):
     """sampler.noise_correlation: unit variance per value; corr(frame i, frame j) = r within a window."""

@@ -169,11 +169,6 @@ class SamplerConfig(_Frozen):
     # A self-conditioned DiT under guidance: give its conditional and unconditional passes each
     # their own previous x0 estimate (true), as in training, instead of both the guided one (false).
     branch_estimates: bool = False
-    # DDIM's eta (kind: ddim): 0 = deterministic, 1 = the variance of DDPM's posterior. The noise a
-    # step then adds is correlated across the window's frames like the starting noise if
-    # correlated_step_noise (DDPM's own steps add independent noise).
-    eta: float = Field(0.0, ge=0, le=1)
-    correlated_step_noise: bool = False
 
     @model_validator(mode="after")
     def _windows(self) -> "SamplerConfig":

@@ -191,7 +191,6 @@ class Pipeline:
                 self.dit, scheduler, noise, text[:rows], mask[:rows], steps=s.steps, guidance=guidance, generator=generator,
                 context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
                 guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates,
-                eta=s.eta, step_noise_correlation=s.noise_correlation if s.correlated_step_noise else 0.0,
                 on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
             done += denoise_iterations(s.steps, new, s.frame_lag)

@@ -81,8 +81,6 @@ def denoise(
     on_step: Callable[[int], None] | None = None,
     guidance_interval: tuple[int, int] | None = None,
     branch_estimates: bool = False,
-    eta: float = 0.0,
-    step_noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
 
@@ -101,8 +99,6 @@ def denoise(
     With `branch_estimates`, a self-conditioned model's conditional and unconditional passes each
     get their own previous x0 estimate (as in training, where the estimate is the model's own
     unguided one) instead of both getting the guided estimate.
-    `eta` is DDIM's (0 = deterministic, 1 = DDPM's posterior variance; ignored by DDPM); the noise a
-    DDIM step then adds shares `step_noise_correlation` of its variance across the window's frames.
     """
     if start and frame_lag > 0:
         raise ValueError("denoise: start > 0 is not supported with the staircase (frame_lag > 0)")
@@ -139,24 +135,13 @@ def denoise(
                 estimate = x0_estimate(scheduler, x, pred, timesteps)
 
         # 2c. One scheduler step x_t -> x_{t-1}.
-        x = _step(scheduler, pred, t, x, generator, eta, step_noise_correlation)
+        x = scheduler.step(pred, t, x, generator=generator).prev_sample
         if on_step is not None:
             on_step(i)
 
     if n_ctx:
         x[:, :, :n_ctx] = context  # context frames are given, not generated
     return x
-
-
-def _step(scheduler, pred: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator, eta: float,
-          correlation: float) -> torch.Tensor:
-    """One scheduler step x_t -> x_{t-1}; a stochastic DDIM step (eta > 0) adds noise drawn by `draw_noise`."""
-    from diffusers import DDIMScheduler
-
-    if isinstance(scheduler, DDIMScheduler) and eta > 0:
-        noise = draw_noise(tuple(x.shape), generator, correlation)  # (B, C, T, H, W)
-        return scheduler.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample
-    return scheduler.step(pred, t, x, generator=generator).prev_sample
 
 
 def _self_conditioned(dit) -> bool:
