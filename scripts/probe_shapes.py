@@ -26,6 +26,7 @@ from soragen.pipeline import Pipeline
 from soragen.sampler import denoise, draw_noise, make_scheduler
 from soragen.train import _clips_to_tensor
 from soragen.vae import frames_for
+from soragen.video_io import to_uint8
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -45,10 +46,9 @@ def one_object_clips(n: int, rng: np.random.Generator, frames: int) -> tuple[lis
 
 
 def shape_reads(video: torch.Tensor, asked: str) -> tuple[list[float], list[bool]]:
-    """Fill ratio of the largest blob of each frame of a decoded clip [3, T, H, W] and whether it reads as `asked`."""
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+    """Fill ratio of the largest blob of each frame of a decoded clip [1, 3, T, H, W] and whether it reads as `asked`."""
     fills, right = [], []
-    for frame in frames:
+    for frame in to_uint8(video):
         blobs = [b for b in detect_frame(frame) if not b.clipped]
         if blobs:
             big = max(blobs, key=lambda b: b.area)
@@ -78,6 +78,7 @@ def main() -> None:
     with torch.no_grad():
         z = torch.cat([pipe.vae.encode(_clips_to_tensor(clips[i : i + 8]))[0] for i in range(0, len(clips), 8)])
         z = pipe.vae.normalize(z)  # (n, C, k, h, w)
+        texts = [pipe.encode_text(c, s.negative_prompt) for c in captions]  # [cond; uncond] when guided
     print(f"{args.model}: {len(clips)} one-object clips of {frames} frames, sampler {s.kind} {s.steps} steps, "
           f"guidance {s.guidance}, seed {args.seed}")
     print(f"{'start':>14}  " + "  ".join(f"{name + ' fill':>13} {'read':>5}" for name in SHAPES))
@@ -91,14 +92,13 @@ def main() -> None:
                 g = torch.Generator().manual_seed(args.seed * 1000 + i)
                 noise = draw_noise(tuple(zi.shape), g, s.noise_correlation)
                 x_t = scheduler.add_noise(zi, noise, torch.tensor([ladder[k]]))
-                rows_text = 2 if s.guidance != 1.0 else 1
-                text, mask = pipe.encode_text(captions[i], s.negative_prompt)
+                text, mask = texts[i]
                 with torch.no_grad():
-                    zi = denoise(pipe.dit, scheduler, x_t, text[:rows_text], mask[:rows_text], steps=s.steps,
+                    zi = denoise(pipe.dit, scheduler, x_t, text, mask, steps=s.steps,
                                  guidance=s.guidance, generator=g, start=k, guidance_interval=s.guidance_interval,
                                  branch_estimates=s.branch_estimates)
             with torch.no_grad():
-                video = pipe.vae.decode(pipe.vae.denormalize(zi))[0]  # (3, T, H, W)
+                video = pipe.vae.decode(pipe.vae.denormalize(zi))  # (1, 3, T, H, W)
             f, r = shape_reads(video, asked[i])
             fills[asked[i]] += f
             right[asked[i]] += r

@@ -129,7 +129,7 @@ def denoise(
         pred, branches = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, int(t), guidance_interval),
                                  estimate)
         if estimate is not None:
-            if branch_estimates:  # (2B, ...): conditional rows, then unconditional
+            if branch_estimates and branches is not None:  # (2B, ...): conditional rows, then unconditional
                 estimate = x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
             else:
                 estimate = x0_estimate(scheduler, x, pred, timesteps)
@@ -158,17 +158,16 @@ def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch
 
 
 def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float,
-            estimate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            estimate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's prediction with classifier-free guidance (one batched forward when guided), and the
-    branches' own predictions [2B, ...] (conditional rows, then unconditional; the conditional twice unguided).
+    branches' own predictions [2B, ...] (conditional rows, then unconditional; None when unguided).
 
     `estimate` is the previous x0 estimate, [B, ...] for both branches or [2B, ...] one per branch.
     """
     b = x.shape[0]
     if guidance == 1.0:  # text may still hold the unconditional rows after the conditional ones
         extra = {} if estimate is None else {"x_self": estimate[:b]}
-        pred = dit(x, timesteps, text[:b], text_mask[:b], **extra)
-        return pred, torch.cat([pred, pred])
+        return dit(x, timesteps, text[:b], text_mask[:b], **extra), None
     extra = {}
     if estimate is not None:
         extra = {"x_self": estimate if estimate.shape[0] == 2 * b else torch.cat([estimate, estimate])}
