@@ -63,6 +63,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     flops = 0
     with torch.no_grad():
         text, mask = pipe.encode_text("a red ball", "")
+        cond = pipe.dit.condition_text(text, mask)  # as the sampler does: once per window, not counted per step
         guided_share = guided_steps(s) / s.steps  # sampler.guidance_interval leaves some steps unguided
         for w, (ctx, new) in enumerate(windows):
             guidance = s.guidance if w == 0 or s.continuation_guidance is None else s.continuation_guidance
@@ -71,7 +72,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
                 x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), text[:rows], mask[:rows])
+                    pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), cond.head(rows), x_self=x)
                 flops += counter.get_total_flops() * calls * share
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -110,7 +111,8 @@ def forward_cost(forward, reps: int = 10) -> tuple[float, float]:
 
 
 def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
-    """(seconds, FLOPs) of one denoising step (one CFG-batched forward) of soragen's DiT on a full window."""
+    """(seconds, FLOPs) of one denoising step (one CFG-batched forward) of soragen's DiT on a full window,
+    as the sampler makes it: the text conditioned once per window, the previous x0 estimate as input."""
     from soragen.config import load_config
     from soragen.heap import hold_heap
     from soragen.pipeline import Pipeline
@@ -122,8 +124,9 @@ def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
     x = torch.randn(2, cfg.vae.latent_channels, cfg.sampler.window, cfg.video.height // s, cfg.video.width // s)
     with torch.no_grad():
         text, mask = pipe.encode_text("a red ball", "")
+        cond = pipe.dit.condition_text(text, mask)
     ts = torch.full((2, cfg.sampler.window), 500)
-    seconds, flops = forward_cost(lambda: pipe.dit(x, ts, text, mask))
+    seconds, flops = forward_cost(lambda: pipe.dit(x, ts, cond, x_self=x))
     return seconds, flops, {"cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1], "text_dim": text.shape[2]}
 
 

@@ -202,23 +202,65 @@ def test_gelu_is_the_tanh_approximation_with_and_without_gradients():
     assert y.requires_grad and torch.equal(y, F.gelu(x, approximate="tanh"))
 
 
-def test_qk_norm_in_one_pass_is_torchs_rms_norm_with_its_gradients():
-    from torch import nn
+def _reference_attention(attn, x, text=None, mask=None):
+    """Attention as written in the papers: each of q and k RMS-normalised with its own gain (torch's RMSNorm)."""
+    import torch.nn.functional as F
 
-    from soragen.dit import qk_rms_norm
+    h = attn.heads
+    if text is None:  # self-attention
+        q, k, v = attn.qkv(x).chunk(3, dim=-1)
+        attn_mask = None
+    else:
+        q = attn.q(x)
+        k, v = attn.kv(text).chunk(2, dim=-1)
+        attn_mask = mask[:, None, None, :]
+    q, k, v = (t.unflatten(-1, (h, -1)) for t in (q, k, v))  # (B, N, h, d)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return attn.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_attention_folds_the_key_gain_into_the_queries_exactly(kind):
+    """q and k normalised in one kernel with the gains g_q * g_k on the queries: the same outputs and
+    gradients as normalising each with its own gain (the keys of a cross-attention are cached without one)."""
+    from soragen.dit import CrossAttention, SelfAttention
 
     torch.manual_seed(0)
-    qkv = torch.randn(2, 7, 3, 4, 16, requires_grad=True)  # (B, N, 3, h, d), as SelfAttention cuts it
-    q_norm, k_norm = nn.RMSNorm(16, eps=1e-6), nn.RMSNorm(16, eps=1e-6)
+    attn = SelfAttention(32, 4) if kind == "self" else CrossAttention(32, 4)
     with torch.no_grad():
-        q_norm.weight.uniform_(0.5, 1.5)
-        k_norm.weight.uniform_(0.5, 1.5)
-    weight = torch.stack([q_norm.weight, k_norm.weight])[:, None]  # (2, 1, d)
-    out = qk_rms_norm(qkv[:, :, :2], weight, 1e-6)
-    ref = torch.stack([q_norm(qkv[:, :, 0]), k_norm(qkv[:, :, 1])], dim=2)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    params = [qkv, q_norm.weight, k_norm.weight]
-    g_out = torch.autograd.grad(out.square().sum(), params)
-    g_ref = torch.autograd.grad(ref.square().sum(), params)
-    for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b)
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    if kind == "self":
+        out, ref = attn(x), _reference_attention(attn, x)
+    else:
+        text, mask = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True, True, False, False, False]])
+        out, ref = attn(x, attn.keys_values(text), mask[:, None, None, :]), _reference_attention(attn, x, text, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    params = [x, attn.q_norm.weight, attn.k_norm.weight]
+    for a, b in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_text_conditioned_once_and_shared_frame_conditioning_give_the_same_prediction():
+    """The sampler's fast path (DiT.condition_text once, adaLN on the distinct token-frame conditionings)
+    predicts what a plain forward with gradients does, for context frames at their own timestep too."""
+    from soragen.config import DiTConfig
+
+    torch.manual_seed(0)
+    cfg = DiTConfig(width=32, depth=2, heads=4, patch_size=[1, 2, 2], attention="factorized", temporal_conv=True,
+                    self_condition=True)
+    dit = DiT(cfg, in_channels=4, text_dim=16)
+    for p in dit.parameters():  # leave the zero initialisation: every path has to carry signal
+        torch.nn.init.normal_(p, std=0.2)
+    x, x_self = torch.randn(2, 4, 5, 4, 4), torch.randn(2, 4, 5, 4, 4)
+    timesteps = torch.tensor([[0, 0, 700, 700, 700], [0, 0, 300, 300, 300]])
+    text, mask = torch.randn(2, 6, 16), torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    plain = dit(x, timesteps, text, mask, x_self=x_self)  # gradients on: every token-frame projected on its own
+    with torch.no_grad():
+        cond = dit.condition_text(text, mask)
+        fast = dit(x, timesteps, cond, x_self=x_self)
+        first = dit(x[:1], timesteps[:1], cond.head(1), x_self=x_self[:1])
+    torch.testing.assert_close(fast, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, plain.detach()[:1], atol=1e-5, rtol=1e-5)

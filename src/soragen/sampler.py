@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from soragen.config import SamplerConfig
-from soragen.dit import DiT
+from soragen.dit import DiT, TextConditioning
 
 
 def shifted_betas(betas: torch.Tensor, shift: float) -> list[float]:
@@ -108,6 +108,7 @@ def denoise(
                                   frame_lag=frame_lag, on_step=on_step, guidance_interval=guidance_interval)
     b, _, t_frames, _, _ = noise.shape
     n_ctx = 0 if context is None else context.shape[2]
+    text, text_mask = _condition_text(dit, text, text_mask)
 
     # 1. Timesteps and the initial latents x_T.
     scheduler.set_timesteps(steps)
@@ -157,6 +158,21 @@ def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch
     return (x - (1 - a).sqrt() * pred) / a.sqrt().clamp(min=1e-4)  # epsilon
 
 
+def _condition_text(dit, text: torch.Tensor, text_mask: torch.Tensor) -> tuple:
+    """What the denoiser takes from the text at every step: a DiT's `condition_text`, computed once per
+    window, and no mask beside it; any other denoiser gets the text and mask as they are."""
+    if isinstance(dit, DiT):
+        return dit.condition_text(text, text_mask), None
+    return text, text_mask
+
+
+def _first_rows(text, text_mask, n: int) -> tuple:
+    """The first n rows of the text (the conditional ones of a guided batch)."""
+    if isinstance(text, TextConditioning):
+        return text.head(n), None
+    return text[:n], text_mask[:n]
+
+
 def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask, guidance: float,
             estimate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's prediction with classifier-free guidance (one batched forward when guided), and the
@@ -167,7 +183,7 @@ def _guided(dit: DiT, x: torch.Tensor, timesteps: torch.Tensor, text, text_mask,
     b = x.shape[0]
     if guidance == 1.0:  # text may still hold the unconditional rows after the conditional ones
         extra = {} if estimate is None else {"x_self": estimate[:b]}
-        return dit(x, timesteps, text[:b], text_mask[:b], **extra), None
+        return dit(x, timesteps, *_first_rows(text, text_mask, b), **extra), None
     extra = {}
     if estimate is not None:
         extra = {"x_self": estimate if estimate.shape[0] == 2 * b else torch.cat([estimate, estimate])}
@@ -204,6 +220,7 @@ def _denoise_staircase(
     b, _, t_frames, _, _ = noise.shape
     n_ctx = 0 if context is None else context.shape[2]
     new = t_frames - n_ctx
+    text, text_mask = _condition_text(dit, text, text_mask)
     scheduler.set_timesteps(steps)
     ladder = [int(t) for t in scheduler.timesteps]  # (steps,): noisiest first
     x = noise * scheduler.init_noise_sigma  # (B, C, T, H, W)
