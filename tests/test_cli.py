@@ -102,6 +102,18 @@ def test_info_describes_model(capsys, tiny_yaml):
     assert "dit" in out and "parameters" in out and "random" in out
 
 
+def test_info_describes_a_training_preset_before_it_is_trained(capsys):
+    """configs/default.yaml (word tokenizer, no model yet): its parameters, from the grammar's vocabulary."""
+    from pathlib import Path
+
+    preset = Path(__file__).parent.parent / "configs" / "default.yaml"
+    code, out, err = run_cli(["info", "--config", str(preset)], capsys)
+    assert code == 0, err
+    dit = next(line for line in out.splitlines() if line.strip().startswith("dit "))
+    assert float(dit.split()[1]) > 10  # width 256, depth 6: about 12 M
+    assert "the config names no model" in out
+
+
 def test_console_script_and_module_entry(tmp_path):
     """`python -m soragen` is a real process with a real exit code."""
     proc = subprocess.run([sys.executable, "-m", "soragen", "generate", "x", "--seconds", "-1"],

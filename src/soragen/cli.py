@@ -271,7 +271,7 @@ def info(
     typer.echo("prompts it understands:")
     if cfg.model is None:
         typer.echo(
-            "  none: these are random, untrained weights (configs/tiny.yaml), so every prompt gives noise.\n"
+            "  none: the weights are random (the config names no model), so every prompt gives noise.\n"
             "  They make every stage run end to end; train a model with `soragen train` and pass --model."
         )
     else:

@@ -104,10 +104,15 @@ class Pipeline:
 
         if cfg.model is None:
             torch.manual_seed(0)  # random weights are the same on every run
-            text_encoder = TextEncoder.from_config(cfg.text_encoder)
+            corpus = None
+            if cfg.text_encoder.tokenizer == "words" and cfg.data.kind == "shapes":  # the vocabulary training builds
+                from soragen.data import shapes
+
+                corpus = shapes.vocabulary_corpus()
+            text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
             vae = VideoVAE(cfg.vae)
             dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
-            return cls(cfg, text_encoder, vae, dit, "random weights (untrained; configs/tiny.yaml)")
+            return cls(cfg, text_encoder, vae, dit, "random weights (untrained: the config names no model)")
         folder = resolve_model(cfg.model)
         if cfg.text_encoder.pretrained is not None:
             text_encoder = TextEncoder.from_pretrained(cfg.text_encoder.pretrained, cfg.text_encoder.max_length)

@@ -78,7 +78,8 @@ class TextEncoder(nn.Module):
                 tokenizer = ByT5Tokenizer()
             case "words":
                 if corpus is None:
-                    raise UserError("text_encoder.tokenizer 'words' needs training captions to build its vocabulary")
+                    raise UserError("text_encoder.tokenizer 'words' builds its vocabulary from training captions: "
+                                    "pass a trained model (--model) or use tokenizer 'byt5'")
                 tokenizer = word_tokenizer(corpus)
         t5_cfg = T5Config(
             vocab_size=len(tokenizer),

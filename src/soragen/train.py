@@ -561,9 +561,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if cfg.data.kind == "shapes":  # the whole vocabulary of the grammar, in both languages, held-out words too
         from soragen.data import shapes
 
-        r = np.random.default_rng(0)
-        corpus += [shapes.caption(shapes.sample_scene(r, held_out=bool(i % 2)), r, language=lang)
-                   for i in range(3000) for lang in ("en", "zh")]
+        corpus += shapes.vocabulary_corpus()
     if t.init_model is None:
         text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
         dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)

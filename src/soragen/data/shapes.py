@@ -372,6 +372,13 @@ def caption(scene: Scene, rng: np.random.Generator, *, language: str = "en") -> 
     raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
 
 
+def vocabulary_corpus(n: int = 3000) -> list[str]:
+    """Captions that hold every word of the grammar in both languages, held-out words too (a fixed sample,
+    2n captions): what a word-level tokenizer of the Shapes World is built from beside the training captions."""
+    rng = np.random.default_rng(0)
+    return [caption(sample_scene(rng, held_out=bool(i % 2)), rng, language=lang) for i in range(n) for lang in ("en", "zh")]
+
+
 _OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 _ZH_OPPOSITE = {"向左": "向右", "向右": "向左", "向上": "向下", "向下": "向上"}
 _DIRECTION_WORD = re.compile(r"\b(left|right|up|down)\b|(向左|向右|向上|向下)")
