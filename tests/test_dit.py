@@ -80,6 +80,8 @@ def test_padding_tokens_are_ignored():
     y2 = y.clone()
     y2[:, 3:] = torch.randn_like(y2[:, 3:]) * 10  # change only padded positions
     torch.testing.assert_close(dit(x, torch.tensor([100]), y2, m), out)
+    keys, values = dit.condition_text(y, m).keys_values[0]
+    assert keys.shape[2] == values.shape[2] == 3  # the padding after the last real token is not attended at all
 
 
 def test_positions_distinguish_every_token():

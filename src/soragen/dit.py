@@ -354,8 +354,15 @@ class DiT(nn.Module):
     # -- forward --------------------------------------------------------------
 
     def condition_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> TextConditioning:
-        """Text [B, L, Dt] with its mask [B, L] -> what every forward takes from it (reusable across steps)."""
-        y = self.y_embedder(text)  # (B, L, D)
+        """Text [B, L, Dt] with its mask [B, L] -> what every forward takes from it (reusable across steps).
+
+        Padding after the batch's last real token is cut off first: masked keys get no weight, so
+        the result is the same, and a short prompt padded to the encoder's 48 tokens costs its length.
+        """
+        real = text_mask.any(dim=0).nonzero()  # (L', 1): positions some row uses
+        length = int(real.max()) + 1 if real.numel() else 1
+        text, text_mask = text[:, :length], text_mask[:, :length]  # (B, L', Dt), (B, L')
+        y = self.y_embedder(text)  # (B, L', D)
         pooled = None
         if self.pool_embedder is not None:
             m = text_mask[..., None].to(y.dtype)  # (B, L, 1)
