@@ -238,7 +238,7 @@ class FrameConditioning:
         """layer(c), cut into `chunks` pieces of [B, Tf, 1, D'] each."""
         out = layer(self.rows)  # (U, chunks * D')
         if self.index is not None:
-            out = out[self.index]  # (B * Tf, chunks * D')
+            out = out.index_select(0, self.index)  # (B * Tf, chunks * D')
         return out.view(*self.shape, 1, -1).chunk(chunks, dim=-1)
 
 
