@@ -266,3 +266,23 @@ def test_text_conditioned_once_and_shared_frame_conditioning_give_the_same_predi
         first = dit(x[:1], timesteps[:1], cond.head(1), x_self=x_self[:1])
     torch.testing.assert_close(fast, plain.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first, plain.detach()[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_head_starts_as_the_model_without_it_and_learns():
+    """dit.conv_head: a model that gains the head predicts what it did (its last convolution is zero),
+    and the head's weights get gradients, so training can move them."""
+    from soragen.config import DiTConfig
+
+    torch.manual_seed(0)
+    plain_cfg = DiTConfig(width=32, depth=1, heads=4, patch_size=[1, 2, 2], attention="factorized")
+    plain = DiT(plain_cfg, in_channels=4, text_dim=16)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    headed = DiT(plain_cfg.model_copy(update={"conv_head": 8}), in_channels=4, text_dim=16)
+    headed.load_state_dict(plain.state_dict() | {k: v for k, v in headed.state_dict().items() if k.startswith("head.")})
+    x, t = torch.randn(1, 4, 3, 4, 4), torch.tensor([500])
+    text, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+    out = headed(x, t, text, mask)
+    torch.testing.assert_close(out, plain(x, t, text, mask))
+    out.square().sum().backward()
+    assert headed.head.conv2.weight.grad.abs().sum() > 0

@@ -115,6 +115,11 @@ class DiTConfig(_Frozen):
     # sees its previous estimate of the clean latents (zeros at the first sampler step, and in
     # half of the training batches), so a layout once estimated is refined, not re-decided.
     self_condition: bool = False
+    # Channels of a convolutional head (0 = none): the linear head's prediction refined at latent
+    # resolution by two 3x3 convolutions within each frame, which see across the patch borders;
+    # they read per-pixel features of the last tokens, the noisy latents and that prediction.
+    # The last convolution starts at zero, so a model gains the head without changing.
+    conv_head: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":

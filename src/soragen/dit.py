@@ -283,6 +283,28 @@ class DiTBlock(nn.Module):
         return x  # (B, Tf, S, D)
 
 
+class ConvHead(nn.Module):
+    """dit.conv_head: refine the linear head's prediction at latent resolution, across patch borders.
+
+    Each latent pixel gets `features` channels projected from its token, beside the noisy latents and
+    the prediction; two 3x3 convolutions within each frame turn them into a correction of the
+    prediction. The last convolution starts at zero.
+    """
+
+    def __init__(self, width: int, patch_size: tuple[int, int, int], channels: int, hidden: int, features: int = 16):
+        super().__init__()
+        self.features = nn.Linear(width, features * math.prod(patch_size))
+        self.conv1 = nn.Conv2d(features + 2 * channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, features: torch.Tensor, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """features [B, F, T, H, W] (the tokens' projection, unpatchified), x and pred [B, C, T, H, W] -> pred refined."""
+        b = x.shape[0]
+        h = rearrange(torch.cat([features, x, pred], dim=1), "b c t h w -> (b t) c h w")  # (B*T, F+2C, H, W)
+        delta = self.conv2(F.silu(self.conv1(h)))  # (B*T, C, H, W)
+        return pred + rearrange(delta, "(b t) c h w -> b c t h w", b=b)
+
+
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -307,6 +329,7 @@ class DiT(nn.Module):
         self.norm_out = PlainLayerNorm(width)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.proj_out = nn.Linear(width, patch_dim)
+        self.head = ConvHead(width, cfg.patch_size, in_channels, cfg.conv_head) if cfg.conv_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -330,6 +353,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.adaLN_out[-1].bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.head is not None:
+            nn.init.zeros_(self.head.conv2.weight)
+            nn.init.zeros_(self.head.conv2.bias)
 
     # -- patching -------------------------------------------------------------
 
@@ -409,5 +435,8 @@ class DiT(nn.Module):
 
         # 4. Output: adaLN, project to patches, fold back.
         shift, scale = frames.project(self.adaLN_out, 2)  # (B, Tf, 1, D) each
-        out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # (B, Tf, S, C*pt*ph*pw)
-        return self.unpatchify(out.view(b, gt * gh * gw, -1), gt, gh, gw)  # (B, C, T, H, W)
+        h = modulate(self.norm_out(tokens), shift, scale).view(b, gt * gh * gw, -1)  # (B, N, D)
+        pred = self.unpatchify(self.proj_out(h), gt, gh, gw)  # (B, C, T, H, W)
+        if self.head is not None:
+            pred = self.head(self.unpatchify(self.head.features(h), gt, gh, gw), x, pred)
+        return pred

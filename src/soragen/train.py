@@ -497,8 +497,9 @@ def dit_loss(
 def _init_from_model(cfg: Config, name: str):
     """The text encoder and DiT of model folder `name`, for fine-tuning with `cfg`.
 
-    A DiT that gains self-conditioning gets zero weights for the new input, so it starts
-    as the model it came from.
+    A DiT that gains self-conditioning gets zero weights for the new input, and one that gains
+    a conv head (dit.conv_head) its initial head, whose last convolution is zero: either starts as
+    the model it came from.
     """
     from safetensors.torch import load_file
 
@@ -515,6 +516,8 @@ def _init_from_model(cfg: Config, name: str):
     wanted = dit.x_embedder.weight.shape
     if weight is not None and cfg.dit.self_condition and weight.shape[1] * 2 == wanted[1]:
         state["x_embedder.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # (D, 2*patch_dim)
+    if dit.head is not None and not any(k.startswith("head.") for k in state):  # a new conv head: it starts at zero
+        state |= {k: v for k, v in dit.state_dict().items() if k.startswith("head.")}
     try:
         dit.load_state_dict(state, strict=True)
     except RuntimeError as e:
