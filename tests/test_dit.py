@@ -84,6 +84,17 @@ def test_padding_tokens_are_ignored():
     assert keys.shape[2] == values.shape[2] == 3  # the padding after the last real token is not attended at all
 
 
+def test_a_short_prompt_beside_a_long_one_is_predicted_as_alone():
+    """In a batch the text is cut to the longest prompt: the shorter one's padding is then masked, not cut."""
+    dit = _trained_like(make())
+    y, m = text(real=3)
+    y_long, m_long = torch.randn_like(y), torch.ones_like(m)
+    x = torch.randn(1, 4, 2, 4, 4)
+    alone = dit(x, torch.tensor([100]), y, m)
+    both = dit(torch.cat([x, x]), torch.tensor([100, 100]), torch.cat([y, y_long]), torch.cat([m, m_long]))
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_positions_distinguish_every_token():
     pos = position_embedding_3d(3, 4, 5, 32)
     assert pos.shape == (60, 32)
@@ -245,14 +256,15 @@ def test_attention_folds_the_key_gain_into_the_queries_exactly(kind):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_text_conditioned_once_and_shared_frame_conditioning_give_the_same_prediction():
+@pytest.mark.parametrize("attention, pooled_text", [("factorized", True), ("full", False)])
+def test_text_conditioned_once_and_shared_frame_conditioning_give_the_same_prediction(attention, pooled_text):
     """The sampler's fast path (DiT.condition_text once, adaLN on the distinct token-frame conditionings)
     predicts what a plain forward with gradients does, for context frames at their own timestep too."""
     from soragen.config import DiTConfig
 
     torch.manual_seed(0)
-    cfg = DiTConfig(width=32, depth=2, heads=4, patch_size=[1, 2, 2], attention="factorized", temporal_conv=True,
-                    self_condition=True)
+    cfg = DiTConfig(width=32, depth=2, heads=4, patch_size=[1, 2, 2], attention=attention, temporal_conv=True,
+                    self_condition=True, pooled_text=pooled_text)
     dit = DiT(cfg, in_channels=4, text_dim=16)
     for p in dit.parameters():  # leave the zero initialisation: every path has to carry signal
         torch.nn.init.normal_(p, std=0.2)
@@ -263,7 +275,7 @@ def test_text_conditioned_once_and_shared_frame_conditioning_give_the_same_predi
     with torch.no_grad():
         cond = dit.condition_text(text, mask)
         fast = dit(x, timesteps, cond, x_self=x_self)
-        first = dit(x[:1], timesteps[:1], cond.head(1), x_self=x_self[:1])
+        first = dit(x[:1], timesteps[:1], cond.first(1), x_self=x_self[:1])
     torch.testing.assert_close(fast, plain.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first, plain.detach()[:1], atol=1e-5, rtol=1e-5)
 
@@ -279,10 +291,10 @@ def test_conv_head_starts_as_the_model_without_it_and_learns():
     for p in plain.parameters():
         torch.nn.init.normal_(p, std=0.2)
     headed = DiT(plain_cfg.model_copy(update={"conv_head": 8}), in_channels=4, text_dim=16)
-    headed.load_state_dict(plain.state_dict() | {k: v for k, v in headed.state_dict().items() if k.startswith("head.")})
+    headed.load_state_dict(plain.state_dict() | {k: v for k, v in headed.state_dict().items() if k.startswith("conv_head.")})
     x, t = torch.randn(1, 4, 3, 4, 4), torch.tensor([500])
     text, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
     out = headed(x, t, text, mask)
     torch.testing.assert_close(out, plain(x, t, text, mask))
     out.square().sum().backward()
-    assert headed.head.conv2.weight.grad.abs().sum() > 0
+    assert headed.conv_head.conv2.weight.grad.abs().sum() > 0

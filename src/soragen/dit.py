@@ -135,7 +135,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)  # (B, N, 3, h, d)
-        # Queries and keys normalised together, in the projection's own layout (one kernel, no copies).
+        # Queries and keys normalised together by one kernel, read in the projection's own layout.
         qk = F.rms_norm(qkv[:, :, :2], (qkv.shape[-1],), eps=self.q_norm.eps)  # (B, N, 2, h, d)
         q = qk[:, :, 0] * qk_gain(self.q_norm, self.k_norm)  # (B, N, h, d)
         k, v = qk[:, :, 1], qkv[:, :, 2]  # (B, N, h, d)
@@ -207,7 +207,7 @@ class TextConditioning:
     pooled: torch.Tensor | None  # (B, D), with dit.pooled_text
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, h, L, d)
 
-    def head(self, n: int) -> TextConditioning:
+    def first(self, n: int) -> TextConditioning:
         """The first n rows (e.g. the conditional half of a guided batch)."""
         return TextConditioning(self.attn_mask[:n], None if self.pooled is None else self.pooled[:n],
                                 [(k[:n], v[:n]) for k, v in self.keys_values])
@@ -217,7 +217,7 @@ class TextConditioning:
 class FrameConditioning:
     """The conditioning vector of each token-frame, [B, Tf, D], stored as its distinct rows.
 
-    At sampling time every generated frame of a row shares one timestep (context frames have
+    At sampling time the generated frames of a row mostly share one timestep (context frames have
     their own), so the adaLN projections run on a few distinct vectors instead of B x Tf.
     """
 
@@ -293,14 +293,14 @@ class ConvHead(nn.Module):
 
     def __init__(self, width: int, patch_size: tuple[int, int, int], channels: int, hidden: int, features: int = 16):
         super().__init__()
-        self.features = nn.Linear(width, features * math.prod(patch_size))
+        self.pixel_features = nn.Linear(width, features * math.prod(patch_size))  # per token: F per latent pixel
         self.conv1 = nn.Conv2d(features + 2 * channels, hidden, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
 
-    def forward(self, features: torch.Tensor, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """features [B, F, T, H, W] (the tokens' projection, unpatchified), x and pred [B, C, T, H, W] -> pred refined."""
+    def forward(self, pixels: torch.Tensor, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """pixels [B, F, T, H, W] (pixel_features of the tokens, unpatchified), x and pred [B, C, T, H, W] -> pred refined."""
         b = x.shape[0]
-        h = rearrange(torch.cat([features, x, pred], dim=1), "b c t h w -> (b t) c h w")  # (B*T, F+2C, H, W)
+        h = rearrange(torch.cat([pixels, x, pred], dim=1), "b c t h w -> (b t) c h w")  # (B*T, F+2C, H, W)
         delta = self.conv2(F.silu(self.conv1(h)))  # (B*T, C, H, W)
         return pred + rearrange(delta, "(b t) c h w -> b c t h w", b=b)
 
@@ -329,7 +329,7 @@ class DiT(nn.Module):
         self.norm_out = PlainLayerNorm(width)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.proj_out = nn.Linear(width, patch_dim)
-        self.head = ConvHead(width, cfg.patch_size, in_channels, cfg.conv_head) if cfg.conv_head else None
+        self.conv_head = ConvHead(width, cfg.patch_size, in_channels, cfg.conv_head) if cfg.conv_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -353,9 +353,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.adaLN_out[-1].bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        if self.head is not None:
-            nn.init.zeros_(self.head.conv2.weight)
-            nn.init.zeros_(self.head.conv2.bias)
+        if self.conv_head is not None:
+            nn.init.zeros_(self.conv_head.conv2.weight)
+            nn.init.zeros_(self.conv_head.conv2.bias)
 
     # -- patching -------------------------------------------------------------
 
@@ -437,6 +437,7 @@ class DiT(nn.Module):
         shift, scale = frames.project(self.adaLN_out, 2)  # (B, Tf, 1, D) each
         h = modulate(self.norm_out(tokens), shift, scale).view(b, gt * gh * gw, -1)  # (B, N, D)
         pred = self.unpatchify(self.proj_out(h), gt, gh, gw)  # (B, C, T, H, W)
-        if self.head is not None:
-            pred = self.head(self.unpatchify(self.head.features(h), gt, gh, gw), x, pred)
+        if self.conv_head is not None:
+            pixels = self.unpatchify(self.conv_head.pixel_features(h), gt, gh, gw)  # (B, F, T, H, W)
+            pred = self.conv_head(pixels, x, pred)
         return pred

@@ -161,15 +161,16 @@ def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch
 def _condition_text(dit, text: torch.Tensor, text_mask: torch.Tensor) -> tuple:
     """What the denoiser takes from the text at every step: a DiT's `condition_text`, computed once per
     window, and no mask beside it; any other denoiser gets the text and mask as they are."""
-    if isinstance(dit, DiT):
-        return dit.condition_text(text, text_mask), None
+    model = getattr(dit, "module", dit)  # a DiT wrapped for distributed training
+    if isinstance(model, DiT):
+        return model.condition_text(text, text_mask), None
     return text, text_mask
 
 
 def _first_rows(text, text_mask, n: int) -> tuple:
     """The first n rows of the text (the conditional ones of a guided batch)."""
     if isinstance(text, TextConditioning):
-        return text.head(n), None
+        return text.first(n), None
     return text[:n], text_mask[:n]
 
 

@@ -516,8 +516,8 @@ def _init_from_model(cfg: Config, name: str):
     wanted = dit.x_embedder.weight.shape
     if weight is not None and cfg.dit.self_condition and weight.shape[1] * 2 == wanted[1]:
         state["x_embedder.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # (D, 2*patch_dim)
-    if dit.head is not None and not any(k.startswith("head.") for k in state):  # a new conv head: it starts at zero
-        state |= {k: v for k, v in dit.state_dict().items() if k.startswith("head.")}
+    if dit.conv_head is not None and not any(k.startswith("conv_head.") for k in state):  # a new conv head: starts at zero
+        state |= {k: v for k, v in dit.state_dict().items() if k.startswith("conv_head.")}
     try:
         dit.load_state_dict(state, strict=True)
     except RuntimeError as e:
