@@ -68,6 +68,22 @@ def test_wall_is_drawn_over_objects():
     assert frame[:, :28].sum() > 0 and (frame[0, :28] == 0).all()
 
 
+def test_shape_cue_marks_the_pixels_that_tell_shapes_apart():
+    """A square's cue is where it and a circle at its place differ (its corners), the circle's the same pixels."""
+    def cue(shape, wall=False, x=20.0):
+        return S.shape_cue(Scene((_obj("red", shape, "large", "right", x, 32.0),), wall), 1)[0]  # (64, 64)
+
+    square, circle, triangle = cue("square"), cue("circle"), cue("triangle")
+    assert square.shape == (64, 64) and np.array_equal(square, circle)  # circle and square are each other's nearest
+    assert square[32, 20] == 0 and square[25, 13] > 0.5  # not the middle; the corner (half-side 7.2 px)
+    assert square[32, 12] > 0  # and the circle's rim beyond the square's side
+    assert triangle.sum() > 2 * square.sum() and triangle.max() <= 1.0
+    bbox = np.zeros((64, 64), bool)
+    bbox[32 - 9 : 32 + 9, 20 - 9 : 20 + 9] = True
+    assert not square[~bbox].any()
+    assert not cue("square", wall=True, x=32.0)[:, 28:36].any() and cue("square", wall=True, x=32.0).any()
+
+
 def test_frame_i_shows_start_plus_i_over_fps():
     scene = Scene((_obj(motion="left", x0=50.0), _obj("blue", "triangle", "small", "bouncing", 10.0, 12.0, 0.0)), True)
     clip = S.render(scene, 4, fps=8, start_time=7.0)

@@ -370,3 +370,66 @@ def test_shape_contrast_trains(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
     assert steps and all({"shape_contrast", "shape_swap_gap"} <= set(r) for r in steps)
+
+
+def test_shape_weight_weighs_each_latent_pixel():
+    """A weight of 1 everywhere is the plain loss; a weight on some pixels counts their squared error that much more."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            return torch.zeros_like(x)
+
+    x0 = torch.randn(3, 4, 2, 2, 2)
+    text, mask = torch.zeros(3, 1, 8), torch.ones(3, 1, dtype=torch.bool)
+    no_ctx = torch.zeros(3, dtype=torch.long)
+
+    def loss(weight):
+        return dit_loss(Zero(), sched, x0, text, mask, no_ctx, 20, torch.Generator().manual_seed(0), weight=weight)
+
+    plain = loss(None)
+    assert torch.allclose(loss(torch.ones(3, 2, 2, 2)), plain)
+    assert torch.allclose(loss(torch.full((3, 2, 2, 2), 3.0)), 3 * plain)
+    one = torch.ones(3, 2, 2, 2)
+    one[:, :, 0, 0] = 5.0
+    assert loss(one) > plain
+
+
+def test_shape_weight_trains_on_the_cues_of_the_cached_clips(tmp_path):
+    """The cues are the cached clips' (same draws), on the latent grid, written once and read back."""
+    from safetensors.torch import load_file
+
+    from soragen.data.clips import ShapesSource
+    from soragen.train import RunFolder, build_shape_cues
+    from soragen.vae import frames_for
+
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.shape_weight=5", "train.dit.steps=2"])
+    train(cfg)
+    run = RunFolder(tmp_path)
+    latents = load_file(str(run.latents))["latents"]  # (N, C, K, h, w)
+    cues = load_file(str(run.shape_cues))["cues"]  # (N, K, h, w)
+    assert cues.shape == latents[:, 0].shape and 0 <= cues.min() and cues.max() <= 1 and cues.amax(dim=(1, 2, 3)).gt(0).all()
+    captions = json.loads(run.latents.with_suffix(".json").read_text())["captions"]
+    rng = np.random.default_rng([cfg.seed, 1234])
+    replay = [ShapesSource(cfg.data).sample(rng, frames_for(cfg.data.clip_latent_frames, 2)) for _ in captions]
+    assert [list(c.captions) for c in replay] == captions
+    # the object moves, and its cue with it: the cue's column of mass follows the frames' (first clip, first and last latent frame)
+    frames = torch.from_numpy(replay[0].frames).float().sum(dim=-1)  # (T, H, W)
+    s = cfg.vae.spatial_compression
+    for k, f in ((0, 0), (-1, -1)):
+        lit = torch.nn.functional.avg_pool2d(frames[f][None], s)[0] > 0  # (h, w)
+        assert (cues[0, k].float() * lit).sum() > 0.5 * cues[0, k].float().sum()
+    stamp = run.shape_cues.stat().st_mtime_ns
+    assert torch.equal(build_shape_cues(cfg, run, None), cues) and run.shape_cues.stat().st_mtime_ns == stamp
+
+
+def test_shape_weight_needs_shapes_data(tmp_path):
+    from soragen.train import RunFolder, build_shape_cues
+
+    cfg = load_config(None, TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
+    with pytest.raises(UserError, match="data.kind: shapes"):
+        build_shape_cues(cfg, RunFolder(tmp_path), None)

@@ -6,6 +6,7 @@ Built on HF accelerate, so the same code runs on one CPU, one GPU or many
     checkpoints/<stage>-<step>/   accelerate state + EMA + run meta, written atomically
     vae/                          the trained VAE (a partial model folder) once stage 1 ends
     latents.safetensors           the DiT's latent cache (clips encoded once)
+    shape_cues.safetensors        where the cached clips' shapes show (train.dit.shape_weight)
     samples/                      sample videos (and detector scores) every N steps
     metrics.jsonl                 one JSON line per logged step
     model/                        the final model folder (safetensors, diffusers layout)
@@ -55,6 +56,7 @@ class RunFolder:
         self.checkpoints = self.root / "checkpoints"
         self.vae = self.root / "vae"
         self.latents = self.root / "latents.safetensors"
+        self.shape_cues = self.root / "shape_cues.safetensors"
         self.samples = self.root / "samples"
         self.metrics = self.root / "metrics.jsonl"
         self.model = self.root / "model"
@@ -335,6 +337,45 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     return {"latents": z, "captions": captions, "continues": continues}
 
 
+def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> torch.Tensor:
+    """The shape cue of every cached clip at latent resolution: (N, K, h, w) float16 in [0, 1].
+
+    Replays the latent cache's draws (the same clips, in the same order, without the VAE) and
+    pools `shapes.shape_cue` onto the latent grid: the mean over each latent pixel's area, the
+    most over the frames of each latent frame (the first latent frame holds frame 0 alone).
+    """
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    from soragen.data.clips import ShapesSource
+    from soragen.model_io import save_file_atomic
+    from soragen.vae import frames_for
+
+    if cfg.data.kind != "shapes":
+        raise UserError(f"train.dit.shape_weight needs data.kind: shapes (the renderer knows where shapes show), "
+                        f"got data.kind: {cfg.data.kind}")
+    digest = _cache_digest(cfg)
+    if run.shape_cues.is_file():
+        with safe_open(str(run.shape_cues), framework="pt") as handle:
+            if (handle.metadata() or {}).get("config_digest") == digest:
+                return handle.get_tensor("cues")
+    d, f, s = cfg.data, cfg.vae.temporal_compression, cfg.vae.spatial_compression
+    source = ShapesSource(d)
+    rng = np.random.default_rng([cfg.seed, 1234])  # build_latent_cache's stream
+    num_frames = frames_for(d.clip_latent_frames, f)
+    cues = []
+    for i in range(d.clips):
+        cue = torch.from_numpy(source.sample(rng, num_frames, shape_cue=True).shape_cue)  # (T, H, W)
+        cue = F.avg_pool2d(cue[:, None], s)[:, 0]  # (T, h, w)
+        later = cue[1:].unflatten(0, (-1, f)).amax(dim=1)  # (K - 1, h, w)
+        cues.append(torch.cat([cue[:1], later]).half())  # (K, h, w)
+        if progress and (i + 1) % 100 == 0:
+            progress("shape cues", i + 1, d.clips, {})
+    cues = torch.stack(cues)  # (N, K, h, w)
+    save_file_atomic({"cues": cues}, run.shape_cues, metadata={"config_digest": digest})
+    return cues
+
+
 def _cache_digest(cfg: Config) -> str:
     """What the latent cache depends on: data, VAE and seed."""
     import hashlib
@@ -425,6 +466,7 @@ def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
     self_condition: bool = False, noise_correlation: float = 0.0, swapped: SwappedCaptions | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -442,6 +484,7 @@ def dit_loss(
     are predicted a second time from the swapped captions (their own self-conditioning estimate
     included); returns (loss, contrast, gap), per row [R]: contrast = softplus((L_true - L_swapped) /
     (CONTRAST_TEMPERATURE * L_true)), gap = (L_swapped - L_true) / L_true.
+    `weight` [B, T, h, w] weighs each latent pixel's squared error (1 = plain), in the contrast too.
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -479,10 +522,15 @@ def dit_loss(
         pred = dit(x_t, timesteps, text, mask, x_self=estimate)
     if swapped is not None:
         pred, pred_swapped = pred[:b], pred[b:]  # (B, ...), (R, ...)
-    err = (pred - v).square().mean(dim=(1, 3, 4))  # (B, T)
+
+    def frame_error(p: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        sq = (p - target).square().mean(dim=1)  # (n, T, h, w)
+        return (sq if w is None else sq * w).mean(dim=(2, 3))  # (n, T)
+
+    err = frame_error(pred, v, weight)  # (B, T)
     if swapped is not None:
         loss_true = err[rows].mean(dim=1)  # (R,): the rows have no context frames
-        loss_swapped = (pred_swapped - v[rows]).square().mean(dim=(1, 2, 3, 4))  # (R,)
+        loss_swapped = frame_error(pred_swapped, v[rows], None if weight is None else weight[rows]).mean(dim=1)  # (R,)
         scale = CONTRAST_TEMPERATURE * loss_true.detach()
         contrast = F.softplus((loss_true - loss_swapped) / scale)  # (R,)
         gap = ((loss_swapped - loss_true) / loss_true).detach()  # (R,)
@@ -556,6 +604,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     vae = load_trained_vae(cfg, run)
     z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, std vae.latent_scale per channel
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
+    cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None) if t.shape_weight > 0 else None
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
 
@@ -617,13 +666,17 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     while step < end:
         idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
+        weight = None
+        if cues is not None:  # (B, W, h, w)
+            weight = 1.0 + t.shape_weight * torch.stack([cues[k, s : s + t.window] for k, s in zip(idx, starts)]).float()
+            weight = weight.to(acc.device)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation, swapped)
+                        cfg.sampler.noise_correlation, swapped, weight)
         metrics = {}
         if swapped is not None:
             loss, contrast, gap = loss

@@ -32,6 +32,7 @@ class Clip:
     frames: np.ndarray
     captions: tuple[str, ...]
     continues: bool  # True when the clip starts after time 0 (the caption no longer describes its first frame)
+    shape_cue: np.ndarray | None = None  # [T, H, W] float32: where its objects' shapes show (shapes.shape_cue)
 
 
 class ShapesSource:
@@ -40,7 +41,8 @@ class ShapesSource:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def sample(self, rng: np.random.Generator, num_frames: int) -> Clip:
+    def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False) -> Clip:
+        """A random clip; with `shape_cue` also its shape cue (the same clip: the cue draws nothing from rng)."""
         from soragen.data import shapes
 
         long = rng.random() < self.cfg.long_fraction
@@ -48,7 +50,9 @@ class ShapesSource:
         start = float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
         frames = shapes.render(scene, num_frames, start_time=start)
         languages = ["zh" if rng.random() < self.cfg.chinese_fraction else "en" for _ in range(CAPTION_VARIANTS)]
-        return Clip(frames, tuple(shapes.caption(scene, rng, language=lang) for lang in languages), continues=start > 0)
+        cue = shapes.shape_cue(scene, num_frames, start_time=start) if shape_cue else None
+        return Clip(frames, tuple(shapes.caption(scene, rng, language=lang) for lang in languages), continues=start > 0,
+                    shape_cue=cue)
 
 
 def read_manifest(folder: Path) -> list[dict]:
