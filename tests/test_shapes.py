@@ -84,6 +84,18 @@ def test_shape_cue_marks_the_pixels_that_tell_shapes_apart():
     assert not cue("square", wall=True, x=32.0)[:, 28:36].any() and cue("square", wall=True, x=32.0).any()
 
 
+def test_shape_twin_swaps_circles_and_squares_in_place_and_never_holds_out():
+    scene = Scene((_obj("red", "circle", x0=12.0), _obj("blue", "triangle", "small", "up", 50.0, 40.0)), True)
+    twin = S.shape_twin(scene)
+    assert [o.shape for o in twin.objects] == ["square", "circle"] and twin.wall
+    assert [(o.x0, o.y0, o.motion, o.colour, o.size) for o in twin.objects] == [
+        (o.x0, o.y0, o.motion, o.colour, o.size) for o in scene.objects]
+    assert S.shape_twin(twin).objects[0].shape == "circle"
+    cyan = Scene((_obj("cyan", "circle", "large"),), False)
+    assert S.shape_twin(cyan) == cyan  # a large cyan square is held out: the circle stays a circle
+    assert S.shape_twin(Scene((_obj("cyan", "circle", "small"),), False)).objects[0].shape == "square"
+
+
 def test_frame_i_shows_start_plus_i_over_fps():
     scene = Scene((_obj(motion="left", x0=50.0), _obj("blue", "triangle", "small", "bouncing", 10.0, 12.0, 0.0)), True)
     clip = S.render(scene, 4, fps=8, start_time=7.0)

@@ -433,3 +433,44 @@ def test_shape_weight_needs_shapes_data(tmp_path):
     cfg = load_config(None, TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
     with pytest.raises(UserError, match="data.kind: shapes"):
         build_shape_cues(cfg, RunFolder(tmp_path), None)
+
+
+def test_shapes_source_twins_share_the_scene_and_its_times():
+    from soragen.data.clips import ShapesSource
+
+    cfg = load_config(None, TINY)
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        clip, twin, background = ShapesSource(cfg.data).sample_twins(rng, 5)
+        assert clip.shape == twin.shape == background.shape == (5, 64, 64, 3)
+        lit = clip.any(axis=-1) & ~(clip == 128).all(axis=-1)  # object pixels (not black, not the wall)
+        assert not (background.any(axis=-1) & ~(background == 128).all(axis=-1)).any()
+        differs = (clip != twin).any(axis=-1)
+        assert (differs & ~lit & ~twin.any(axis=-1)).sum() == 0  # the twin differs only where one of them has an object
+
+
+def test_separation_loss_is_the_shortfall_of_shape_distance_over_object_energy():
+    from soragen.train import separation_loss
+
+    background = torch.zeros(2, 1, 1, 2, 2)
+    clip = torch.zeros(2, 1, 1, 2, 2)
+    clip[:, 0, 0, 0, 0] = 2.0  # energy 4 against the background
+    twin = clip.clone()
+    twin[0, 0, 0, 0, 1] = 1.0  # row 0: shape distance 1, ratio 0.25; row 1: its own twin, left out
+    loss, metrics = separation_loss(torch.cat([clip, twin, background]), target=0.5)
+    assert abs(loss.item() - 0.25) < 1e-6 and abs(metrics["separation"] - 0.25) < 1e-6
+    assert separation_loss(torch.cat([clip, twin, background]), target=0.2)[0].item() == 0.0
+    loss, metrics = separation_loss(torch.cat([clip, clip, background]), target=0.5)
+    assert loss.item() == 0.0 and metrics == {}
+
+
+def test_shape_separation_trains_the_vae(tmp_path):
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.shape_separation=1",
+                                    "train.vae.batch_size=3"])
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("separation" in r for r in lines if r["stage"] == "vae")
+    bad = load_config(None, TINY + [f"train.output_dir={tmp_path / 'b'}", "train.stages=[vae]",
+                                    "train.vae.shape_separation=1", "data.kind=manifest", f"data.path={tmp_path}"])
+    with pytest.raises(UserError, match="data.kind: shapes"):
+        train(bad)

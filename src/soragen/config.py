@@ -270,6 +270,16 @@ class VAETrainConfig(_Frozen):
     kl_weight: float = 1e-6  # weight of the KL term: small, so the posterior is near-deterministic
     edge_weight: float = 1.0  # weight of the image-gradient (edge) loss
     object_weight: float = 4.0  # extra weight of pixels that belong to objects (off the background)
+    # Shape separation (Shapes World data): each clip is trained beside its shape twin (circle <-> square,
+    # triangle -> circle, at the same places) and its background alone, and the loss adds
+    # shape_separation * relu(shape_separation_target - |mu - mu_twin|^2 / |mu - mu_background|^2) over
+    # the encoder's means: shapes then differ in the latents as much as the target share of an object's
+    # own latent energy (the pixels give a square and a circle 0.11 of it; docs/training-log.md, session 17).
+    # Each step takes batch_size clips in all (a third each). 0 = off.
+    shape_separation: float = Field(0.0, ge=0)
+    shape_separation_target: float = Field(0.5, gt=0)
+    # Start from the VAE of this model folder (a fine-tune; same vae config) instead of random weights.
+    init_model: str | None = None
 
 
 class DiTTrainConfig(_Frozen):

@@ -205,12 +205,30 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, object_weight: flo
 
 
 def vae_loss(vae, x: torch.Tensor, cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction terms plus the KL term for frames x [B, 3, T, H, W]."""
+    """Reconstruction terms plus the KL term (and the shape separation) for frames x [B, 3, T, H, W]."""
     recon, mean, logvar = vae(x)
     loss, metrics = reconstruction_loss(recon, x, cfg.object_weight, cfg.edge_weight)
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     loss = loss + cfg.kl_weight * kl
+    if cfg.shape_separation > 0:  # x holds (clips, twins, backgrounds)
+        separation, extra = separation_loss(mean, cfg.shape_separation_target)
+        loss = loss + cfg.shape_separation * separation
+        metrics |= extra
     return loss, {"loss": loss.item(), **metrics, "kl": kl.item()}
+
+
+def separation_loss(mean: torch.Tensor, target: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """relu(target - shape distance / object energy) over encoder means [3n, C, K, h, w] ordered
+    (clips, their shape twins, their backgrounds); rows whose twin is the clip itself are left out."""
+    clip, twin, background = mean.chunk(3)
+    shape = (clip - twin).square().sum(dim=(1, 2, 3, 4))  # (n,)
+    energy = (clip - background).square().sum(dim=(1, 2, 3, 4)).clamp(min=1e-8)  # (n,)
+    ratio = shape / energy
+    keep = shape > 1e-12  # a clip whose objects all keep their shape has nothing to separate
+    if not keep.any():
+        return mean.sum() * 0.0, {}
+    ratio = ratio[keep]
+    return F.relu(target - ratio).mean(), {"separation": ratio.median().item()}
 
 
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
@@ -219,10 +237,17 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     from soragen.model_io import save_file_atomic
     from soragen.vae import VideoVAE
 
+    from soragen.model_io import WEIGHTS, load_weights, resolve_model
+
     t = cfg.train.vae
+    if t.shape_separation > 0 and cfg.data.kind != "shapes":
+        raise UserError(f"train.vae.shape_separation needs data.kind: shapes (it renders each clip's shape twin), "
+                        f"got data.kind: {cfg.data.kind}")
     acc = _make_accelerator(run.root)
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
+    if t.init_model is not None:
+        load_weights(vae, resolve_model(t.init_model) / "vae" / WEIGHTS)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=t.lr, weight_decay=0.0)
     scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
     vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
@@ -232,7 +257,11 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     rng = np.random.default_rng([cfg.seed, step, acc.process_index])
     vae.train()
     while step < t.steps:
-        x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
+        if t.shape_separation > 0:  # (clips, twins, backgrounds), a third of the batch each
+            triples = [source.sample_twins(rng, t.clip_frames) for _ in range(max(1, t.batch_size // 3))]
+            x = _clips_to_tensor([triple[i] for i in range(3) for triple in triples]).to(acc.device)
+        else:
+            x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
         loss, metrics = vae_loss(vae, x, t)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -344,7 +373,6 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
     pools `shapes.shape_cue` onto the latent grid: the mean over each latent pixel's area, the
     most over the frames of each latent frame (the first latent frame holds frame 0 alone).
     """
-    import torch.nn.functional as F
     from safetensors import safe_open
 
     from soragen.data.clips import ShapesSource

@@ -41,18 +41,33 @@ class ShapesSource:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False) -> Clip:
-        """A random clip; with `shape_cue` also its shape cue (the same clip: the cue draws nothing from rng)."""
+    def _scene(self, rng: np.random.Generator):
+        """A random scene and the time its clip starts at (after 0 for clips cut from long trajectories)."""
         from soragen.data import shapes
 
         long = rng.random() < self.cfg.long_fraction
         scene = shapes.sample_scene(rng)
-        start = float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
+        return scene, float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
+
+    def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False) -> Clip:
+        """A random clip; with `shape_cue` also its shape cue (the same clip: the cue draws nothing from rng)."""
+        from soragen.data import shapes
+
+        scene, start = self._scene(rng)
         frames = shapes.render(scene, num_frames, start_time=start)
         languages = ["zh" if rng.random() < self.cfg.chinese_fraction else "en" for _ in range(CAPTION_VARIANTS)]
         cue = shapes.shape_cue(scene, num_frames, start_time=start) if shape_cue else None
         return Clip(frames, tuple(shapes.caption(scene, rng, language=lang) for lang in languages), continues=start > 0,
                     shape_cue=cue)
+
+    def sample_twins(self, rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frames [T, H, W, 3] of a random scene, of its shape twin (shapes.shape_twin) and of its
+        background alone (black, or the wall), all at the same times."""
+        from soragen.data import shapes
+
+        scene, start = self._scene(rng)
+        empty = shapes.Scene((), scene.wall)
+        return tuple(shapes.render(s, num_frames, start_time=start) for s in (scene, shapes.shape_twin(scene), empty))
 
 
 def read_manifest(folder: Path) -> list[dict]:

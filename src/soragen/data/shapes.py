@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -218,6 +218,19 @@ def render(scene: Scene, num_frames: int, fps: int = FPS, start_time: float = 0.
     if scene.wall:
         video[:, :, WALL_COLS[0] : WALL_COLS[1] + 1] = WALL_COLOUR
     return np.rint(video).astype(np.uint8)
+
+
+SHAPE_TWINS = {"circle": "square", "square": "circle", "triangle": "circle"}  # the nearest other shape
+
+
+def shape_twin(scene: Scene) -> Scene:
+    """The scene with every object's shape changed to its twin (SHAPE_TWINS) at the same place and
+    motion; an object whose twin would be a held-out combination keeps its shape."""
+    objects = []
+    for obj in scene.objects:
+        twin = replace(obj, shape=SHAPE_TWINS[obj.shape])
+        objects.append(obj if is_held_out(twin) else twin)
+    return Scene(tuple(objects), scene.wall)
 
 
 def shape_cue(scene: Scene, num_frames: int, fps: int = FPS, start_time: float = 0.0) -> np.ndarray:
