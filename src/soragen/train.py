@@ -234,10 +234,8 @@ def separation_loss(mean: torch.Tensor, target: float) -> tuple[torch.Tensor, di
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
     """Stage 1: train the VAE on clips of the data source; writes run/vae."""
     from soragen.data.clips import make_source
-    from soragen.model_io import save_file_atomic
+    from soragen.model_io import WEIGHTS, load_weights, resolve_model, save_file_atomic
     from soragen.vae import VideoVAE
-
-    from soragen.model_io import WEIGHTS, load_weights, resolve_model
 
     t = cfg.train.vae
     if t.shape_separation > 0 and cfg.data.kind != "shapes":
