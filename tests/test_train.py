@@ -470,7 +470,17 @@ def test_shape_separation_trains_the_vae(tmp_path):
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("separation" in r for r in lines if r["stage"] == "vae")
-    bad = load_config(None, TINY + [f"train.output_dir={tmp_path / 'b'}", "train.stages=[vae]",
-                                    "train.vae.shape_separation=1", "data.kind=manifest", f"data.path={tmp_path}"])
-    with pytest.raises(UserError, match="data.kind: shapes"):
-        train(bad)
+
+
+
+def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
+    """configs/default.yaml on a user's own dataset: the Shapes World's options step aside and say so."""
+    from soragen.data.clips import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
+                                    "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+    with caplog.at_level("WARNING", logger="soragen"):
+        train(cfg)
+    assert "train.vae.shape_separation is off" in caplog.text and "train.dit.shape_weight is off" in caplog.text
+    assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "shape_cues.safetensors").exists()

@@ -239,8 +239,9 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
     t = cfg.train.vae
     if t.shape_separation > 0 and cfg.data.kind != "shapes":
-        raise UserError(f"train.vae.shape_separation needs data.kind: shapes (it renders each clip's shape twin), "
-                        f"got data.kind: {cfg.data.kind}")
+        log.warning("train.vae.shape_separation is off: it renders each clip's shape twin, so it needs data.kind: "
+                    "shapes (this run has data.kind: %s)", cfg.data.kind)
+        t = t.model_copy(update={"shape_separation": 0.0})
     acc = _make_accelerator(run.root)
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
@@ -630,7 +631,12 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     vae = load_trained_vae(cfg, run)
     z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, std vae.latent_scale per channel
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
-    cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None) if t.shape_weight > 0 else None
+    cues = None
+    if t.shape_weight > 0 and cfg.data.kind != "shapes":
+        log.warning("train.dit.shape_weight is off: the renderer knows where shapes show, so it needs data.kind: "
+                    "shapes (this run has data.kind: %s)", cfg.data.kind)
+    elif t.shape_weight > 0:
+        cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
 
