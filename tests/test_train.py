@@ -435,18 +435,23 @@ def test_shape_weight_needs_shapes_data(tmp_path):
         build_shape_cues(cfg, RunFolder(tmp_path), None)
 
 
-def test_shapes_source_twins_share_the_scene_and_its_times():
+def test_twin_batch_holds_scenes_then_their_twins_then_their_backgrounds():
+    """Each twin is the same scene at the same times with its shapes swapped; the batch is ordered as separation_loss reads it."""
+    from soragen.data import shapes
     from soragen.data.clips import ShapesSource
+    from soragen.train import _clips_to_tensor, twin_batch
 
-    cfg = load_config(None, TINY)
-    rng = np.random.default_rng(3)
-    for _ in range(6):
-        clip, twin, background = ShapesSource(cfg.data).sample_twins(rng, 5)
-        assert clip.shape == twin.shape == background.shape == (5, 64, 64, 3)
-        lit = clip.any(axis=-1) & ~(clip == 128).all(axis=-1)  # object pixels (not black, not the wall)
-        assert not (background.any(axis=-1) & ~(background == 128).all(axis=-1)).any()
-        differs = (clip != twin).any(axis=-1)
-        assert (differs & ~lit & ~twin.any(axis=-1)).sum() == 0  # the twin differs only where one of them has an object
+    cfg = load_config(None, TINY + ["data.long_fraction=0.5"])
+    source = ShapesSource(cfg.data)
+    x = twin_batch(source, np.random.default_rng(3), 4, 5)  # (12, 3, 5, 64, 64)
+    replay = np.random.default_rng(3)
+    expected = [[], [], []]
+    for _ in range(4):
+        scene, start = source._scene(replay)
+        for part, s in enumerate((scene, shapes.shape_twin(scene), shapes.Scene((), scene.wall))):
+            expected[part].append(shapes.render(s, 5, start_time=start))
+    assert torch.equal(x, _clips_to_tensor(expected[0] + expected[1] + expected[2]))
+    assert not torch.equal(x[:4], x[4:8])  # the twins differ from their scenes
 
 
 def test_separation_loss_is_the_shortfall_of_shape_distance_over_object_energy():
@@ -470,7 +475,21 @@ def test_shape_separation_trains_the_vae(tmp_path):
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("separation" in r for r in lines if r["stage"] == "vae")
+    with pytest.raises(UserError, match="multiple of 3"):
+        load_config(None, TINY + ["train.vae.shape_separation=1", "train.vae.batch_size=4"])
 
+
+def test_vae_init_model_starts_from_a_model_folders_vae(trained, tmp_path):
+    """With a learning rate of 0 the fine-tuned VAE is the model folder's VAE, weight for weight."""
+    from safetensors.torch import load_file
+
+    model = trained[2]
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.lr=0",
+                                    f"train.vae.init_model={model}", "train.vae.steps=1"])
+    train(cfg)
+    name = "vae/diffusion_pytorch_model.safetensors"
+    source, tuned = load_file(str(model / name)), load_file(str(tmp_path / name))
+    assert source.keys() == tuned.keys() and all(torch.equal(source[k].float(), tuned[k].float()) for k in source)
 
 
 def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
@@ -479,7 +498,7 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
 
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
     cfg = load_config(None, TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
-                                    "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+                                    "train.vae.batch_size=3", "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)
     assert "train.vae.shape_separation is off" in caplog.text and "train.dit.shape_weight is off" in caplog.text

@@ -270,16 +270,25 @@ class VAETrainConfig(_Frozen):
     kl_weight: float = 1e-6  # weight of the KL term: small, so the posterior is near-deterministic
     edge_weight: float = 1.0  # weight of the image-gradient (edge) loss
     object_weight: float = 4.0  # extra weight of pixels that belong to objects (off the background)
-    # Shape separation (Shapes World data): each clip is trained beside its shape twin (circle <-> square,
+    # Shape separation (Shapes World data): each scene is trained beside its shape twin (circle <-> square,
     # triangle -> circle, at the same places) and its background alone, and the loss adds
     # shape_separation * relu(shape_separation_target - |mu - mu_twin|^2 / |mu - mu_background|^2) over
-    # the encoder's means: shapes then differ in the latents as much as the target share of an object's
-    # own latent energy (the pixels give a square and a circle 0.11 of it; docs/training-log.md, session 17).
-    # Each step takes batch_size clips in all (a third each). 0 = off.
+    # the encoder's means: a squared ratio, so the target 0.5 asks a twin to lie 0.71 of the object's own
+    # latent norm away (a square and a circle are 0.31 of it apart in the pixels, 0.29 in a VAE trained
+    # without it; docs/training-log.md, session 17). A step takes batch_size / 3 scenes (batch_size a
+    # multiple of 3), each with its twin and background. 0 = off.
     shape_separation: float = Field(0.0, ge=0)
     shape_separation_target: float = Field(0.5, gt=0)
-    # Start from the VAE of this model folder (a fine-tune; same vae config) instead of random weights.
+    # Start from the VAE of this model folder (a fine-tune; same vae config) instead of random weights
+    # (train.vae_model instead skips the VAE stage and uses that VAE as it is).
     init_model: str | None = None
+
+    @model_validator(mode="after")
+    def _whole_triples(self) -> "VAETrainConfig":
+        if self.shape_separation > 0 and self.batch_size % 3:
+            raise ValueError(f"batch_size must be a multiple of 3 with shape_separation (a scene, its twin and its "
+                             f"background), got {self.batch_size}")
+        return self
 
 
 class DiTTrainConfig(_Frozen):

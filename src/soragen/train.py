@@ -231,6 +231,22 @@ def separation_loss(mean: torch.Tensor, target: float) -> tuple[torch.Tensor, di
     return F.relu(target - ratio).mean(), {"separation": ratio.median().item()}
 
 
+def twin_batch(source, rng: np.random.Generator, scenes: int, num_frames: int) -> torch.Tensor:
+    """[3 * scenes, 3, T, H, W]: the scenes' clips, then their shape twins, then their backgrounds
+    (the order `separation_loss` reads), from ShapesSource.sample_twins."""
+    triples = [source.sample_twins(rng, num_frames) for _ in range(scenes)]
+    return _clips_to_tensor([triple[part] for part in range(3) for triple in triples])
+
+
+def _shapes_only(cfg: Config, option: str, why: str) -> bool:
+    """False, with a warning, when `option` (a Shapes World option that is on) meets other data."""
+    if cfg.data.kind == "shapes":
+        return True
+    log.warning("%s is off for this run: %s, so it needs data.kind: shapes (this run has data.kind: %s)",
+                option, why, cfg.data.kind)
+    return False
+
+
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
     """Stage 1: train the VAE on clips of the data source; writes run/vae."""
     from soragen.data.clips import make_source
@@ -238,9 +254,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     from soragen.vae import VideoVAE
 
     t = cfg.train.vae
-    if t.shape_separation > 0 and cfg.data.kind != "shapes":
-        log.warning("train.vae.shape_separation is off: it renders each clip's shape twin, so it needs data.kind: "
-                    "shapes (this run has data.kind: %s)", cfg.data.kind)
+    if t.shape_separation > 0 and not _shapes_only(cfg, "train.vae.shape_separation", "it renders each scene's shape twin"):
         t = t.model_copy(update={"shape_separation": 0.0})
     acc = _make_accelerator(run.root)
     torch.manual_seed(cfg.seed)
@@ -256,9 +270,8 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     rng = np.random.default_rng([cfg.seed, step, acc.process_index])
     vae.train()
     while step < t.steps:
-        if t.shape_separation > 0:  # (clips, twins, backgrounds), a third of the batch each
-            triples = [source.sample_twins(rng, t.clip_frames) for _ in range(max(1, t.batch_size // 3))]
-            x = _clips_to_tensor([triple[i] for i in range(3) for triple in triples]).to(acc.device)
+        if t.shape_separation > 0:
+            x = twin_batch(source, rng, t.batch_size // 3, t.clip_frames).to(acc.device)
         else:
             x = _clips_to_tensor([source.sample(rng, t.clip_frames).frames for _ in range(t.batch_size)]).to(acc.device)
         loss, metrics = vae_loss(vae, x, t)
@@ -632,10 +645,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, std vae.latent_scale per channel
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
     cues = None
-    if t.shape_weight > 0 and cfg.data.kind != "shapes":
-        log.warning("train.dit.shape_weight is off: the renderer knows where shapes show, so it needs data.kind: "
-                    "shapes (this run has data.kind: %s)", cfg.data.kind)
-    elif t.shape_weight > 0:
+    if t.shape_weight > 0 and _shapes_only(cfg, "train.dit.shape_weight", "the renderer knows where shapes show"):
         cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
@@ -698,17 +708,17 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     while step < end:
         idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
-        weight = None
+        pixel_weight = None
         if cues is not None:  # (B, W, h, w)
-            weight = 1.0 + t.shape_weight * torch.stack([cues[k, s : s + t.window] for k, s in zip(idx, starts)]).float()
-            weight = weight.to(acc.device)
+            cue = torch.stack([cues[k, s : s + t.window] for k, s in zip(idx, starts)]).float()
+            pixel_weight = (1.0 + t.shape_weight * cue).to(acc.device)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
         text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation, swapped, weight)
+                        cfg.sampler.noise_correlation, swapped, pixel_weight)
         metrics = {}
         if swapped is not None:
             loss, contrast, gap = loss
