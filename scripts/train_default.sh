@@ -4,11 +4,10 @@
 # Re-running continues an interrupted run from its newest checkpoint.
 #   bash scripts/train_default.sh            # runs/default
 #
-# One phase on configs/default.yaml. On 2 cores of a fast machine (session 17): VAE 2,000
-# steps of 3 scenes with their shape twins and backgrounds (0.86 s each, ~29 min; run
-# rc1), latent cache (~5 min) and DiT steps with self-conditioning and both contrasts
-# (~2.3 s each, so ~2.3 h for 3,600; runs dv1 and long1): about 2.9 h in all (3.8 h on
-# the slower machine of sessions 6-7). The recipe's levers were found as fine-tunes of
+# One phase on configs/default.yaml. On 2 cores of a fast machine (sessions 16-17): VAE
+# 2,000 steps (~18 min; run ve4), latent cache (~5 min) and DiT steps with
+# self-conditioning and both contrasts (~2.3 s each, so ~2.3 h for 3,600; runs dv1 and
+# long1): about 2.6 h in all (3.8 h on the slower machine of sessions 6-7). The recipe's levers were found as fine-tunes of
 # earlier runs (docs/training-log.md, sessions 3-17).
 set -euo pipefail
 cd "$(dirname "$0")/.."
