@@ -338,9 +338,9 @@ class DiTTrainConfig(_Frozen):
     shape_contrast_rows: int = Field(4, ge=1)
     shape_contrast_t: tuple[int, int] = (30, 500)
     # Shape weight (Shapes World data): each latent pixel's squared error counts 1 + shape_weight * cue,
-    # the cue being the share of its area where the object's coverage differs from the nearest other
-    # shape's at the same place (the few pixels that tell a square from a circle: about 1% of an
-    # object's loss unweighted, docs/training-log.md, session 9). 0 = off.
+    # the cue being the share of its area where the object's coverage differs from its twin shape's
+    # (shapes.SHAPE_TWINS) at the same place (the few pixels that tell a square from a circle: about 1%
+    # of an object's loss unweighted, docs/training-log.md, session 9). 0 = off.
     shape_weight: float = Field(0.0, ge=0)
 
     @field_validator("shape_contrast_t")
