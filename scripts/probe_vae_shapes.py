@@ -69,7 +69,8 @@ def main() -> None:
     random = _clips_to_tensor([shapes.render(shapes.sample_scene(rng), FRAMES) for _ in range(48)])
     print(f"{len(scenes)} still scenes; median |square - circle| and |triangle - circle| over |circle - empty|")
     print(f"{'':>40} {'square':>7} {'triangle':>8}")
-    print(f"{'pixels':>40} {ratios(pixels)[0]:>7.3f} {ratios(pixels)[1]:>8.3f}")
+    square, triangle = ratios(pixels)
+    print(f"{'pixels':>40} {square:>7.3f} {triangle:>8.3f}")
     for folder in args.folders:
         vae = load_vae(folder)
         spread = vae.encode(random)[0].transpose(0, 1).flatten(1).std(dim=1)  # (C,)

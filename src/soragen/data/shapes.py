@@ -198,23 +198,30 @@ def _coverage(shape: str, r: float, x: float, y: float) -> tuple[np.ndarray, int
     return cov, r0, c0
 
 
-def render(scene: Scene, num_frames: int, fps: int = FPS, start_time: float = 0.0) -> np.ndarray:
-    """Render frames [T, 64, 64, 3] uint8; frame i shows time start_time + i / fps."""
+def _placed(scene: Scene, num_frames: int, fps: int, start_time: float):
+    """(frame index, object, x, y) for every object of every frame; frame i shows time start_time + i / fps."""
     if int(num_frames) != num_frames or num_frames < 0:
         raise ValueError(f"num_frames must be an integer >= 0, got {num_frames!r}")
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
     if start_time < 0:
         raise ValueError(f"start_time must be >= 0 seconds, got {start_time!r}")
-    video = np.zeros((int(num_frames), SIZE, SIZE, 3), dtype=np.float32)  # (T, H, W, 3)
+    placed = []
     for i in range(int(num_frames)):
-        t = start_time + i / fps
         for obj in scene.objects:
-            x, y = position(obj, t)
-            cov, r0, c0 = _coverage(obj.shape, obj.radius, x, y)
-            patch = video[i, r0 : r0 + cov.shape[0], c0 : c0 + cov.shape[1]]  # (h, w, 3)
-            a = cov[..., None]
-            patch[...] = patch * (1.0 - a) + np.asarray(PALETTE[obj.colour], np.float32) * a
+            placed.append((i, obj, *position(obj, start_time + i / fps)))
+    return placed
+
+
+def render(scene: Scene, num_frames: int, fps: int = FPS, start_time: float = 0.0) -> np.ndarray:
+    """Render frames [T, 64, 64, 3] uint8; frame i shows time start_time + i / fps."""
+    placed = _placed(scene, num_frames, fps, start_time)
+    video = np.zeros((int(num_frames), SIZE, SIZE, 3), dtype=np.float32)  # (T, H, W, 3)
+    for i, obj, x, y in placed:
+        cov, r0, c0 = _coverage(obj.shape, obj.radius, x, y)
+        patch = video[i, r0 : r0 + cov.shape[0], c0 : c0 + cov.shape[1]]  # (h, w, 3)
+        a = cov[..., None]
+        patch[...] = patch * (1.0 - a) + np.asarray(PALETTE[obj.colour], np.float32) * a
     if scene.wall:
         video[:, :, WALL_COLS[0] : WALL_COLS[1] + 1] = WALL_COLOUR
     return np.rint(video).astype(np.uint8)
@@ -241,15 +248,13 @@ def shape_cue(scene: Scene, num_frames: int, fps: int = FPS, start_time: float =
     pixels that tell the two apart (14 px in all for a small object, 37 for a large one), for
     a triangle most of it; 0 behind the wall.
     """
+    placed = _placed(scene, num_frames, fps, start_time)
     cue = np.zeros((int(num_frames), SIZE, SIZE), dtype=np.float32)  # (T, H, W)
-    for i in range(int(num_frames)):
-        t = start_time + i / fps
-        for obj in scene.objects:
-            x, y = position(obj, t)
-            own, r0, c0 = _coverage(obj.shape, obj.radius, x, y)
-            diff = np.abs(own - _coverage(SHAPE_TWINS[obj.shape], obj.radius, x, y)[0])
-            patch = cue[i, r0 : r0 + own.shape[0], c0 : c0 + own.shape[1]]
-            np.maximum(patch, diff, out=patch)
+    for i, obj, x, y in placed:
+        own, r0, c0 = _coverage(obj.shape, obj.radius, x, y)
+        diff = np.abs(own - _coverage(SHAPE_TWINS[obj.shape], obj.radius, x, y)[0])
+        patch = cue[i, r0 : r0 + own.shape[0], c0 : c0 + own.shape[1]]
+        np.maximum(patch, diff, out=patch)
     if scene.wall:
         cue[:, :, WALL_COLS[0] : WALL_COLS[1] + 1] = 0.0
     return cue
