@@ -5,7 +5,7 @@ measures the DiT's v-loss at a few timesteps with the true caption and with its 
 word swapped (left <-> right, up <-> down). A model that uses the word pays for the wrong one;
 one that ignores it does not. Prints the increase by asked direction and timestep.
 
-    python scripts/probe_directions.py --model models/shapes-wip [--windows 48] [--seed 0]
+    python scripts/probe_directions.py --model builtin [--windows 48] [--seed 0]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ fill ratio of each shape's blobs (what the detector reads shape from: circle ~0.
 ~1.0, triangle ~0.5; squares are called above 0.89) and the share of frames whose blob the
 detector calls the asked shape. The first row is the VAE's own reconstruction (the ceiling).
 
-    python scripts/probe_shapes.py --model models/shapes-wip [--clips 24] [--starts 19 17 15 12] [--set ...]
+    python scripts/probe_shapes.py --model builtin [--clips 24] [--starts 19 17 15 12] [--set ...]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ them). Prints the medians of |square - circle| / |circle - empty| and |triangle 
 / |circle - empty|, in the pixels and in each VAE's latents: the share of an object's own
 latent energy that tells its shape. The DiT's loss can only reward a shape as much as this.
 
-    python scripts/probe_vae_shapes.py models/shapes-wip /work/runs/vs1   # model folders or run folders (vae/)
+    python scripts/probe_vae_shapes.py src/soragen/weights/shapes /work/runs/vs1   # model folders or run folders (vae/)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python scripts/ship_model.py runs/default [--seeds 1]
     python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
-    python scripts/ship_model.py runs/default --to models/shapes-wip   # not the built-in model: a folder to fine-tune from
+    python scripts/ship_model.py runs/default --to models/candidate   # not the built-in model: a folder to fine-tune from
 
 
 1. copies RUN/model to src/soragen/weights/shapes, or to --to DIR (DiT and VAE weights stored as float16),

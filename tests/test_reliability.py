@@ -18,12 +18,11 @@ import pytest
 from safetensors.torch import load_file
 
 from soragen.cli import main
-from soragen.config import load_config
 from soragen.train import RunFolder, train
 
 
 from conftest import interactive_sigint
-from test_train import TINY
+from test_train import TINY, train_config
 
 FAST = ["--set", "video.seconds=1", "--set", "sampler.steps=2"]
 
@@ -155,7 +154,7 @@ def assert_resumable(root: Path) -> None:
     tensors = load_file(ckpt / "state" / "model.safetensors")
     assert tensors and all(t.numel() for t in tensors.values())
     step = json.loads((ckpt / "meta.json").read_text())["step"]
-    train(load_config(None, vae_run(root, step + 2)), resume=True)
+    train(train_config(vae_run(root, step + 2)), resume=True)
     assert RunFolder(root).latest("vae").name == f"vae-{step + 2:07d}"
 
 

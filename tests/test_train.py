@@ -25,10 +25,15 @@ TINY = [
 ]
 
 
+def train_config(overrides: list[str]):
+    """A training config from the schema defaults (as `soragen train` without --config), not the built-in model's."""
+    return load_config(None, overrides, builtin_default=False)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, TINY + [f"train.output_dir={root}"])
+    cfg = train_config(TINY + [f"train.output_dir={root}"])
     model = train(cfg)
     return cfg, root, model
 
@@ -53,7 +58,7 @@ def test_run_writes_model_folder_and_checkpoints(trained):
 
 def test_resume_continues_from_checkpoint(trained):
     cfg, root, _ = trained
-    more = load_config(None, TINY + [f"train.output_dir={root}", "train.dit.steps=6"])
+    more = train_config(TINY + [f"train.output_dir={root}", "train.dit.steps=6"])
     train(more, resume=True)
     assert RunFolder(root).latest("dit").name == "dit-0000006"
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()
@@ -63,10 +68,10 @@ def test_resume_continues_from_checkpoint(trained):
 
 def test_stop_after_then_resume_with_other_settings(tmp_path):
     """train.dit.stop_after stops with a checkpoint and no model; --resume (here with frame noise) finishes."""
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"])
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"])
     assert train(cfg) == tmp_path
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000002" and not (tmp_path / "model").exists()
-    more = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.frame_noise=0.5"])
+    more = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.frame_noise=0.5"])
     assert train(more, resume=True) == tmp_path / "model"
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000004" and (tmp_path / "model" / "soragen.yaml").is_file()
 
@@ -223,7 +228,7 @@ def test_self_condition_training_gives_half_the_batches_an_estimate():
 
 
 def test_self_conditioned_model_trains_and_generates(tmp_path):
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "dit.self_condition=true", "sampler.frame_lag=1"])
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "dit.self_condition=true", "sampler.frame_lag=1"])
     model = train(cfg)
     pipe = Pipeline.from_config(load_config(None, [f"model={model}"]))
     assert pipe.dit.cfg.self_condition
@@ -238,7 +243,7 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
     cfg, root, model = trained
     run = tmp_path / "ft"
     # Same VAE: reuse the trained run's VAE weights and latent cache by copying the run folder's VAE stage.
-    ft = load_config(None, TINY + [f"train.output_dir={run}", f"train.vae_model={model}", "train.dit.steps=0",
+    ft = train_config(TINY + [f"train.output_dir={run}", f"train.vae_model={model}", "train.dit.steps=0",
                                    f"train.dit.init_model={model}", "dit.self_condition=true"])
     out = train(ft)
     old = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -247,7 +252,7 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
     torch.testing.assert_close(new["x_embedder.weight"][:, :half], old["x_embedder.weight"])
     assert new["x_embedder.weight"][:, half:].abs().max() == 0
     torch.testing.assert_close(new["proj_out.weight"], old["proj_out.weight"])
-    bad = load_config(None, TINY + [f"train.output_dir={tmp_path / 'bad'}", f"train.vae_model={model}",
+    bad = train_config(TINY + [f"train.output_dir={tmp_path / 'bad'}", f"train.vae_model={model}",
                                     f"train.dit.init_model={model}", "dit.width=64"])
     with pytest.raises(UserError, match="init_model"):
         train(bad)
@@ -263,7 +268,7 @@ def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
     run = tmp_path / "dec"
     shutil.copytree(model, run / "model")
     before = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
-    ft = load_config(None, TINY + [f"train.output_dir={run}", "train.stages=[decoder]", "train.decoder.steps=3",
+    ft = train_config(TINY + [f"train.output_dir={run}", "train.stages=[decoder]", "train.decoder.steps=3",
                                    "train.decoder.batch_size=2", "train.decoder.clip_frames=5",
                                    "train.decoder.last_steps=2", "train.decoder.clean_fraction=0"])
     assert train(ft, resume=True) == run / "model"
@@ -285,7 +290,7 @@ def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
 
 
 def test_decoder_stage_needs_a_trained_model(tmp_path):
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[decoder]"])
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[decoder]"])
     with pytest.raises(UserError, match="runs after the 'dit' stage"):
         train(cfg)
 
@@ -331,7 +336,7 @@ def test_direction_contrast_rewards_a_prediction_that_reads_the_swapped_caption(
 
 def test_direction_contrast_trains(tmp_path):
     """A run with the contrast on logs it (context and caption dropout off, so every batch has rows)."""
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
                                     "dit.self_condition=true", "train.dit.context_fraction=0",
                                     "train.dit.caption_dropout=0", "data.long_fraction=0"])
     train(cfg)
@@ -348,7 +353,7 @@ def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_tim
         def __call__(self, texts):
             return torch.zeros(len(texts), 2, 8), torch.ones(len(texts), 2, dtype=torch.bool)
 
-    cfg = load_config(None, TINY + ["train.dit.direction_contrast=0.1", "train.dit.shape_contrast=0.2",
+    cfg = train_config(TINY + ["train.dit.direction_contrast=0.1", "train.dit.shape_contrast=0.2",
                                     "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast_rows=2",
                                     "train.dit.shape_contrast_t=[40,300]"])
     prompts = ["a red ball moving up", "a blue box moving left", "", "a green triangle bouncing", "a red ball moving up"]
@@ -356,13 +361,13 @@ def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_tim
     assert groups == [("direction", 0.1, 1), ("shape", 0.2, 2)]
     assert swapped.rows.tolist() == [0, 1, 3]  # row 4 has context, row 2 no caption
     assert swapped.timesteps.tolist() == [[500, 1000], [40, 300], [40, 300]]
-    off, _ = contrast_batch(Encoder(), prompts, np.zeros(5, dtype=int), load_config(None, TINY).train.dit, 1000)
+    off, _ = contrast_batch(Encoder(), prompts, np.zeros(5, dtype=int), train_config(TINY).train.dit, 1000)
     assert off is None
 
 
 def test_shape_contrast_trains(tmp_path):
     """A run with both contrasts logs each of them."""
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
                                     "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast=0.5",
                                     "train.dit.context_fraction=0",
                                     "train.dit.caption_dropout=0", "data.long_fraction=0"])
@@ -407,7 +412,7 @@ def test_shape_weight_trains_on_the_cues_of_the_cached_clips(tmp_path):
     from soragen.train import RunFolder, build_shape_cues
     from soragen.vae import frames_for
 
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.dit.shape_weight=5", "train.dit.steps=2"])
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.shape_weight=5", "train.dit.steps=2"])
     train(cfg)
     run = RunFolder(tmp_path)
     latents = load_file(str(run.latents))["latents"]  # (N, C, K, h, w)
@@ -430,7 +435,7 @@ def test_shape_weight_trains_on_the_cues_of_the_cached_clips(tmp_path):
 def test_shape_weight_needs_shapes_data(tmp_path):
     from soragen.train import RunFolder, build_shape_cues
 
-    cfg = load_config(None, TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
+    cfg = train_config(TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
     with pytest.raises(UserError, match="data.kind: shapes"):
         build_shape_cues(cfg, RunFolder(tmp_path), None)
 
@@ -441,7 +446,7 @@ def test_twin_batch_holds_scenes_then_their_twins_then_their_backgrounds():
     from soragen.data.clips import ShapesSource
     from soragen.train import _clips_to_tensor, twin_batch
 
-    cfg = load_config(None, TINY + ["data.long_fraction=0.5"])
+    cfg = train_config(TINY + ["data.long_fraction=0.5"])
     source = ShapesSource(cfg.data)
     x = twin_batch(source, np.random.default_rng(3), 4, 5)  # (12, 3, 5, 64, 64)
     replay = np.random.default_rng(3)
@@ -470,13 +475,13 @@ def test_separation_loss_is_the_shortfall_of_shape_distance_over_object_energy()
 
 
 def test_shape_separation_trains_the_vae(tmp_path):
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.shape_separation=1",
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.shape_separation=1",
                                     "train.vae.batch_size=3"])
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("separation" in r for r in lines if r["stage"] == "vae")
     with pytest.raises(UserError, match="multiple of 3"):
-        load_config(None, TINY + ["train.vae.shape_separation=1", "train.vae.batch_size=4"])
+        train_config(TINY + ["train.vae.shape_separation=1", "train.vae.batch_size=4"])
 
 
 def test_vae_init_model_starts_from_a_model_folders_vae(trained, tmp_path):
@@ -484,7 +489,7 @@ def test_vae_init_model_starts_from_a_model_folders_vae(trained, tmp_path):
     from safetensors.torch import load_file
 
     model = trained[2]
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.lr=0",
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.lr=0",
                                     f"train.vae.init_model={model}", "train.vae.steps=1"])
     train(cfg)
     name = "vae/diffusion_pytorch_model.safetensors"
@@ -497,7 +502,7 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
     from soragen.data.clips import write_shapes_dataset
 
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
-    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
                                     "train.vae.batch_size=3", "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)

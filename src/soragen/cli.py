@@ -293,7 +293,7 @@ def train(
     from soragen.config import load_config
     from soragen.train import train as run_training
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or [], builtin_default=False)  # training starts from a preset, not the built-in model
     with _progress() as progress:
         tasks: dict[str, Any] = {}
 

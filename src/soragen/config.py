@@ -535,9 +535,14 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
+    *,
+    builtin_default: bool = True,
 ) -> Config:
     """Load a YAML preset (or the defaults), apply `key.path=value` overrides, then typed
-    `values` ({"video.seconds": 2.0}, as CLI flags give them), and validate once."""
+    `values` ({"video.seconds": 2.0}, as CLI flags give them), and validate once.
+
+    With no preset and no `model`, the built-in model (when installed) is the base for
+    generation; `builtin_default=False` (training) keeps the schema defaults instead."""
     data = read_yaml(Path(path)) if path is not None else {}
     _check_keys(data, Config)
     for text in overrides:
@@ -545,7 +550,7 @@ def load_config(
         apply_override(data, parts, value)
     for key, value in (values or {}).items():
         apply_override(data, key.split("."), value)
-    if path is None and "model" not in data:
+    if path is None and "model" not in data and builtin_default:
         from soragen.model_io import builtin_installed
 
         if builtin_installed():  # no config given: the built-in model is the default
