@@ -298,3 +298,20 @@ def test_conv_head_starts_as_the_model_without_it_and_learns():
     torch.testing.assert_close(out, plain(x, t, text, mask))
     out.square().sum().backward()
     assert headed.conv_head.conv2.weight.grad.abs().sum() > 0
+
+
+def test_runs_in_bfloat16_close_to_float32():
+    """A DiT cast to bfloat16 (as on a GPU) takes bfloat16 inputs throughout, timestep features included."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(width=32, depth=2, heads=2, patch_size=[1, 2, 2], temporal_conv=True, self_condition=True,
+                    pooled_text=True)
+    dit = DiT(cfg, in_channels=4, text_dim=16).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, x_self = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 3, 4, 4)
+    txt, mask = text()
+    with torch.no_grad():
+        ref = dit(x, torch.tensor([500]), txt, mask, x_self=x_self)
+        out = dit.to(torch.bfloat16)(x.bfloat16(), torch.tensor([500]), txt.bfloat16(), mask, x_self=x_self.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

@@ -244,7 +244,7 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
     run = tmp_path / "ft"
     # Same VAE: reuse the trained run's VAE weights and latent cache by copying the run folder's VAE stage.
     ft = train_config(TINY + [f"train.output_dir={run}", f"train.vae_model={model}", "train.dit.steps=0",
-                                   f"train.dit.init_model={model}", "dit.self_condition=true"])
+                              f"train.dit.init_model={model}", "dit.self_condition=true"])
     out = train(ft)
     old = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
     new = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -253,7 +253,7 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
     assert new["x_embedder.weight"][:, half:].abs().max() == 0
     torch.testing.assert_close(new["proj_out.weight"], old["proj_out.weight"])
     bad = train_config(TINY + [f"train.output_dir={tmp_path / 'bad'}", f"train.vae_model={model}",
-                                    f"train.dit.init_model={model}", "dit.width=64"])
+                               f"train.dit.init_model={model}", "dit.width=64"])
     with pytest.raises(UserError, match="init_model"):
         train(bad)
 
@@ -269,8 +269,8 @@ def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
     shutil.copytree(model, run / "model")
     before = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
     ft = train_config(TINY + [f"train.output_dir={run}", "train.stages=[decoder]", "train.decoder.steps=3",
-                                   "train.decoder.batch_size=2", "train.decoder.clip_frames=5",
-                                   "train.decoder.last_steps=2", "train.decoder.clean_fraction=0"])
+                              "train.decoder.batch_size=2", "train.decoder.clip_frames=5",
+                              "train.decoder.last_steps=2", "train.decoder.clean_fraction=0"])
     assert train(ft, resume=True) == run / "model"
     after = load_file(str(run / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert before.keys() == after.keys()
@@ -337,8 +337,8 @@ def test_direction_contrast_rewards_a_prediction_that_reads_the_swapped_caption(
 def test_direction_contrast_trains(tmp_path):
     """A run with the contrast on logs it (context and caption dropout off, so every batch has rows)."""
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
-                                    "dit.self_condition=true", "train.dit.context_fraction=0",
-                                    "train.dit.caption_dropout=0", "data.long_fraction=0"])
+                               "dit.self_condition=true", "train.dit.context_fraction=0",
+                               "train.dit.caption_dropout=0", "data.long_fraction=0"])
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
@@ -354,8 +354,8 @@ def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_tim
             return torch.zeros(len(texts), 2, 8), torch.ones(len(texts), 2, dtype=torch.bool)
 
     cfg = train_config(TINY + ["train.dit.direction_contrast=0.1", "train.dit.shape_contrast=0.2",
-                                    "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast_rows=2",
-                                    "train.dit.shape_contrast_t=[40,300]"])
+                               "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast_rows=2",
+                               "train.dit.shape_contrast_t=[40,300]"])
     prompts = ["a red ball moving up", "a blue box moving left", "", "a green triangle bouncing", "a red ball moving up"]
     swapped, groups = contrast_batch(Encoder(), prompts, np.array([0, 0, 0, 0, 3]), cfg.train.dit, 1000)
     assert groups == [("direction", 0.1, 1), ("shape", 0.2, 2)]
@@ -368,9 +368,9 @@ def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_tim
 def test_shape_contrast_trains(tmp_path):
     """A run with both contrasts logs each of them."""
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
-                                    "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast=0.5",
-                                    "train.dit.context_fraction=0",
-                                    "train.dit.caption_dropout=0", "data.long_fraction=0"])
+                               "train.dit.direction_contrast_rows=1", "train.dit.shape_contrast=0.5",
+                               "train.dit.context_fraction=0",
+                               "train.dit.caption_dropout=0", "data.long_fraction=0"])
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
@@ -474,9 +474,23 @@ def test_separation_loss_is_the_shortfall_of_shape_distance_over_object_energy()
     assert loss.item() == 0.0 and metrics == {}
 
 
+def test_separation_loss_moves_shapes_apart_not_objects_towards_the_background():
+    from soragen.train import separation_loss
+
+    clip = torch.zeros(1, 1, 1, 2, 2)
+    clip[0, 0, 0, 0, 0] = 2.0
+    twin = clip.clone()
+    twin[0, 0, 0, 0, 1] = 1.0
+    background = torch.zeros(1, 1, 1, 2, 2, requires_grad=True)
+    twin.requires_grad_(True)
+    separation_loss(torch.cat([clip, twin, background]), target=0.5)[0].backward()
+    assert background.grad.abs().sum() == 0  # the energy only scales the ratio
+    assert twin.grad[0, 0, 0, 0, 1] < 0  # the twin's differing corner is pushed further out
+
+
 def test_shape_separation_trains_the_vae(tmp_path):
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.shape_separation=1",
-                                    "train.vae.batch_size=3"])
+                               "train.vae.batch_size=3"])
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("separation" in r for r in lines if r["stage"] == "vae")
@@ -490,7 +504,7 @@ def test_vae_init_model_starts_from_a_model_folders_vae(trained, tmp_path):
 
     model = trained[2]
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.lr=0",
-                                    f"train.vae.init_model={model}", "train.vae.steps=1"])
+                               f"train.vae.init_model={model}", "train.vae.steps=1"])
     train(cfg)
     name = "vae/diffusion_pytorch_model.safetensors"
     source, tuned = load_file(str(model / name)), load_file(str(tmp_path / name))
@@ -503,8 +517,31 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
 
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
     cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
-                                    "train.vae.batch_size=3", "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+                               "train.vae.batch_size=3", "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)
     assert "train.vae.shape_separation is off" in caplog.text and "train.dit.shape_weight is off" in caplog.text
     assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "shape_cues.safetensors").exists()
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert "shape_separation: 0.0" in recorded and "shape_weight: 0.0" in recorded  # what the run did
+
+
+def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
+    """The latent cache is kept while the VAE's weights stay the same and rebuilt when they change."""
+    from safetensors.torch import load_file
+
+    from soragen.model_io import WEIGHTS, save_file_atomic
+    from soragen.train import build_latent_cache, load_trained_vae
+
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae_gate_clips=0"])
+    train(cfg)
+    run = RunFolder(tmp_path)
+    first = build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)["latents"]
+    stamp = run.latents.stat().st_mtime_ns
+    build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)
+    assert run.latents.stat().st_mtime_ns == stamp  # same weights: reused
+    weights = {k: v + 0.05 if v.is_floating_point() else v for k, v in load_file(str(run.vae / WEIGHTS)).items()}
+    save_file_atomic(weights, run.vae / WEIGHTS)  # as if the VAE stage ran again
+    second = build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)["latents"]
+    assert not torch.equal(first, second)
+    assert torch.equal(second, load_file(str(run.latents))["latents"])

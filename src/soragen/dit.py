@@ -104,7 +104,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal(t, self.freq_dim))
+        return self.mlp(sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 # ---------------------------------------------------------------------------

@@ -222,7 +222,9 @@ def separation_loss(mean: torch.Tensor, target: float) -> tuple[torch.Tensor, di
     (clips, their shape twins, their backgrounds); rows whose twin is the clip itself are left out."""
     clip, twin, background = mean.chunk(3)
     shape = (clip - twin).square().sum(dim=(1, 2, 3, 4))  # (n,)
-    energy = (clip - background).square().sum(dim=(1, 2, 3, 4)).clamp(min=1e-8)  # (n,)
+    # The object's own energy only sets the scale: with a gradient through it the encoder could raise
+    # the ratio by drawing objects closer to the empty frame instead of shapes further from each other.
+    energy = (clip - background).square().sum(dim=(1, 2, 3, 4)).detach().clamp(min=1e-8)  # (n,)
     ratio = shape / energy
     keep = shape > 1e-12  # a clip whose objects all keep their shape has nothing to separate
     if not keep.any():
@@ -238,13 +240,20 @@ def twin_batch(source, rng: np.random.Generator, scenes: int, num_frames: int) -
     return _clips_to_tensor([triple[part] for part in range(3) for triple in triples])
 
 
-def _shapes_only(cfg: Config, option: str, why: str) -> bool:
-    """False, with a warning, when `option` (a Shapes World option that is on) meets other data."""
+def shapes_options_off(cfg: Config) -> Config:
+    """cfg with the Shapes World's own training options switched off, each with a warning, when the
+    data is something else (configs/default.yaml on a user's dataset); cfg itself on Shapes World data."""
     if cfg.data.kind == "shapes":
-        return True
-    log.warning("%s is off for this run: %s, so it needs data.kind: shapes (this run has data.kind: %s)",
-                option, why, cfg.data.kind)
-    return False
+        return cfg
+    vae, dit = cfg.train.vae, cfg.train.dit
+    for option, value, why in (("train.vae.shape_separation", vae.shape_separation, "it renders each scene's shape twin"),
+                               ("train.dit.shape_weight", dit.shape_weight, "the renderer knows where shapes show")):
+        if value > 0:
+            log.warning("%s is off for this run: %s, so it needs data.kind: shapes (this run has data.kind: %s)",
+                        option, why, cfg.data.kind)
+    train = cfg.train.model_copy(update={"vae": vae.model_copy(update={"shape_separation": 0.0}),
+                                         "dit": dit.model_copy(update={"shape_weight": 0.0})})
+    return cfg.model_copy(update={"train": train})
 
 
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
@@ -254,8 +263,6 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     from soragen.vae import VideoVAE
 
     t = cfg.train.vae
-    if t.shape_separation > 0 and not _shapes_only(cfg, "train.vae.shape_separation", "it renders each scene's shape twin"):
-        t = t.model_copy(update={"shape_separation": 0.0})
     acc = _make_accelerator(run.root)
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
@@ -323,18 +330,24 @@ def vae_gate(cfg: Config, vae, clips: int = 96, seconds: float = 4.0) -> dict[st
 
 def load_trained_vae(cfg: Config, run: RunFolder):
     """The VAE of stage 1 (run/vae) or of `train.vae_model`, in eval mode."""
-    from soragen.model_io import WEIGHTS, load_weights, resolve_model
+    from soragen.model_io import load_weights
     from soragen.vae import VideoVAE
 
-    if cfg.train.vae_model is not None:
-        path = resolve_model(cfg.train.vae_model) / "vae" / WEIGHTS
-    else:
-        path = run.vae / WEIGHTS
-        if not path.is_file():
-            raise UserError(f"no trained VAE in {run.vae}; run the 'vae' stage first (train.stages) or set train.vae_model")
     vae = VideoVAE(cfg.vae)
-    load_weights(vae, path)
+    load_weights(vae, vae_weights(cfg, run))
     return vae.eval().requires_grad_(False)
+
+
+def vae_weights(cfg: Config, run: RunFolder) -> Path:
+    """The weights file of the VAE the DiT stage encodes with: run/vae or `train.vae_model`'s."""
+    from soragen.model_io import WEIGHTS, resolve_model
+
+    if cfg.train.vae_model is not None:
+        return resolve_model(cfg.train.vae_model) / "vae" / WEIGHTS
+    path = run.vae / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"no trained VAE in {run.vae}; run the 'vae' stage first (train.stages) or set train.vae_model")
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -351,9 +364,10 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     from soragen.vae import frames_for
 
     captions_path = run.latents.with_suffix(".json")
+    digest = _cache_digest(cfg, vae_weights(cfg, run))
     if run.latents.is_file() and captions_path.is_file():
         meta = json.loads(captions_path.read_text(encoding="utf-8"))
-        if meta["config_digest"] == _cache_digest(cfg):
+        if meta["config_digest"] == digest:
             tensors = load_file(str(run.latents))
             return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
         log.warning("latent cache %s was built for another config; rebuilding it", run.latents)
@@ -374,7 +388,7 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
                 progress("encode", start + len(clips), d.clips, {})
     z = torch.cat(latents)  # (N, C, K, h, w)
     save_file_atomic({"latents": z}, run.latents)
-    _write_json(captions_path, {"config_digest": _cache_digest(cfg), "captions": captions, "continues": continues})
+    _write_json(captions_path, {"config_digest": digest, "captions": captions, "continues": continues})
     return {"latents": z, "captions": captions, "continues": continues}
 
 
@@ -416,12 +430,15 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
     return cues
 
 
-def _cache_digest(cfg: Config) -> str:
-    """What the latent cache depends on: data, VAE and seed."""
+def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
+    """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
+    VAE's weights (a VAE retrained in the same run folder makes its latent cache stale)."""
     import hashlib
 
     key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed, "vae_model": cfg.train.vae_model}, sort_keys=True, default=str)
+    if weights is not None:
+        key += hashlib.sha256(weights.read_bytes()).hexdigest()
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -645,7 +662,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     z_all = vae.normalize(z_all.float())  # (N, C, K, h, w): zero mean, std vae.latent_scale per channel
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
     cues = None
-    if t.shape_weight > 0 and _shapes_only(cfg, "train.dit.shape_weight", "the renderer knows where shapes show"):
+    if t.shape_weight > 0:
         cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
@@ -902,6 +919,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
+    cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
     run = RunFolder(Path(cfg.train.output_dir))
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
