@@ -1,13 +1,15 @@
 """Install a trained run's model into the package as the built-in model, with its model card.
 
-    python scripts/ship_model.py runs/default [--seeds 1]
+    python scripts/ship_model.py runs/default --replace [--seeds 1]   # replaces the shipped built-in model
     python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
     python scripts/ship_model.py runs/default --to models/candidate   # not the built-in model: a folder to fine-tune from
 
 
-1. copies RUN/model to src/soragen/weights/shapes, or to --to DIR (DiT and VAE weights stored as float16),
-2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with it,
-3. writes the model card (README.md) and PROMPTS.txt beside the weights.
+1. copies RUN/model beside the target (DiT and VAE weights stored as float16; the config without
+   the run's own paths),
+2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with the copy,
+3. writes the model card (README.md) and PROMPTS.txt into it, and only then renames it into place:
+   src/soragen/weights/shapes (needs --replace when a built-in model is already there), or --to DIR.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def to_half(path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def fail(message: str) -> None:
+    """One line on stderr and exit code 2, as soragen answers bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of `soragen train` (holds model/)")
@@ -64,48 +72,63 @@ def main() -> None:
     parser.add_argument("--history", help="how the run got there, when it changed settings along the way")
     parser.add_argument("--prompts", type=Path, default=ROOT / "configs/prompts/shapes-eval.txt", help="evaluation prompts")
     parser.add_argument("--to", type=Path, default=TARGET, help="where to install it (default: the package's built-in model)")
+    parser.add_argument("--replace", action="store_true", help="replace the built-in model that the package ships")
+    parser.add_argument("--note", default="", help="a sentence for the card's first paragraph (e.g. what it falls short of)")
     args = parser.parse_args()
     target = args.to.resolve()
+    builtin = target == TARGET.resolve()
     model = args.model or args.run / "model"
     if not (model / "soragen.yaml").is_file():
-        sys.exit(f"error: {model} is not a finished model folder")
+        fail(f"{model} is not a finished model folder (RUN/model, written when `soragen train` finishes)")
+    if builtin and target.exists() and not args.replace:
+        fail(f"{target} already holds the built-in model; pass --replace to replace it, or --to DIR to install "
+             "this one elsewhere")
+    sys.path.insert(0, str(ROOT / "src"))
 
-    # 1. Copy into the package (atomic rename of a complete folder).
+    # 1. A copy beside the target, complete before it replaces anything.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     shutil.rmtree(tmp)
+    try:
+        install(args, model, tmp, target, builtin)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, builtin: bool) -> None:
+    """Fill tmp with the model, evaluate it, write its card, then rename it to target."""
+    from soragen.config import build_config, load_config, read_yaml
+    from soragen.evaluation.run import format_table
+    from soragen.model_io import portable_config
+
     shutil.copytree(model, tmp)
     for sub in ("transformer", "vae"):
         to_half(tmp / sub / "diffusion_pytorch_model.safetensors")
     (tmp / "PROMPTS.txt").write_text(PROMPTS + "\n", encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    stored = tmp / "soragen.yaml"
+    stored.write_text(portable_config(build_config(read_yaml(stored))).to_yaml(), encoding="utf-8")
 
-    # 2. Evaluate the installed model as a user would.
+    # 2. Evaluate the copy as a user would (nothing is replaced yet).
     eval_dir = args.run / "eval-4s"
-    name = "builtin" if target == TARGET.resolve() else str(target)
-    subprocess.run(["soragen", "eval", "--prompts", str(args.prompts), "--model", name,
+    subprocess.run([sys.executable, "-m", "soragen", "eval", "--prompts", str(args.prompts), "--model", str(tmp),
                     "--seconds", "4", "--seeds", str(args.seeds), "--out", str(eval_dir)], check=True)
     report = json.loads((eval_dir / "eval.json").read_text())
 
     # 3. Model card.
-    sys.path.insert(0, str(ROOT / "src"))
-    from soragen.config import load_config
-    from soragen.evaluation.run import format_table
-
-    cfg = load_config(None, [f"model={name}"])
+    cfg = load_config(None, [f"model={tmp}"])
     times = wall_time(args.run / "metrics.jsonl")
     gate_path = args.run / "vae" / "gate.json"
     gate = json.loads(gate_path.read_text()) if gate_path.is_file() else {}
-    sizes = {p.relative_to(target).as_posix(): p.stat().st_size for p in target.rglob("*.safetensors")}
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*.safetensors")}
     history = f"\n- History: {args.history}." if args.history else ""
-    if name == "builtin":
-        role = 'It is soragen\'s default model: `soragen generate "a large red circle moving right"`.'
-    else:
-        role = (f"It is not the built-in model (it does not yet pass the regression guard, tests/test_builtin.py); "
-                f"continue training from it with `--set train.vae_model={args.to} --set train.dit.init_model={args.to}`.")
-    decoder_path = target / "vae" / "decoder_finetune.json"
+    source = "builtin" if builtin else str(args.to)
+    role = ('It is soragen\'s default model: `soragen generate "a large red circle moving right"`.' if builtin
+            else "It is not the built-in model.")
+    role += f" {args.note}" if args.note else ""
+    role += (f" Continue training from it with `soragen train --config configs/default.yaml --set 'train.stages=[dit]' "
+             f"--set train.vae_model={source} --set train.dit.init_model={source}`.")
+    decoder_path = tmp / "vae" / "decoder_finetune.json"
     decoder = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
     if decoder:
         history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
@@ -147,7 +170,17 @@ World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
 {format_table(report["table"])}
 ```
 """
-    (target / "README.md").write_text(card, encoding="utf-8")
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+
+    # 4. Into place, complete.
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
     print(card)
 
 

@@ -38,6 +38,18 @@ def trained(tmp_path_factory):
     return cfg, root, model
 
 
+def test_model_folder_keeps_no_paths_of_the_run(trained, tmp_path):
+    """A model folder's config holds the model, not the run: a fine-tune of it writes to its own output folder."""
+    import yaml
+
+    cfg, root, model = trained
+    stored = yaml.safe_load((model / "soragen.yaml").read_text())
+    assert str(root) not in (model / "soragen.yaml").read_text()
+    assert stored["train"]["vae_model"] is None and stored["train"]["dit"]["init_model"] is None
+    assert stored["dit"] == cfg.dit.model_dump(mode="json") and stored["train"]["dit"]["steps"] == cfg.train.dit.steps
+    assert load_config(None, [f"model={model}"]).train.output_dir == "runs/default"
+
+
 def test_run_writes_model_folder_and_checkpoints(trained):
     cfg, root, model = trained
     run = RunFolder(root)
@@ -246,6 +258,7 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
     ft = train_config(TINY + [f"train.output_dir={run}", f"train.vae_model={model}", "train.dit.steps=0",
                               f"train.dit.init_model={model}", "dit.self_condition=true"])
     out = train(ft)
+    assert not RunFolder(run).vae.exists()  # train.vae_model: the VAE stage does not run
     old = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
     new = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     half = old["x_embedder.weight"].shape[1]
@@ -527,7 +540,7 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
 
 
 def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
-    """The latent cache is kept while the VAE's weights stay the same and rebuilt when they change."""
+    """The latent cache is kept while the VAE encoder's weights stay the same and rebuilt when they change."""
     from safetensors.torch import load_file
 
     from soragen.model_io import WEIGHTS, save_file_atomic
@@ -540,8 +553,11 @@ def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
     stamp = run.latents.stat().st_mtime_ns
     build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)
     assert run.latents.stat().st_mtime_ns == stamp  # same weights: reused
-    weights = {k: v + 0.05 if v.is_floating_point() else v for k, v in load_file(str(run.vae / WEIGHTS)).items()}
-    save_file_atomic(weights, run.vae / WEIGHTS)  # as if the VAE stage ran again
+    weights = load_file(str(run.vae / WEIGHTS))
+    save_file_atomic({k: v + 0.05 if k.startswith("decoder.") else v for k, v in weights.items()}, run.vae / WEIGHTS)
+    build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)
+    assert run.latents.stat().st_mtime_ns == stamp  # a new decoder (the decoder stage) leaves the latents as they are
+    save_file_atomic({k: v + 0.05 for k, v in weights.items()}, run.vae / WEIGHTS)  # as if the VAE stage ran again
     second = build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)["latents"]
     assert not torch.equal(first, second)
     assert torch.equal(second, load_file(str(run.latents))["latents"])

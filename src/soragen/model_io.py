@@ -98,14 +98,26 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def portable_config(cfg: Config) -> Config:
+    """cfg as a model folder keeps it: without the paths of the run that trained it (its output folder, the
+    model folders it started from) and with the default stages, so that a config layered on the folder
+    (generation, `soragen info`, a fine-tune) inherits the model's settings and not another machine's paths."""
+    t = cfg.train
+    fields = type(t).model_fields
+    train = t.model_copy(update={
+        "output_dir": fields["output_dir"].default, "stages": fields["stages"].default, "vae_model": None,
+        "vae": t.vae.model_copy(update={"init_model": None}), "dit": t.dit.model_copy(update={"init_model": None}),
+    })
+    return cfg.model_copy(update={"model": None, "train": train})
+
+
 def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.Module, scheduler) -> None:
     """Write a complete model folder; assembled in a temporary folder and renamed into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        stored = cfg.model_copy(update={"model": None})
-        (tmp / "soragen.yaml").write_text(stored.to_yaml(), encoding="utf-8")
+        (tmp / "soragen.yaml").write_text(portable_config(cfg).to_yaml(), encoding="utf-8")
         index = {
             "_class_name": "SoragenPipeline",
             "transformer": ["soragen.dit", "DiT"],

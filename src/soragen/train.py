@@ -432,13 +432,20 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
 
 def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
-    VAE's weights (a VAE retrained in the same run folder makes its latent cache stale)."""
+    VAE encoder's weights (a VAE retrained in the same run folder makes its latent cache stale)."""
     import hashlib
 
     key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed, "vae_model": cfg.train.vae_model}, sort_keys=True, default=str)
-    if weights is not None:
-        key += hashlib.sha256(weights.read_bytes()).hexdigest()
+    if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are
+        from safetensors import safe_open
+
+        h = hashlib.sha256()
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in sorted(k for k in handle.keys() if not k.startswith("decoder.")):
+                h.update(name.encode())
+                h.update(handle.get_tensor(name).float().numpy().tobytes())
+        key += h.hexdigest()
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -926,7 +933,9 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     run.root.mkdir(parents=True, exist_ok=True)
     (run.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if "vae" in cfg.train.stages:
-        if resume and (run.vae / "diffusion_pytorch_model.safetensors").is_file():
+        if cfg.train.vae_model is not None:
+            log.info("train.vae_model is set: the DiT stage uses that VAE, so stage 1 does not run")
+        elif resume and (run.vae / "diffusion_pytorch_model.safetensors").is_file():
             log.info("the VAE of %s is trained; skipping stage 1", run.root)
         else:
             train_vae(cfg, run, resume, progress)
