@@ -6,7 +6,9 @@ from soragen.model_io import builtin_installed
 
 pytestmark = pytest.mark.skipif(not builtin_installed(), reason="the built-in model is not in this checkout")
 
-# One prompt per motion, none of them held out; generated once each with the default seed.
+# One prompt per motion, none of them held out. Each is generated with seeds 0, 1 and 2 and an
+# attribute must be right in at least two of the three: a regression moves many videos, while one
+# seed's verdict may flip with the last bits of a CPU's arithmetic.
 PROMPTS = [
     "a large red circle moving right",
     "a large blue square moving left",
@@ -15,12 +17,13 @@ PROMPTS = [
     "a large magenta square bouncing",
 ]
 SQUARES = [p for p in PROMPTS if "square" in p]
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
-    """The detector's verdict on the first object of each prompt's default video."""
-    from soragen.config import load_config
+    """The detector's verdicts on the first object of each prompt's video, one per seed."""
+    from soragen.config import load_config, update
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import score_video
     from soragen.pipeline import Pipeline
@@ -28,30 +31,37 @@ def scores(tmp_path_factory):
     cfg = load_config()  # no config: the built-in model is the default
     assert cfg.model == "builtin"
     pipe = Pipeline.from_config(cfg)
+    folder = tmp_path_factory.mktemp("builtin")
     out = {}
     for i, prompt in enumerate(PROMPTS):
-        path = tmp_path_factory.mktemp("builtin") / f"{i}.mp4"
-        pipe.generate(prompt, path)
-        frames = read_frames(path)
-        assert frames.shape[1:] == (256, 256, 3)  # native 64x64, upscaled 4x by default
-        out[prompt] = score_video(frames, prompt, fps=8)["objects"][0]
+        out[prompt] = []
+        for seed in SEEDS:
+            pipe.cfg = update(cfg, seed=seed)
+            pipe.generate(prompt, folder / f"{i}_{seed}.mp4")
+            frames = read_frames(folder / f"{i}_{seed}.mp4")
+            assert frames.shape[1:] == (256, 256, 3)  # native 64x64, upscaled 4x by default
+            out[prompt].append(score_video(frames, prompt, fps=8)["objects"][0])
     return out
+
+
+def mostly_right(verdicts: list[dict], attribute: str) -> bool:
+    return sum(bool(v[attribute]) for v in verdicts) >= 2
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_builtin_follows_prompt(scores, prompt):
-    obj = scores[prompt]
-    assert obj["colour"], f"wrong colour for '{prompt}': {obj}"
-    assert obj["direction"], f"wrong motion for '{prompt}': {obj}"
+    verdicts = scores[prompt]
+    assert mostly_right(verdicts, "colour"), f"wrong colour for '{prompt}': {verdicts}"
+    assert mostly_right(verdicts, "direction"), f"wrong motion for '{prompt}': {verdicts}"
     if prompt not in SQUARES:
-        assert obj["shape"], f"wrong shape for '{prompt}': {obj}"
+        assert mostly_right(verdicts, "shape"), f"wrong shape for '{prompt}': {verdicts}"
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped model draws squares with round corners (issue 3); "
                    "when this passes, fold the squares into test_builtin_follows_prompt")
 @pytest.mark.parametrize("prompt", SQUARES)
 def test_builtin_draws_squares(scores, prompt):
-    assert scores[prompt]["shape"], f"'{prompt}' came out as a {scores[prompt]}"
+    assert mostly_right(scores[prompt], "shape"), f"'{prompt}' came out as {scores[prompt]}"
 
 
 def test_info_describes_builtin(capsys):
