@@ -273,10 +273,10 @@ class VAETrainConfig(_Frozen):
     # Shape separation (Shapes World data): each scene is trained beside its shape twin (circle <-> square,
     # triangle -> circle, at the same places) and its background alone, and the loss adds
     # shape_separation * relu(shape_separation_target - |mu - mu_twin|^2 / |mu - mu_background|^2) over
-    # the encoder's means (no gradient through the denominator): a squared ratio, so the target 0.5 asks a twin to lie 0.71 of the object's own
-    # latent norm away (a square and a circle are 0.31 of it apart in the pixels, 0.29 in a VAE trained
-    # without it; docs/training-log.md, session 17). A step takes batch_size / 3 scenes (batch_size a
-    # multiple of 3), each with its twin and background. 0 = off.
+    # the encoder's means (no gradient through the denominator): a squared ratio, so the target 0.5
+    # asks a twin to lie 0.71 of the object's own latent norm away (a square and a circle are 0.31 of
+    # it apart in the pixels, 0.29 in a VAE trained without it; docs/training-log.md, session 17). A step
+    # takes batch_size / 3 scenes (batch_size a multiple of 3), each with its twin and background. 0 = off.
     shape_separation: float = Field(0.0, ge=0)
     shape_separation_target: float = Field(0.5, gt=0)
     # Start from the VAE of this model folder (a fine-tune; same vae config) instead of random weights
