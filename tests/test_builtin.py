@@ -22,25 +22,19 @@ SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
-    """The detector's verdicts on the first object of each prompt's video, one per seed."""
-    from soragen.config import load_config, update
+    """The detector's verdicts on the first object of each prompt's video, one per seed (as `soragen eval`)."""
+    from soragen.config import load_config
     from soragen.data.clips import read_frames
-    from soragen.evaluation.detector import score_video
-    from soragen.pipeline import Pipeline
+    from soragen.evaluation.run import evaluate
 
     cfg = load_config()  # no config: the built-in model is the default
-    assert cfg.model == "builtin"
-    pipe = Pipeline.from_config(cfg)
+    assert cfg.model == "builtin" and cfg.seed == SEEDS[0]
     folder = tmp_path_factory.mktemp("builtin")
-    out = {}
-    for i, prompt in enumerate(PROMPTS):
-        out[prompt] = []
-        for seed in SEEDS:
-            pipe.cfg = update(cfg, seed=seed)
-            pipe.generate(prompt, folder / f"{i}_{seed}.mp4")
-            frames = read_frames(folder / f"{i}_{seed}.mp4")
-            assert frames.shape[1:] == (256, 256, 3)  # native 64x64, upscaled 4x by default
-            out[prompt].append(score_video(frames, prompt, fps=8)["objects"][0])
+    report = evaluate(cfg, PROMPTS, folder, seeds=len(SEEDS))
+    out = {prompt: [] for prompt in PROMPTS}
+    for record in report["results"]:
+        assert read_frames(folder / record["video"]).shape[1:] == (256, 256, 3)  # native 64x64, upscaled 4x
+        out[record["prompt"]].append(record["score"]["objects"][0])
     return out
 
 
