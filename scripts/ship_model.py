@@ -100,11 +100,11 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     """Fill tmp with the model, evaluate it, write its card, then rename it to target."""
     from soragen.config import build_config, load_config, read_yaml
     from soragen.evaluation.run import format_table
-    from soragen.model_io import portable_config
+    from soragen.model_io import WEIGHTS, portable_config
 
     shutil.copytree(model, tmp)
     for sub in ("transformer", "vae"):
-        to_half(tmp / sub / "diffusion_pytorch_model.safetensors")
+        to_half(tmp / sub / WEIGHTS)
     (tmp / "PROMPTS.txt").write_text(PROMPTS + "\n", encoding="utf-8")
     stored = tmp / "soragen.yaml"
     stored.write_text(portable_config(build_config(read_yaml(stored))).to_yaml(), encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -304,7 +305,8 @@ def train(
             progress.update(tasks[stage], completed=step, description=f"{stage} {shown}")
 
         out = run_training(cfg, resume=resume, progress=report)
-    typer.echo(f"done: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process speaks for all
+        typer.echo(f"done: {out}")
 
 
 @app.command("eval")

@@ -93,6 +93,14 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _cpu_only() -> bool:
+    """No GPU or other accelerator: processes started by `accelerate launch` then train together over gloo."""
+    try:
+        return torch.accelerator.current_accelerator() is None
+    except RuntimeError:  # torch 2.6 raises on CPU-only builds
+        return True
+
+
 def _make_accelerator(root: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -103,10 +111,17 @@ def _make_accelerator(root: Path):
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    acc = Accelerator(log_with=log_with, project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
+    acc = Accelerator(cpu=_cpu_only(), log_with=log_with,
+                      project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
     if log_with:
         acc.init_trackers("soragen")
     return acc
+
+
+def _end_stage(acc) -> None:
+    """Close the stage's trackers. Unlike `acc.end_training`, this keeps the process group for the next stage."""
+    for tracker in acc.trackers:
+        tracker.finish()
 
 
 class _StageLog:
@@ -292,14 +307,14 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(vae)
-        save_file_atomic(model.state_dict(), run.vae / "diffusion_pytorch_model.safetensors")
+        save_file_atomic(model.state_dict(), run.vae / WEIGHTS)
         (run.vae / "config.json").write_text(cfg.vae.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if cfg.data.kind == "shapes" and cfg.train.vae_gate_clips:
             gate = vae_gate(cfg, model.eval(), clips=cfg.train.vae_gate_clips)
             _write_json(run.vae / "gate.json", gate)
             run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **{f"gate_{k}": v for k, v in gate.items()}})
             log.info("VAE reconstructions scored by the detector: %s", gate)
-    acc.end_training()
+    _end_stage(acc)
 
 
 @torch.no_grad()
@@ -661,7 +676,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     t = cfg.train.dit
     acc = _make_accelerator(run.root)
     vae = load_trained_vae(cfg, run)
-    cache = build_latent_cache(cfg, run, vae, progress if acc.is_main_process else None)
+    with acc.main_process_first():  # one process encodes the clips; the others read its cache
+        cache = build_latent_cache(cfg, run, vae, progress if acc.is_main_process else None)
     z_all = cache["latents"]  # (N, C, K, h, w) float16
     mean, std = latent_stats(z_all)
     cfg = update(cfg, vae={"latent_mean": mean, "latent_std": std})
@@ -670,7 +686,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     captions, continues = cache["captions"], cache["continues"]  # captions: variants per clip
     cues = None
     if t.shape_weight > 0:
-        cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
+        with acc.main_process_first():
+            cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
 
@@ -771,7 +788,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
             log.info("stopped at step %d of %d (train.dit.stop_after); continue with --resume", step, t.steps)
         else:
             export(run.model)
-    acc.end_training()
+    _end_stage(acc)
     return cfg
 
 
@@ -913,7 +930,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
             info["gate"] = vae_gate(model_cfg, vae, clips=cfg.train.vae_gate_clips)
             log.info("fine-tuned decoder, reconstructions scored by the detector: %s", info["gate"])
         _write_json(done_marker, info)
-    acc.end_training()
+    _end_stage(acc)
 
 
 # ---------------------------------------------------------------------------
@@ -923,19 +940,38 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
 
 def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
+    from accelerate import PartialState
+
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
     run = RunFolder(Path(cfg.train.output_dir))
+    state = PartialState(cpu=_cpu_only())  # under `accelerate launch`, one of several processes
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
-    run.root.mkdir(parents=True, exist_ok=True)
-    (run.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
+    if state.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        (run.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    else:
+        log.setLevel(logging.WARNING)  # the main process tells what the run does
+    try:
+        finished = _run_stages(cfg, run, resume, progress)
+        state.wait_for_everyone()  # the main process has written the model folder
+    finally:
+        state.destroy_process_group()  # once, after the last stage (each stage's accelerator shares the group)
+    return run.model if finished and (run.model / "soragen.yaml").is_file() else run.root
+
+
+def _run_stages(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> bool:
+    """The configured stages in order; False if the DiT stage stopped early (train.dit.stop_after)."""
+    from soragen.model_io import WEIGHTS
+
     if "vae" in cfg.train.stages:
         if cfg.train.vae_model is not None:
             log.info("train.vae_model is set: the DiT stage uses that VAE, so stage 1 does not run")
-        elif resume and (run.vae / "diffusion_pytorch_model.safetensors").is_file():
+        elif resume and (run.vae / WEIGHTS).is_file():
             log.info("the VAE of %s is trained; skipping stage 1", run.root)
         else:
             train_vae(cfg, run, resume, progress)
@@ -944,7 +980,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         train_dit(cfg, run, resume, progress)
         trim_heap()
         if cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps:
-            return run.root  # stopped early: no model yet
+            return False  # stopped early: no model yet
     if "decoder" in cfg.train.stages:
         train_decoder(cfg, run, resume, progress)
-    return run.model if (run.model / "soragen.yaml").is_file() else run.root
+    return True
