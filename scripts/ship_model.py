@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "src" / "soragen" / "weights" / "shapes"
 
 PROMPTS = """\
-Shapes World captions (../shared/WORLD.md), in English or Chinese:
+Shapes World captions, in English or Chinese:
   a [small|large] <colour> <shape> <motion> [and a ... <motion>] [behind a gray wall]
   colour: red green blue yellow cyan magenta
   shape:  circle (ball), square (box), triangle
@@ -142,7 +142,7 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     card = f"""# soragen built-in model: Shapes World
 
 A text-to-video model trained from scratch by `scripts/train_default.sh` on the Shapes
-World (../shared/WORLD.md), rendered procedurally, on 2 CPU cores. {role}
+World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`), rendered procedurally, on 2 CPU cores. {role}
 
 ## What it understands
 {PROMPTS}

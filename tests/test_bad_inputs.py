@@ -59,11 +59,12 @@ def test_wrong_type_in_config_file(tmp_path, capsys):
     )
 
 
-def test_output_folder_not_writable(tmp_path, tiny_yaml, capsys):
+def test_output_folder_is_a_file(tmp_path, tiny_yaml, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(blocker / "a.mp4")], capsys)
-    assert one_line_error(code, err) == f"error: output folder {blocker} is not writable; choose another --output"
+    assert one_line_error(code, err) == (
+        f"error: {blocker} is a file, so it cannot hold the output {blocker / 'a.mp4'}; choose another --output")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

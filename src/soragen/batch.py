@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from soragen import __version__
-from soragen.config import Config, read_text, update
+from soragen.config import MAX_SEED, Config, read_text, update
 from soragen.errors import UserError
 
 FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "negative_prompt", "name")
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")
 MANIFEST = "manifest.jsonl"
 MERGE_EVERY_SECONDS = 10.0  # shortest time between two merges of the manifests during a run
-MAX_SEED = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------

@@ -67,6 +67,18 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     class StoppableProgress(Progress):
+        def __enter__(self):  # the display starts with the first bar: an error before it stays one line
+            return self
+
+        def __exit__(self, *exc) -> None:
+            if self.live.is_started:
+                self.stop()
+
+        def add_task(self, *args, **kwargs):
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kwargs)
+
         def update(self, *args, **kwargs) -> None:
             _raise_if_stopped()
             super().update(*args, **kwargs)
@@ -105,7 +117,7 @@ OutputSizeOpt = Annotated[
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What the video shows.")],
     seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds.")] = None,
     fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
@@ -140,7 +152,7 @@ def generate(
     plan = plan_video(cfg)  # fail on a bad request before loading any model
     output = output if output is not None else default_output(prompt, cfg.seed, cfg.video.format)
     check_output_suffix(output, cfg.video.format)
-    check_writable(output, overwrite)
+    check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
     check_writable(sidecar_path(output), overwrite)
     pipe = Pipeline.from_config(cfg)
     before = _identity(output)
@@ -169,7 +181,7 @@ def generate(
 
 @app.command()
 def batch(
-    prompts_file: Annotated[Path, typer.Argument(help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.")],
+    prompts_file: Annotated[Path, typer.Argument(metavar="PROMPTS_FILE", help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the videos, manifest.jsonl and index.html.")],
     seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds (an item's own 'seconds' wins).")] = None,
     fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
@@ -321,6 +333,7 @@ def eval_(
     model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --out.")] = False,
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import load_config
@@ -333,6 +346,12 @@ def eval_(
     values = _flag_values(seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
     cfg = load_config(config, set_ or [], values)
     plan_video(cfg)
+    if cfg.video.format != "mp4":
+        raise UserError(f"eval writes and scores mp4 videos; video.format is {cfg.video.format!r}, leave it at 'mp4'")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the videos and eval.json")
+    if (out / "eval.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds an evaluation (eval.json); pass --overwrite to replace it or choose another --out")
     with _progress() as progress:
         task = progress.add_task("videos", total=len(items) * seeds)
         report = evaluate(cfg, items, out, seeds=seeds, on_video=lambda n, total: progress.update(task, completed=n))
@@ -355,9 +374,15 @@ def dataset_shapes(
     held_out: Annotated[bool, typer.Option("--held-out", help="Only scenes with held-out combinations (for evaluation).")] = False,
     chinese: Annotated[float, typer.Option(help="Share of captions in Chinese.")] = 0.0,
 ) -> None:
-    """Render a Shapes World dataset (WORLD.md): lossless videos plus manifest.jsonl."""
-    from soragen.data.clips import MANIFEST, write_shapes_dataset
+    """Render a Shapes World dataset (the world the built-in model learns): lossless videos plus manifest.jsonl."""
+    from soragen.data.clips import MANIFEST, check_dataset_request, write_shapes_dataset
 
+    from soragen.video_io import check_can_hold
+
+    check_dataset_request(num, seconds, chinese)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for videos/ and manifest.jsonl")
+    check_can_hold(out, out, "--out")
     if (out / MANIFEST).exists():
         raise UserError(f"{out / MANIFEST} already exists; choose an empty --out folder")
     with _progress() as progress:
@@ -384,10 +409,14 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def _no_space_message(e: OSError) -> str:
+def _os_error_message(e: OSError) -> str:
+    """One line for a file-system error: the path, what went wrong and, for a full disk, what to do."""
     what = f"cannot write {e.filename}" if e.filename else "cannot write the output"
-    reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file too large (file size limit)"
-    return f"{what}: {reason}; free some space or choose another folder, then run again"
+    if e.errno in _NO_SPACE:
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file too large (file size limit)"
+        return f"{what}: {reason}; free some space or choose another folder, then run again"
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a file"
+    return f"cannot use {where}: {e.strerror or e}; check the path and its permissions"
 
 
 class _OneLine(logging.Formatter):
@@ -481,12 +510,10 @@ def _main(argv: list[str] | None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         _fail(str(e))
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
-            raise
+    except OSError as e:  # a path that cannot be written (a folder where a file goes, no permission, disk full)
         if _state["debug"]:
             traceback.print_exc()
-        _fail(_no_space_message(e))
+        _fail(_os_error_message(e))
     if result == 130 or _state["stopped"]:  # typer returns 130 for Ctrl-C; a stop signal may have come at the end
         print("interrupted", file=sys.stderr)
         sys.exit(130)

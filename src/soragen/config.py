@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from soragen.errors import UserError
 
+MAX_SEED = 2**63 - 1  # seeds are 64-bit signed integers in torch and numpy
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -390,7 +392,7 @@ class Config(_Frozen):
     """Everything that defines a run; written beside every output and in every checkpoint."""
 
     model: str | None = None  # model folder with trained weights; None = random weights (testing only)
-    seed: int = 0  # seed of the initial noise (and of weight initialisation when model is None)
+    seed: int = 0  # seed of the initial noise, 0 .. MAX_SEED
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     vae: VAEConfig = VAEConfig()
     dit: DiTConfig = DiTConfig()
@@ -398,6 +400,13 @@ class Config(_Frozen):
     video: VideoConfig = VideoConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED}, got {v}")
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML values."""
@@ -527,7 +536,7 @@ def build_config(data: dict[str, Any]) -> Config:
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) or "got " in msg else f" (got {given!r})"
         raise UserError(f"config key '{key}': {msg}{shown}" if key else msg) from None
 
 

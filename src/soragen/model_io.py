@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +57,10 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """Write a safetensors file under a temporary name, then rename it into place."""
     from safetensors.torch import save_file
 
+    from soragen.video_io import temporary_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_path(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -113,9 +113,11 @@ def portable_config(cfg: Config) -> Config:
 
 def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.Module, scheduler) -> None:
     """Write a complete model folder; assembled in a temporary folder and renamed into place."""
+    from soragen.video_io import temporary_folder
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_folder(folder)
     try:
         (tmp / "soragen.yaml").write_text(portable_config(cfg).to_yaml(), encoding="utf-8")
         index = {

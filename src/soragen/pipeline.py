@@ -235,7 +235,7 @@ class Pipeline:
         plan = plan_video(cfg)
         output = Path(output)
         check_output_suffix(output, cfg.video.format)
-        check_writable(output, overwrite)
+        check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
         check_writable(sidecar_path(output), overwrite)
         timings: dict[str, float] = {}
 

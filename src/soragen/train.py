@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,9 +67,11 @@ class RunFolder:
 
     def save_checkpoint(self, stage: str, step: int, write: Callable[[Path], None], keep: int) -> Path:
         """Call write(tmp_dir), then rename tmp_dir to checkpoints/<stage>-<step>; keep the newest `keep`."""
+        from soragen.video_io import temporary_folder
+
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"{stage}-{step:07d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoints))
+        tmp = temporary_folder(final)
         try:
             write(tmp)
             if final.exists():
@@ -948,7 +949,10 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
     run = RunFolder(Path(cfg.train.output_dir))
     state = PartialState(cpu=_cpu_only())  # under `accelerate launch`, one of several processes
-    if run.root.exists() and any(run.root.iterdir()) and not resume:
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"train.output_dir {run.root} is a file; give a folder for the run")
+    # A run that failed before its first step leaves only config.yaml: starting again is not resuming anything.
+    if run.root.exists() and any(p.name != "config.yaml" for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
     state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
     if state.is_main_process:

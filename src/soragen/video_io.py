@@ -13,6 +13,7 @@ so an interrupted run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -103,11 +104,32 @@ def signals_held() -> Iterator[None]:
                 os.kill(os.getpid(), signum)
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, directory: bool = False) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private: 0600/0700) the mode a plain open or
+    mkdir would, so outputs others may read (a gallery, a shared model folder) are readable."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def temporary_path(final: Path) -> Path:
-    """A fresh hidden file name beside `final` (same folder, so the rename is atomic)."""
+    """A fresh hidden file name beside `final` (same folder, so the rename is atomic), with the umask's mode."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
+    follow_umask(Path(name))
     return Path(name)
+
+
+def temporary_folder(final: Path) -> Path:
+    """A fresh hidden folder beside `final` (for a folder renamed into place when complete), with the umask's mode."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    follow_umask(tmp, directory=True)
+    return tmp
 
 
 def temporaries(final: Path) -> set[Path]:
@@ -126,18 +148,35 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Raise a UserError if `path` exists (and overwrite is off) or its folder cannot be written."""
+def check_can_hold(folder: Path, output: Path, option: str) -> None:
+    """Raise a UserError if `folder` (existing or to be made) cannot hold `output`: a file stands in its path."""
+    for parent in (folder, *folder.parents):  # the nearest existing one must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent} is a file, so it cannot hold the output {output}; choose another {option}")
+            return
+
+
+def check_writable(path: Path, overwrite: bool, folder_output: bool = False) -> None:
+    """Raise a UserError if `path` exists (and overwrite is off), is a file where a folder goes or the
+    other way round (`folder_output`: the frames format), or its folder cannot be written."""
+    kind = "folder" if folder_output else "file"
     if path.exists() and not overwrite:
-        raise UserError(f"output file {path} already exists; pass --overwrite to replace it or choose another --output")
+        raise UserError(f"output {kind} {path} already exists; pass --overwrite to replace it or choose another --output")
+    if path.exists() and path.is_dir() != folder_output:
+        other = "a file" if folder_output else "a folder"
+        raise UserError(f"output {path} is {other}, not the {kind} this format writes; choose another --output")
     folder = path.parent
+    check_can_hold(folder, path, "--output")
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {folder} is not writable; choose another --output")
+    try:  # permission bits do not tell everything (read-only mounts, root): write and remove a file
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise UserError(f"output folder {folder} is not writable; choose another --output") from None
 
 
 def write_failure(tmp: Path, final: Path, what: str) -> OSError:

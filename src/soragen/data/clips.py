@@ -167,6 +167,19 @@ def write_lossless(path: Path, frames: np.ndarray, fps: int) -> None:
         raise
 
 
+MAX_CLIP_SECONDS = 600.0  # a clip is rendered whole in memory: 10 min of 64x64 frames is 59 MB
+
+
+def check_dataset_request(num: int, seconds: float, chinese_fraction: float) -> None:
+    """Raise a UserError for a dataset request that cannot be rendered."""
+    if num < 1:
+        raise UserError(f"--num must be >= 1, got {num}")
+    if not (0 < seconds <= MAX_CLIP_SECONDS):  # also false for nan
+        raise UserError(f"--seconds must be above 0 and at most {MAX_CLIP_SECONDS:g}, got {seconds}")
+    if not 0 <= chinese_fraction <= 1:
+        raise UserError(f"--chinese is a share of the captions, between 0 and 1; got {chinese_fraction}")
+
+
 def write_shapes_dataset(
     out: Path, num: int, seconds: float, seed: int, *, held_out: bool = False, chinese_fraction: float = 0.0,
     on_item: Callable[[int], None] | None = None,
@@ -175,10 +188,7 @@ def write_shapes_dataset(
     from soragen.data import shapes
     from soragen.video_io import temporary_path
 
-    if num < 1:
-        raise UserError(f"--num must be >= 1, got {num}")
-    if not (seconds > 0 and np.isfinite(seconds)):
-        raise UserError(f"--seconds must be a positive number, got {seconds}")
+    check_dataset_request(num, seconds, chinese_fraction)
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,109 @@
+"""Output paths and values a user can get wrong: one line, exit code 2, nothing written; outputs others can read."""
+
+import os
+import stat
+
+import pytest
+
+from conftest import run_cli
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_folder_where_the_video_goes_and_file_where_frames_go(tmp_path, tiny_yaml, capsys):
+    (tmp_path / "d.mp4").mkdir()
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(tmp_path / "d.mp4"), "--overwrite"], capsys)
+    assert code == 2 and "is a folder, not the file this format writes" in one_error_line(err)
+    (tmp_path / "f").write_text("keep me")
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--format", "frames", "-o", str(tmp_path / "f"),
+                            "--overwrite"], capsys)
+    assert code == 2 and "is a file, not the folder this format writes" in one_error_line(err)
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(tmp_path / "f" / "a.mp4")], capsys)
+    assert code == 2 and "is a file, so it cannot hold the output" in one_error_line(err)
+    assert (tmp_path / "f").read_text() == "keep me" and not any((tmp_path / "d.mp4").iterdir())
+
+
+@pytest.mark.parametrize("seed", ["-1", "9223372036854775808", "18446744073709551616"])
+def test_seed_out_of_range(tmp_path, tiny_yaml, capsys, seed):
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--seed", seed, "-o", str(tmp_path / "a.mp4")], capsys)
+    assert code == 2 and "must be between 0 and 9223372036854775807" in one_error_line(err)
+    assert err.count("got") == 1 and not (tmp_path / "a.mp4").exists()
+
+
+def test_outputs_follow_the_umask(tmp_path, tiny_yaml, capsys):
+    """Videos and sidecars are written under temporary names; the finished files get the usual mode, not 0600."""
+    code, _, _ = run_cli(["generate", "x", "-c", str(tiny_yaml), "--seconds", "1", "-o", str(tmp_path / "a.mp4")], capsys)
+    assert code == 0
+    expected = 0o666 & ~current_umask()
+    for name in ("a.mp4", "a.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_eval_keeps_an_earlier_evaluation(tmp_path, tiny_yaml, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    args = ["eval", "--prompts", str(prompts), "--out", str(tmp_path / "ev"), "-c", str(tiny_yaml), "--seconds", "1"]
+    assert run_cli(args, capsys)[0] == 0
+    before = (tmp_path / "ev" / "eval.json").read_bytes()
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "already holds an evaluation" in one_error_line(err)
+    assert (tmp_path / "ev" / "eval.json").read_bytes() == before
+    assert run_cli(args + ["--overwrite"], capsys)[0] == 0
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(args[:3] + ["--out", str(tmp_path / "file")] + args[5:], capsys)
+    assert code == 2 and "is a file" in one_error_line(err)
+    code, _, err = run_cli(args[:3] + ["--out", str(tmp_path / "gif")] + args[5:] + ["--set", "video.format=gif"], capsys)
+    assert code == 2 and "eval writes and scores mp4 videos" in one_error_line(err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seconds", "0"], "--seconds must be above 0 and at most 600"),
+    (["--seconds", "100000"], "--seconds must be above 0 and at most 600"),
+    (["--seconds", "nan"], "--seconds must be above 0 and at most 600"),
+    (["--chinese", "2"], "--chinese is a share of the captions, between 0 and 1"),
+    (["--num", "0"], "--num must be >= 1"),
+])
+def test_dataset_request_checked_first(tmp_path, capsys, extra, message):
+    args = ["dataset", "shapes", "--out", str(tmp_path / "ds"), "--num", "2"] + extra
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and message in one_error_line(err)  # one line: no progress bar before it
+    assert not (tmp_path / "ds").exists()
+
+
+def test_dataset_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(["dataset", "shapes", "--out", str(tmp_path / "file" / "ds"), "--num", "1"], capsys)
+    assert code == 2 and f"{tmp_path / 'file'} is a file, so it cannot hold" in one_error_line(err)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no folder can be made")
+def test_file_system_errors_are_one_line(capsys):
+    """A path the system refuses is named in one line, without a traceback."""
+    code, _, err = run_cli(["train", "--set", "train.output_dir=/proc/soragen-run"], capsys)
+    assert code == 2 and "cannot use /proc/soragen-run" in one_error_line(err) and "Traceback" not in err
+
+
+def test_train_output_dir_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    code, _, err = run_cli(["train", "--set", f"train.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "is a file; give a folder for the run" in one_error_line(err)
+
+
+def test_train_starts_again_after_a_failed_start(tmp_path, capsys):
+    """A start that fails on its data leaves only config.yaml; running again (fixed) is not refused as a resume."""
+    run = tmp_path / "run"
+    args = ["train", "--set", f"train.output_dir={run}", "--set", "data.kind=manifest", "--set", "train.stages=[dit]"]
+    code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'missing'}"], capsys)
+    assert code == 2 and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'still-missing'}"], capsys)
+    assert code == 2 and "is not empty" not in err
