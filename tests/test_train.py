@@ -561,3 +561,13 @@ def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
     second = build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)["latents"]
     assert not torch.equal(first, second)
     assert torch.equal(second, load_file(str(run.latents))["latents"])
+
+
+def test_long_training_captions_reported_once(tmp_path, caplog):
+    """Captions longer than text_encoder.max_length: one warning for the run, not one per caption per batch."""
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "text_encoder.max_length=6", "train.stages=[vae,dit]"])
+    with caplog.at_level("WARNING", logger="soragen"):
+        train(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("training captions are longer than text_encoder.max_length 6" in m for m in messages) == 1
+    assert not any(m.startswith("prompt truncated") for m in messages), [m for m in messages if m.startswith("prompt")]

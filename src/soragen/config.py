@@ -35,7 +35,7 @@ class TextEncoderConfig(_Frozen):
     """Stage 1: prompt -> text tokens [B, L, D]."""
 
     pretrained: str | None = None  # local folder or hub id of any T5 encoder (e.g. t5-v1_1-xxl), loaded frozen
-    max_length: int = 64  # text tokens kept per prompt (longer prompts are truncated with a warning)
+    max_length: int = 128  # text tokens kept per prompt (longer prompts are truncated with a warning); byt5 counts bytes
     # The small T5 built when `pretrained` is unset:
     tokenizer: Literal["byt5", "words"] = "byt5"  # byt5: bytes, any language; words: vocabulary of the training captions
     d_model: int = 64  # width of the T5 encoder

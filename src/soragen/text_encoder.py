@@ -56,6 +56,7 @@ class TextEncoder(nn.Module):
         self.t5 = t5
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.warn_truncation = True  # training reports its long captions once instead
         self.t5.requires_grad_(trainable)
         if not trainable:
             self.t5.eval()
@@ -132,7 +133,7 @@ class TextEncoder(nn.Module):
         """Token ids and attention mask [B, L], truncated to max_length with a warning."""
         full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
         for prompt, ids in zip(prompts, full):
-            if len(ids) > self.max_length:
+            if len(ids) > self.max_length and self.warn_truncation:
                 log.warning(
                     "prompt truncated to the text encoder's limit of %d tokens (it had %d): '%s...'",
                     self.max_length, len(ids), prompt[:40],

@@ -663,6 +663,18 @@ SAMPLE_PROMPTS = (
 )
 
 
+def _report_long_captions(text_encoder, captions: list[str]) -> None:
+    """Warn once about training captions longer than the text encoder keeps; then stop its warning per prompt
+    (every batch would repeat it)."""
+    lengths = [len(ids) for ids in text_encoder.tokenizer(captions, add_special_tokens=True)["input_ids"]]
+    longer = sum(n > text_encoder.max_length for n in lengths)
+    if longer:
+        log.warning("%d of %d training captions are longer than text_encoder.max_length %d (the longest has %d tokens) "
+                    "and are cut; raise text_encoder.max_length to keep them whole",
+                    longer, len(lengths), text_encoder.max_length, max(lengths))
+    text_encoder.warn_truncation = False
+
+
 def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> Config:
     """Stage 2: the DiT and the small T5 on the latent cache; writes run/model. Returns the final config."""
     from diffusers import DDPMScheduler
@@ -703,6 +715,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
     else:
         text_encoder, dit = _init_from_model(cfg, t.init_model)
+    _report_long_captions(text_encoder, [c for variants in captions for c in variants])
     train_text = cfg.text_encoder.pretrained is None and cfg.text_encoder.trainable
     params = [{"params": list(dit.parameters()), "lr": t.lr}]
     if train_text:
@@ -831,6 +844,7 @@ def write_samples(cfg: Config, run: RunFolder, step: int) -> None:
     folder = run.samples / f"step-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_config(load_config(None, [f"model={run.root / 'samples' / 'model'}", "video.seconds=4"]))
+    pipe.text_encoder.warn_truncation = False  # the run reported its long captions once
     scores = {}
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         path = folder / f"{i}.mp4"
