@@ -444,7 +444,7 @@ def _setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    for noisy in ("transformers", "diffusers", "accelerate"):
+    for noisy in ("transformers", "diffusers", "accelerate", "imageio_ffmpeg"):  # ffmpeg's on an interrupted video
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

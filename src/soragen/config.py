@@ -235,6 +235,8 @@ class VideoConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check_output(self) -> "VideoConfig":
+        if not self.max_seconds > 0:  # also false for nan
+            raise ValueError(f"video.max_seconds must be a positive number of seconds, got {self.max_seconds}")
         if self.output_size is not None:
             w, h = self.output_size
             if not (2 <= w <= 8192 and 2 <= h <= 8192):
@@ -498,6 +500,8 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
 
 def read_text(path: Path, what: str) -> str:
     """A user-given text file (UTF-8, BOM dropped), every failure turned into one clear line naming `what`."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give the file itself")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
@@ -537,7 +541,8 @@ def build_config(data: dict[str, Any]) -> Config:
         msg = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
         shown = "" if isinstance(given, dict) or "got " in msg else f" (got {given!r})"
-        raise UserError(f"config key '{key}': {msg}{shown}" if key else msg) from None
+        named = not key or msg.startswith(f"{key}.")  # a section's check names its own keys
+        raise UserError(f"{msg}{shown}" if named else f"config key '{key}': {msg}{shown}") from None
 
 
 def load_config(

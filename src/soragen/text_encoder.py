@@ -105,6 +105,8 @@ class TextEncoder(nn.Module):
 
         _quiet_transformers()
         tok_source = tokenizer_path if tokenizer_path is not None else path
+        if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():  # a path, not a hub id
+            raise UserError(f"T5 text encoder folder not found: {path} (text_encoder.pretrained)")
         try:
             t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
