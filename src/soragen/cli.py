@@ -338,23 +338,31 @@ def eval_(
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import load_config
     from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
-    from soragen.pipeline import plan_video
+    from soragen.pipeline import denoise_calls, plan_video
 
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     items = read_prompts(prompts)
     values = _flag_values(seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
     cfg = load_config(config, set_ or [], values)
-    plan_video(cfg)
+    plan = plan_video(cfg)
     if cfg.video.format != "mp4":
         raise UserError(f"eval writes and scores mp4 videos; video.format is {cfg.video.format!r}, leave it at 'mp4'")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the videos and eval.json")
     if (out / "eval.json").exists() and not overwrite:
         raise UserError(f"{out} already holds an evaluation (eval.json); pass --overwrite to replace it or choose another --out")
+    calls = denoise_calls(cfg, plan)
     with _progress() as progress:
         task = progress.add_task("videos", total=len(items) * seeds)
-        report = evaluate(cfg, items, out, seeds=seeds, on_video=lambda n, total: progress.update(task, completed=n))
+        step = progress.add_task("denoising", total=calls)  # within the current video
+
+        def on_video(n: int, total: int) -> None:
+            progress.update(task, completed=n)
+            progress.reset(step, total=calls)
+
+        report = evaluate(cfg, items, out, seeds=seeds, on_video=on_video,
+                          on_step=lambda i: progress.update(step, completed=i + 1))
     typer.echo(format_table(report["table"]))
     if report["long_table"] is not None:
         typer.echo(format_long_table(report["long_table"]))

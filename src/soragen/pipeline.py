@@ -87,6 +87,28 @@ def plan_video(cfg: Config) -> VideoPlan:
 # ---------------------------------------------------------------------------
 
 
+def plan_windows(cfg: Config, plan: VideoPlan) -> list[tuple[int, int]]:
+    """(context frames, new frames) of each generation window covering plan.latent_frames."""
+    s = cfg.sampler
+    pt = cfg.dit.patch_size[0]
+    out, done = [], 0
+    while done < plan.latent_frames:
+        ctx = 0 if done == 0 else min(s.context_frames, done)
+        new = min(s.window - ctx, plan.latent_frames - done)
+        new = pt * math.ceil(new / pt)
+        out.append((ctx, new))
+        done += new
+    return out
+
+
+def denoise_calls(cfg: Config, plan: VideoPlan) -> int:
+    """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""
+    from soragen.sampler import denoise_iterations
+
+    s = cfg.sampler
+    return sum(denoise_iterations(s.steps, new, s.frame_lag) for _, new in plan_windows(cfg, plan))
+
+
 class Pipeline:
     """The models of one config, ready to generate."""
 
@@ -144,16 +166,7 @@ class Pipeline:
 
     def windows(self, plan: VideoPlan) -> list[tuple[int, int]]:
         """(context frames, new frames) of each generation window covering plan.latent_frames."""
-        s = self.cfg.sampler
-        pt = self.cfg.dit.patch_size[0]
-        out, done = [], 0
-        while done < plan.latent_frames:
-            ctx = 0 if done == 0 else min(s.context_frames, done)
-            new = min(s.window - ctx, plan.latent_frames - done)
-            new = pt * math.ceil(new / pt)
-            out.append((ctx, new))
-            done += new
-        return out
+        return plan_windows(self.cfg, plan)
 
     def window_starts(self, plan: VideoPlan) -> list[int]:
         """Index of the first frame of each window after the first, within plan.num_frames."""
@@ -167,10 +180,7 @@ class Pipeline:
 
     def denoise_calls(self, plan: VideoPlan) -> int:
         """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""
-        from soragen.sampler import denoise_iterations
-
-        s = self.cfg.sampler
-        return sum(denoise_iterations(s.steps, new, s.frame_lag) for _, new in self.windows(plan))
+        return denoise_calls(self.cfg, plan)
 
     @torch.no_grad()
     def generate_latents(
