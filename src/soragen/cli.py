@@ -359,7 +359,8 @@ def eval_(
 
         def on_video(n: int, total: int) -> None:
             progress.update(task, completed=n)
-            progress.reset(step, total=calls)
+            if n < total:
+                progress.reset(step, total=calls)
 
         report = evaluate(cfg, items, out, seeds=seeds, on_video=on_video,
                           on_step=lambda i: progress.update(step, completed=i + 1))
