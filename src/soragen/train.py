@@ -968,6 +968,8 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     # A run that failed before its first step leaves only config.yaml: starting again is not resuming anything.
     if run.root.exists() and any(p.name != "config.yaml" for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
+    if resume and not (run.root.exists() and any(run.root.iterdir())):
+        log.info("--resume: nothing to resume in %s; starting a new run there", run.root)
     state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
