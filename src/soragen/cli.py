@@ -385,7 +385,6 @@ def dataset_shapes(
 ) -> None:
     """Render a Shapes World dataset (the world the built-in model learns): lossless videos plus manifest.jsonl."""
     from soragen.data.clips import MANIFEST, check_dataset_request, write_shapes_dataset
-
     from soragen.video_io import check_can_hold
 
     check_dataset_request(num, seconds, chinese)
