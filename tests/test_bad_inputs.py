@@ -45,7 +45,7 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
         (["--set", "video=3"], "error: config key 'video' is a section; set one of its keys"),
         (["--set", "video.max_seconds=-1"], "error: video.max_seconds must be a positive number of seconds, got -1.0"),
         (["--crf", "99"], "error: video.crf for mp4 must be between 0 (best) and 51 (worst), got 99"),
-        (["--width", "4096", "--upscale", "16"], "error: --upscale 16 makes frames of 65536x1024; the written frames"),
+        (["--width", "4096", "--upscale", "16"], "error: --upscale 16 makes frames of 65536x1024; upscaled frames are at most"),
         (["--set", "text_encoder.pretrained=/nonexistent-t5"],
          "error: T5 text encoder folder not found: /nonexistent-t5 (text_encoder.pretrained)"),
         (["-c", "."], "error: config file . is a folder; give the file itself"),

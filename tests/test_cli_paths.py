@@ -107,3 +107,16 @@ def test_train_starts_again_after_a_failed_start(tmp_path, capsys):
     assert code == 2 and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'still-missing'}"], capsys)
     assert code == 2 and "is not empty" not in err
+
+
+def test_eval_seeds_past_the_largest_seed(tmp_path, tiny_yaml, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    code, _, err = run_cli(["eval", "--prompts", str(prompts), "--out", str(tmp_path / "ev"), "-c", str(tiny_yaml),
+                            "--seed", "9223372036854775807", "--seeds", "2"], capsys)
+    assert code == 2 and "goes past the largest seed" in one_error_line(err) and not (tmp_path / "ev").exists()
+
+
+def test_pydantic_messages_keep_the_value(tmp_path, tiny_yaml, capsys):
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--set", "dit.depth=1.5"], capsys)
+    assert code == 2 and one_error_line(err).endswith("(got 1.5)")

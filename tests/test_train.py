@@ -571,3 +571,16 @@ def test_long_training_captions_reported_once(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("training captions are longer than text_encoder.max_length 6" in m for m in messages) == 1
     assert not any(m.startswith("prompt truncated") for m in messages), [m for m in messages if m.startswith("prompt")]
+
+
+def test_model_folder_and_cache_follow_the_umask(trained):
+    """Model folders and the latent cache are shared between users: not left at mkstemp's or safetensors' 0600."""
+    import os
+    import stat
+
+    _, root, model = trained
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [root / "latents.safetensors", model, *model.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

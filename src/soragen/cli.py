@@ -340,11 +340,15 @@ def eval_(
     from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
     from soragen.pipeline import denoise_calls, plan_video
 
+    from soragen.config import MAX_SEED
+
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     items = read_prompts(prompts)
     values = _flag_values(seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
     cfg = load_config(config, set_ or [], values)
+    if cfg.seed + seeds - 1 > MAX_SEED:
+        raise UserError(f"--seed {cfg.seed} with --seeds {seeds} goes past the largest seed, {MAX_SEED}")
     plan = plan_video(cfg)
     if cfg.video.format != "mp4":
         raise UserError(f"eval writes and scores mp4 videos; video.format is {cfg.video.format!r}, leave it at 'mp4'")
@@ -423,7 +427,9 @@ def _os_error_message(e: OSError) -> str:
     if e.errno in _NO_SPACE:
         reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file too large (file size limit)"
         return f"{what}: {reason}; free some space or choose another folder, then run again"
-    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a file"
+    if not e.filename:  # not about a path (ffmpeg failing, a closed pipe, the network)
+        return str(e) or type(e).__name__
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     return f"cannot use {where}: {e.strerror or e}; check the path and its permissions"
 
 

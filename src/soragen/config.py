@@ -540,7 +540,8 @@ def build_config(data: dict[str, Any]) -> Config:
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
-        shown = "" if isinstance(given, dict) or "got " in msg else f" (got {given!r})"
+        said = msg.endswith((f"got {given}", f"got {given!r}"))  # soragen's own checks name the value
+        shown = "" if isinstance(given, dict) or said else f" (got {given!r})"
         named = not key or msg.startswith(f"{key}.")  # a section's check names its own keys
         raise UserError(f"{msg}{shown}" if named else f"config key '{key}': {msg}{shown}") from None
 

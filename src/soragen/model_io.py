@@ -57,12 +57,13 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """Write a safetensors file under a temporary name, then rename it into place."""
     from safetensors.torch import save_file
 
-    from soragen.video_io import temporary_path
+    from soragen.video_io import follow_umask, temporary_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        follow_umask(tmp)  # safetensors leaves its files 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -113,7 +114,7 @@ def portable_config(cfg: Config) -> Config:
 
 def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.Module, scheduler) -> None:
     """Write a complete model folder; assembled in a temporary folder and renamed into place."""
-    from soragen.video_io import temporary_folder
+    from soragen.video_io import follow_umask, temporary_folder
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +135,8 @@ def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.
             (tmp / sub / "config.json").write_text(section.model_dump_json(indent=2) + "\n")
         text_encoder.save(tmp / "text_encoder", tmp / "tokenizer")
         scheduler.save_pretrained(tmp / "scheduler")
+        for path in tmp.rglob("*"):  # what save_pretrained and safetensors wrote, readable as the umask allows
+            follow_umask(path, directory=path.is_dir())
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -71,7 +71,7 @@ def plan_video(cfg: Config) -> VideoPlan:
         raise UserError(f"--upscale must be an integer between 1 and 16, got {v.upscale}")
     if max(v.width, v.height) * v.upscale > MAX_SIDE:
         raise UserError(f"--upscale {v.upscale} makes frames of {v.width * v.upscale}x{v.height * v.upscale}; "
-                        f"the written frames are at most {MAX_SIDE} px a side")
+                        f"upscaled frames are at most {MAX_SIDE} px a side (--output-size then fits them)")
     num_frames = round(v.seconds * v.fps)
     if num_frames < 1:
         raise UserError(f"--seconds {v.seconds:g} at {v.fps} fps gives no frame; ask for at least {1 / v.fps:.3g} s")

@@ -71,6 +71,9 @@ class TextEncoder(nn.Module):
         vocabulary built from `corpus` (the training captions).
         """
         if cfg.pretrained is not None:
+            if cfg.pretrained.startswith((".", "/", "~")) and not Path(cfg.pretrained).expanduser().is_dir():
+                # a path (a hub id is "name" or "org/name"): say so at once instead of asking the hub
+                raise UserError(f"T5 text encoder folder not found: {cfg.pretrained} (text_encoder.pretrained)")
             return cls.from_pretrained(cfg.pretrained, cfg.max_length)
         from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -105,8 +108,6 @@ class TextEncoder(nn.Module):
 
         _quiet_transformers()
         tok_source = tokenizer_path if tokenizer_path is not None else path
-        if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():  # a path, not a hub id
-            raise UserError(f"T5 text encoder folder not found: {path} (text_encoder.pretrained)")
         try:
             t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(str(tok_source))

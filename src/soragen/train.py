@@ -26,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from soragen.errors import UserError
 from soragen.heap import hold_heap, trim_heap
 
 log = logging.getLogger("soragen")
+PROCESS_GROUP_TIMEOUT_HOURS = 6  # how long processes of a multi-process run wait for each other
 
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, total, metrics)
 
@@ -120,7 +122,9 @@ def _make_accelerator(root: Path):
 
 
 def _end_stage(acc) -> None:
-    """Close the stage's trackers. Unlike `acc.end_training`, this keeps the process group for the next stage."""
+    """Wait until the main process has written the stage's results (the next stage reads them), then close
+    the stage's trackers. Unlike `acc.end_training`, this keeps the process group for the next stage."""
+    acc.wait_for_everyone()
     for tracker in acc.trackers:
         tracker.finish()
 
@@ -962,11 +966,14 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
     run = RunFolder(Path(cfg.train.output_dir))
-    state = PartialState(cpu=_cpu_only())  # under `accelerate launch`, one of several processes
+    # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
+    # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.
+    state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"train.output_dir {run.root} is a file; give a folder for the run")
-    # A run that failed before its first step leaves only config.yaml: starting again is not resuming anything.
-    if run.root.exists() and any(p.name != "config.yaml" for p in run.root.iterdir()) and not resume:
+    # A run that failed before its first step leaves only config.yaml (and TensorBoard's folder): starting
+    # again is not resuming anything.
+    if run.root.exists() and any(p.name not in ("config.yaml", "tb") for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
     if resume and not (run.root.exists() and any(run.root.iterdir())):
         log.info("--resume: nothing to resume in %s; starting a new run there", run.root)

@@ -13,7 +13,6 @@ so an interrupted run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import re
@@ -104,9 +103,15 @@ def signals_held() -> Iterator[None]:
                 os.kill(os.getpid(), signum)
 
 
-@functools.cache
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the mask means setting it: set it back at once
+    """The process's umask: read from /proc on Linux (setting it to read it would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: reading the mask means setting it, so set it back at once
     os.umask(mask)
     return mask
 
