@@ -336,11 +336,9 @@ def eval_(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --out.")] = False,
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
-    from soragen.config import load_config
+    from soragen.config import MAX_SEED, load_config
     from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
     from soragen.pipeline import denoise_calls, plan_video
-
-    from soragen.config import MAX_SEED
 
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")

@@ -134,13 +134,14 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [B, L], truncated to max_length with a warning."""
-        full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        for prompt, ids in zip(prompts, full):
-            if len(ids) > self.max_length and self.warn_truncation:
-                log.warning(
-                    "prompt truncated to the text encoder's limit of %d tokens (it had %d): '%s...'",
-                    self.max_length, len(ids), prompt[:40],
-                )
+        if self.warn_truncation:  # untruncated lengths only to warn (training turns it off: one pass a batch)
+            full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+            for prompt, ids in zip(prompts, full):
+                if len(ids) > self.max_length:
+                    log.warning(
+                        "prompt truncated to the text encoder's limit of %d tokens (it had %d): '%s...'",
+                        self.max_length, len(ids), prompt[:40],
+                    )
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
