@@ -26,6 +26,26 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face Hub may be asked for files: not set offline, and its host resolves (or a proxy is set)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    truthy = {"1", "true", "yes", "on"}
+    if any(os.environ.get(k, "").lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
 def word_tokenizer(corpus: Iterable[str]):
     """A word-level tokenizer whose vocabulary is every word of `corpus` (CJK characters count as words).
 
@@ -108,9 +128,29 @@ class TextEncoder(nn.Module):
 
         _quiet_transformers()
         tok_source = tokenizer_path if tokenizer_path is not None else path
+
+        def load(local_only: bool):
+            t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True, local_files_only=local_only)
+            return t5, AutoTokenizer.from_pretrained(str(tok_source), local_files_only=local_only)
+
         try:
-            t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+            if Path(path).expanduser().is_dir() and Path(tok_source).expanduser().is_dir():
+                t5, tokenizer = load(local_only=True)
+            else:
+                # A hub id: the local Hugging Face cache first, the network only when it is reachable
+                # (offline, every request would be retried for half a minute before failing).
+                try:
+                    t5, tokenizer = load(local_only=True)
+                except OSError:
+                    if not _hub_reachable():
+                        raise UserError(
+                            f"T5 text encoder '{path}' is not in the Hugging Face cache and the Hub cannot be reached: "
+                            "download it where there is a network (hf download ...) or set text_encoder.pretrained "
+                            "to a folder with config.json and model.safetensors"
+                        ) from None
+                    t5, tokenizer = load(local_only=False)
+        except UserError:
+            raise
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
