@@ -33,6 +33,17 @@ def test_folder_where_the_video_goes_and_file_where_frames_go(tmp_path, tiny_yam
     assert (tmp_path / "f").read_text() == "keep me" and not any((tmp_path / "d.mp4").iterdir())
 
 
+def test_a_sidecar_shared_by_two_formats_is_named(tmp_path, tiny_yaml, capsys):
+    """a.mp4 and a.webm would share a.json: the refusal says whose sidecar it is, and a.mp4's is kept."""
+    base = ["generate", "x", "-c", str(tiny_yaml), "--seconds", "1"]
+    assert run_cli(base + ["-o", str(tmp_path / "a.mp4")], capsys)[0] == 0
+    sidecar = (tmp_path / "a.json").read_bytes()
+    code, _, err = run_cli(base + ["--format", "webm", "-o", str(tmp_path / "a.webm")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"the sidecar {tmp_path / 'a.json'} of a.webm already exists (written for a.mp4)" in line
+    assert (tmp_path / "a.json").read_bytes() == sidecar and not (tmp_path / "a.webm").exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", "9223372036854775808", "18446744073709551616"])
 def test_seed_out_of_range(tmp_path, tiny_yaml, capsys, seed):
     code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--seed", seed, "-o", str(tmp_path / "a.mp4")], capsys)

@@ -153,7 +153,7 @@ def generate(
     output = output if output is not None else default_output(prompt, cfg.seed, cfg.video.format)
     check_output_suffix(output, cfg.video.format)
     check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
-    check_writable(sidecar_path(output), overwrite)
+    check_writable(sidecar_path(output), overwrite, sidecar_of=output)
     pipe = Pipeline.from_config(cfg)
     before = _identity(output)
     old_temporaries = temporaries(output) | temporaries(sidecar_path(output))

@@ -249,7 +249,7 @@ class Pipeline:
         output = Path(output)
         check_output_suffix(output, cfg.video.format)
         check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
-        check_writable(sidecar_path(output), overwrite)
+        check_writable(sidecar_path(output), overwrite, sidecar_of=output)
         timings: dict[str, float] = {}
 
         # 1. Text.

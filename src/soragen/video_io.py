@@ -162,12 +162,18 @@ def check_can_hold(folder: Path, output: Path, option: str) -> None:
             return
 
 
-def check_writable(path: Path, overwrite: bool, folder_output: bool = False) -> None:
+def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sidecar_of: Path | None = None) -> None:
     """Raise a UserError if `path` exists (and overwrite is off), is a file where a folder goes or the
-    other way round (`folder_output`: the frames format), or its folder cannot be written."""
+    other way round (`folder_output`: the frames format), or its folder cannot be written.
+    `sidecar_of`: the video whose JSON sidecar `path` is (named in the message)."""
     kind = "folder" if folder_output else "file"
     if path.exists() and not overwrite:
-        raise UserError(f"output {kind} {path} already exists; pass --overwrite to replace it or choose another --output")
+        what, hint = f"output {kind} {path}", ""
+        if sidecar_of is not None:  # a.mp4 and a.webm share a.json: name the video it belongs to
+            what = f"the sidecar {path} of {sidecar_of.name}"
+            owners = [p.name for p in map(sidecar_of.with_suffix, SUFFIXES.values()) if p != sidecar_of and p.exists()]
+            hint = f" (written for {', '.join(owners)})" if owners else ""
+        raise UserError(f"{what} already exists{hint}; pass --overwrite to replace it or choose another --output")
     if path.exists() and path.is_dir() != folder_output:
         other = "a file" if folder_output else "a folder"
         raise UserError(f"output {path} is {other}, not the {kind} this format writes; choose another --output")
