@@ -134,21 +134,20 @@ class TextEncoder(nn.Module):
             return t5, AutoTokenizer.from_pretrained(str(tok_source), local_files_only=local_only)
 
         try:
-            if Path(path).expanduser().is_dir() and Path(tok_source).expanduser().is_dir():
-                t5, tokenizer = load(local_only=True)
-            else:
-                # A hub id: the local Hugging Face cache first, the network only when it is reachable
-                # (offline, every request would be retried for half a minute before failing).
-                try:
-                    t5, tokenizer = load(local_only=True)
-                except OSError:
-                    if not _hub_reachable():
-                        raise UserError(
-                            f"T5 text encoder '{path}' is not in the Hugging Face cache and the Hub cannot be reached: "
-                            "download it where there is a network (hf download ...) or set text_encoder.pretrained "
-                            "to a folder with config.json and model.safetensors"
-                        ) from None
-                    t5, tokenizer = load(local_only=False)
+            try:
+                t5, tokenizer = load(local_only=True)  # a folder, or a hub id already in the Hugging Face cache
+            except OSError:
+                if all(Path(p).expanduser().is_dir() for p in (path, tok_source)):
+                    raise
+                # A hub id not in the cache: the network only when it is reachable (offline, every
+                # request would be retried for half a minute before failing).
+                if not _hub_reachable():
+                    raise UserError(
+                        f"T5 text encoder '{path}' is not in the Hugging Face cache and the Hub cannot be reached: "
+                        "download it where there is a network (hf download ...) or set text_encoder.pretrained "
+                        "to a folder with config.json and model.safetensors"
+                    ) from None
+                t5, tokenizer = load(local_only=False)
         except UserError:
             raise
         except (OSError, ValueError) as e:
