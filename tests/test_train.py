@@ -358,6 +358,18 @@ def test_direction_contrast_trains(tmp_path):
     assert len(steps) == 2 and all({"contrast", "swap_gap", "v_loss"} <= set(r) for r in steps)
 
 
+def test_contrasts_start_at_contrast_from(tmp_path):
+    """train.dit.contrast_from=2: steps 1-2 (logged at 2) train without the contrast, steps 3-4 with it."""
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+                               "train.dit.contrast_from=2", "train.dit.context_fraction=0",
+                               "train.dit.caption_dropout=0", "data.long_fraction=0"])
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["stage"] == "dit" and "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    assert "contrast" not in steps[0] and {"contrast", "swap_gap"} <= set(steps[1])
+
+
 def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_timesteps():
     """Direction rows first (t >= direction_contrast_min_t), then other rows for the shape contrast (t in its span)."""
     from soragen.train import contrast_batch

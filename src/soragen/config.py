@@ -332,6 +332,9 @@ class DiTTrainConfig(_Frozen):
     # direction words swapped (left <-> right, up <-> down); the loss adds weight * softplus((L_true -
     # L_swapped) / (0.1 L_true)), so a prediction that ignores the direction word costs. 0 = off.
     direction_contrast: float = Field(0.0, ge=0)
+    # Both contrasts start at this step (0 = from the start). The shipped model's lineage took them
+    # only as fine-tunes of a model that had laid out its scenes first (its card).
+    contrast_from: int = Field(0, ge=0)
     direction_contrast_rows: int = Field(4, ge=1)
     direction_contrast_min_t: int = Field(500, ge=0, le=999)
     # Shape contrast, the same with the shape words swapped (circle <-> square, ball <-> box, triangle ->
