@@ -150,9 +150,9 @@ def test_long_ground_truth_keeps_everything():
     assert res["count"] == 1.0 and res["wall"]
     for obj in (box, ball):
         assert obj["keeps"] == 1.0 and obj["moves"] == 1.0 and obj["vanishes"] is False
-    assert box["re_emerges"] and box["wall_passages"] >= 10
+    assert box["re_emerges"] and box["wall_passages"] >= 10 and box["wall_passages_through"] == box["wall_passages"]
     assert ball["keeps_bouncing"] and ball["bounces"] >= 40
-    assert np.ptp(ball["apex_heights"]) <= D.APEX_TOLERANCE
+    assert np.ptp(ball["apex_heights"]) <= D.APEX_TOLERANCE and ball["apexes_in_band"] == len(ball["apex_heights"])
 
 
 def test_long_video_reports_a_vanished_object():
@@ -172,6 +172,18 @@ def test_long_video_catches_a_bouncer_that_loses_height():
     assert D.score_long_video(high, text)["objects"][0]["keeps_bouncing"]
     res = D.score_long_video(np.concatenate([high, low]), text)
     assert res["objects"][0]["keeps_bouncing"] is False
+    assert 0 < res["objects"][0]["apexes_in_band"] < len(res["objects"][0]["apex_heights"])
+
+
+def test_long_video_counts_a_passage_that_turns_back_behind_the_wall():
+    """A mover that enters the wall from the left and comes out on the left again does not re-emerge."""
+    text = "a small red circle moving right behind a gray wall"
+    scene = Scene((ShapeObject("red", "circle", "small", "right", 10.0, 32.0, 20.0),), True)
+    there = S.render(scene, 20)  # 2.5 px a frame: left of the wall to frame 5, behind it 6-12, then right
+    back = np.concatenate([there[:10], there[9::-1], there])  # turns back behind the wall, then goes across
+    obj = D.score_long_video(back, text)["objects"][0]
+    assert obj["re_emerges"] is False and obj["wall_passages"] == 2 and obj["wall_passages_through"] == 1
+    assert D.score_long_video(there, text)["objects"][0]["wall_passages_through"] == 1
 
 
 def test_frame_change_profile_and_boundary_jump():

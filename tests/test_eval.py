@@ -53,9 +53,11 @@ def test_invalid_utf8_prompt_file_is_one_line(tmp_path):
 def test_tabulate_long_and_its_table():
     from soragen.evaluation.run import format_long_table, tabulate_long
 
-    long_a = {"objects": [{"keeps": 1.0, "moves": 0.5, "vanishes": False, "keeps_bouncing": True}], "count": 1.0,
+    long_a = {"objects": [{"keeps": 1.0, "moves": 0.5, "vanishes": False, "keeps_bouncing": True,
+                           "apex_heights": [20.0, 21.0, 20.5, 30.0], "apexes_in_band": 3}], "count": 1.0,
               "boundary_jump": 1.5}
-    long_b = {"objects": [{"keeps": 0.5, "moves": 1.0, "vanishes": True, "re_emerges": False},
+    long_b = {"objects": [{"keeps": 0.5, "moves": 1.0, "vanishes": True, "re_emerges": False,
+                           "wall_passages": 10, "wall_passages_through": 9},
                           {"keeps": 0.0, "moves": 0.0, "vanishes": True}], "count": 0.5, "boundary_jump": 2.5}
     rows = [{"long": long_a}, {"long": long_b}, {"verdicts": {}}]  # the last: a short video, not counted
     table = tabulate_long(rows)
@@ -64,6 +66,11 @@ def test_tabulate_long_and_its_table():
     assert table["never_vanishes"] == pytest.approx(1 / 3)
     assert table["keeps_bouncing"] == 1.0 and table["re_emerges"] == 0.0
     assert table["count"] == pytest.approx(0.75) and table["boundary_jump"] == pytest.approx(2.0)
+    assert table["apexes_in_band"] == pytest.approx(0.75) and table["passages_through"] == pytest.approx(0.9)
     text = format_long_table(table)
     assert "2 videos, 3 objects" in text and "33.3%" in text and "2.00x" in text
+    lines = text.splitlines()  # each graded figure under the measure it grades
+    at = next(i for i, line in enumerate(lines) if "re-emerges" in line)
+    assert "far side" in lines[at + 1] and "90.0%" in lines[at + 1]
+    assert "of their median" in lines[at - 1] and "75.0%" in lines[at - 1]
     assert tabulate_long([{"verdicts": {}}]) is None

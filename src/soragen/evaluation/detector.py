@@ -451,8 +451,8 @@ def _lost_frames(track: _Track, others: list[_Track], wall: bool, fps: int) -> l
     return lost
 
 
-def _re_emerges(track: _Track, fps: int) -> tuple[bool, int]:
-    """Every passage behind the wall ends on the other side: (ok, passages)."""
+def _re_emerges(track: _Track, fps: int) -> tuple[bool, int, int]:
+    """Every passage behind the wall ends on the other side: (ok, passages, passages that did)."""
     seen = np.flatnonzero(track.present)
     runs: list[str] = []  # sides in order, repeats collapsed: L, W, R
     for i in seen:
@@ -460,10 +460,11 @@ def _re_emerges(track: _Track, fps: int) -> tuple[bool, int]:
         if not runs or runs[-1] != side:
             runs.append(side)
     passages = [k for k in range(1, len(runs) - 1) if runs[k] == "W"]
-    ok = all(runs[k - 1] != runs[k + 1] for k in passages)
+    through = sum(runs[k - 1] != runs[k + 1] for k in passages)
+    ok = through == len(passages)
     if len(seen) and runs[-1] == "W" and len(track.x) - 1 - seen[-1] > 2 * fps:
         ok = False  # went behind the wall and never came out
-    return bool(ok), len(passages)
+    return bool(ok), len(passages), int(through)
 
 
 def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
@@ -503,14 +504,15 @@ def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
             "vanish_frames": len(lost),
         }
         if wall and spec.motion in ("left", "right"):
-            ok, passages = _re_emerges(tr, fps)
-            res |= {"re_emerges": bool(ok), "wall_passages": passages}
+            ok, passages, through = _re_emerges(tr, fps)
+            res |= {"re_emerges": bool(ok), "wall_passages": passages, "wall_passages_through": through}
         if spec.motion == "bouncing":
             apex = _apexes(tr)
             rebounds = _rebounds(tr)
             steady = bool(win2) and all(any(w.start <= r < w.stop for r in rebounds) for w in win2)
             consistent = len(apex) >= 2 and np.ptp(apex) <= APEX_TOLERANCE
-            res |= {"bounces": len(rebounds), "apex_heights": [round(a, 2) for a in apex],
+            in_band = int(np.sum(np.abs(np.asarray(apex) - np.median(apex)) <= APEX_TOLERANCE / 2)) if apex else 0
+            res |= {"bounces": len(rebounds), "apex_heights": [round(a, 2) for a in apex], "apexes_in_band": in_band,
                     "keeps_bouncing": bool(steady and consistent)}
         objects.append(res)
     count_ok = [bool(np.median(counts[w]) == len(specs)) for w in win2]

@@ -11,6 +11,7 @@ import numpy as np
 
 from soragen.config import Config, update
 from soragen.errors import UserError
+from soragen.evaluation.detector import APEX_TOLERANCE
 
 CATEGORIES = ("seen", "two objects", "wall", "held out")
 ATTRIBUTES = ("colour", "shape", "size", "direction", "count", "all")
@@ -130,6 +131,16 @@ LONG_MEASURES = (  # (key, what is measured, issue 4's target)
 )
 
 
+# Graded companions of two all-or-nothing measures, pooled over objects: (key, what, of which measure,
+# the per-object counts it pools). A single bad apex or passage fails a whole object above; these show how far off.
+GRADED_MEASURES = (
+    ("apexes_in_band", f"its apexes within {APEX_TOLERANCE / 2:g} px of their median", "keeps_bouncing",
+     ("apexes_in_band", "apex_heights")),
+    ("passages_through", "its passages that end on the far side", "re_emerges",
+     ("wall_passages_through", "wall_passages")),
+)
+
+
 def tabulate_long(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Coherence of the long videos: each measure averaged over their objects (None without long videos).
 
@@ -148,7 +159,11 @@ def tabulate_long(results: list[dict[str, Any]]) -> dict[str, Any] | None:
         "keeps_bouncing": [o["keeps_bouncing"] for o in objects if "keeps_bouncing" in o],
         "re_emerges": [o["re_emerges"] for o in objects if "re_emerges" in o],
     }
-    return {"videos": len(rows), "objects": len(objects), **{k: mean(v) for k, v in per_object.items()},
+    graded = {}
+    for key, _, _, (part, whole) in GRADED_MEASURES:
+        n = sum(len(o[whole]) if isinstance(o[whole], list) else o[whole] for o in objects if part in o)
+        graded[key] = sum(o[part] for o in objects if part in o) / n if n else None
+    return {"videos": len(rows), "objects": len(objects), **{k: mean(v) for k, v in per_object.items()}, **graded,
             "count": mean([r["count"] for r in rows if r.get("count") is not None]),
             "boundary_jump": mean([r["boundary_jump"] for r in rows if "boundary_jump" in r])}
 
@@ -157,9 +172,12 @@ def format_long_table(long: dict[str, Any]) -> str:
     """The coherence measures of tabulate_long as aligned text."""
     head = f"coherence over time ({long['videos']} videos, {long['objects']} objects)"
     lines = [f"{head:<46} {'measured':>9}   target"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for key, what, target in LONG_MEASURES:
-        value = "-" if long[key] is None else f"{100 * long[key]:.1f}%"
-        lines.append(f"  {what:<44} {value:>9}   {target}")
+        lines.append(f"  {what:<44} {pct(long[key]):>9}   {target}")
+        for graded, detail, of, _ in GRADED_MEASURES:
+            if of == key and long.get(graded) is not None:
+                lines.append(f"    {detail:<42} {pct(long[graded]):>9}")
     jump = "-" if long["boundary_jump"] is None else f"{long['boundary_jump']:.2f}x"
     lines.append(f"  {'change at window boundaries / inside windows':<44} {jump:>9}   about 1x")
     return "\n".join(lines)
