@@ -54,7 +54,8 @@ def test_tabulate_long_and_its_table():
     from soragen.evaluation.run import format_long_table, tabulate_long
 
     long_a = {"objects": [{"keeps": 1.0, "moves": 0.5, "vanishes": False, "keeps_bouncing": True,
-                           "apex_heights": [20.0, 21.0, 20.5, 30.0], "apexes_in_band": 3}], "count": 1.0,
+                           "apex_heights": [20.0, 21.0, 20.5, 30.0], "apexes": 4,
+                           "apexes_in_band": 3}], "count": 1.0,
               "boundary_jump": 1.5}
     long_b = {"objects": [{"keeps": 0.5, "moves": 1.0, "vanishes": True, "re_emerges": False,
                            "wall_passages": 10, "wall_passages_through": 9},

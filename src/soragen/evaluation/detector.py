@@ -512,7 +512,8 @@ def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
             steady = bool(win2) and all(any(w.start <= r < w.stop for r in rebounds) for w in win2)
             consistent = len(apex) >= 2 and np.ptp(apex) <= APEX_TOLERANCE
             in_band = int(np.sum(np.abs(np.asarray(apex) - np.median(apex)) <= APEX_TOLERANCE / 2)) if apex else 0
-            res |= {"bounces": len(rebounds), "apex_heights": [round(a, 2) for a in apex], "apexes_in_band": in_band,
+            res |= {"bounces": len(rebounds), "apex_heights": [round(a, 2) for a in apex], "apexes": len(apex),
+                    "apexes_in_band": in_band,
                     "keeps_bouncing": bool(steady and consistent)}
         objects.append(res)
     count_ok = [bool(np.median(counts[w]) == len(specs)) for w in win2]

@@ -135,7 +135,7 @@ LONG_MEASURES = (  # (key, what is measured, issue 4's target)
 # the per-object counts it pools). A single bad apex or passage fails a whole object above; these show how far off.
 GRADED_MEASURES = (
     ("apexes_in_band", f"its apexes within {APEX_TOLERANCE / 2:g} px of their median", "keeps_bouncing",
-     ("apexes_in_band", "apex_heights")),
+     ("apexes_in_band", "apexes")),
     ("passages_through", "its passages that end on the far side", "re_emerges",
      ("wall_passages_through", "wall_passages")),
 )
@@ -161,7 +161,7 @@ def tabulate_long(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
     graded = {}
     for key, _, _, (part, whole) in GRADED_MEASURES:
-        n = sum(len(o[whole]) if isinstance(o[whole], list) else o[whole] for o in objects if part in o)
+        n = sum(o[whole] for o in objects if part in o)
         graded[key] = sum(o[part] for o in objects if part in o) / n if n else None
     return {"videos": len(rows), "objects": len(objects), **{k: mean(v) for k, v in per_object.items()}, **graded,
             "count": mean([r["count"] for r in rows if r.get("count") is not None]),
