@@ -18,6 +18,7 @@ no loss, so the same model later extends videos window by window.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -108,12 +109,7 @@ def _make_accelerator(root: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    try:
-        import tensorboard  # noqa: F401
-
-        log_with = "tensorboard"
-    except ImportError:
-        log_with = None
+    log_with = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else None
     acc = Accelerator(cpu=_cpu_only(), log_with=log_with,
                       project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
     if log_with:
