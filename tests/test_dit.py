@@ -315,3 +315,39 @@ def test_runs_in_bfloat16_close_to_float32():
         out = dit.to(torch.bfloat16)(x.bfloat16(), torch.tensor([500]), txt.bfloat16(), mask, x_self=x_self.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_linear_matches_nn_linear_with_and_without_gradients():
+    """soragen.linear.Linear (oneDNN where torch has it) computes what nn.Linear does, gradients included."""
+    from soragen.linear import Linear, plain_linear
+
+    torch.manual_seed(0)
+    fast = Linear(24, 40)
+    plain = torch.nn.Linear(24, 40)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x.transpose(0, 1)), plain(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
+    grads = []
+    for layer in (fast, plain):
+        xi = x.clone().requires_grad_()
+        (layer(xi) * torch.linspace(-1, 1, 40)).square().sum().backward()
+        grads.append((xi.grad, layer.weight.grad, layer.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with plain_linear(), torch.no_grad():  # the switch the benchmark uses to compare GEMMs
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_flops_are_counted():
+    """The benchmark's FlopCounterMode sees the oneDNN products as it sees addmm: 2 FLOPs per multiply-add."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from soragen.linear import Linear
+
+    layer = Linear(16, 32)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        layer(torch.randn(2, 7, 16))
+    assert counter.get_total_flops() == 2 * 14 * 16 * 32

@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from soragen.config import DiTConfig
+from soragen.linear import Linear
 
 
 # ---------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(Linear(freq_dim, width), nn.SiLU(), Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype))
@@ -128,10 +129,10 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
+        self.qkv = Linear(width, 3 * width)
         self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)  # (B, N, 3, h, d)
@@ -149,11 +150,11 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
+        self.q = Linear(width, width)
+        self.kv = Linear(width, 2 * width)
         self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded text [B, L, D] -> normalised keys and values [B, h, L, d]: the same at every denoising step."""
@@ -176,7 +177,7 @@ class TemporalConv(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, Tf, S, D] -> the residual update [B, Tf, S, D].
@@ -258,8 +259,8 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(width, heads)
         self.norm3 = PlainLayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), GELUTanh(), nn.Linear(hidden, width))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, (9 if factorized else 6) * width))
+        self.mlp = nn.Sequential(Linear(width, hidden), GELUTanh(), Linear(hidden, width))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(width, (9 if factorized else 6) * width))
 
     def forward(self, x: torch.Tensor, c: FrameConditioning, keys_values: tuple[torch.Tensor, torch.Tensor],
                 attn_mask: torch.Tensor) -> torch.Tensor:
@@ -293,7 +294,7 @@ class ConvHead(nn.Module):
 
     def __init__(self, width: int, patch_size: tuple[int, int, int], channels: int, hidden: int, features: int = 16):
         super().__init__()
-        self.pixel_features = nn.Linear(width, features * math.prod(patch_size))  # per token: F per latent pixel
+        self.pixel_features = Linear(width, features * math.prod(patch_size))  # per token: F per latent pixel
         self.conv1 = nn.Conv2d(features + 2 * channels, hidden, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
 
@@ -320,15 +321,15 @@ class DiT(nn.Module):
         width = cfg.width
         pt, ph, pw = cfg.patch_size
         patch_dim = in_channels * pt * ph * pw
-        self.x_embedder = nn.Linear(patch_dim * (2 if cfg.self_condition else 1), width)
+        self.x_embedder = Linear(patch_dim * (2 if cfg.self_condition else 1), width)
         self.t_embedder = TimestepEmbedder(width)
-        self.y_embedder = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
-        self.pool_embedder = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) if cfg.pooled_text else None
+        self.y_embedder = nn.Sequential(Linear(text_dim, width), nn.GELU(approximate="tanh"), Linear(width, width))
+        self.pool_embedder = nn.Sequential(Linear(width, width), nn.SiLU(), Linear(width, width)) if cfg.pooled_text else None
         factorized = cfg.attention == "factorized"
         self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio, factorized, cfg.temporal_conv) for _ in range(cfg.depth))
         self.norm_out = PlainLayerNorm(width)
-        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.proj_out = nn.Linear(width, patch_dim)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
+        self.proj_out = Linear(width, patch_dim)
         self.conv_head = ConvHead(width, cfg.patch_size, in_channels, cfg.conv_head) if cfg.conv_head else None
         self.initialize_weights()
 

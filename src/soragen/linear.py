@@ -1,0 +1,92 @@
+"""nn.Linear whose products run through oneDNN where this torch build has it.
+
+torch multiplies fp32 matrices on x86 with MKL, and MKL takes its AVX2 code on AMD CPUs; oneDNN
+(also in every x86 torch build, the library behind torch's CPU convolutions) compiles AVX-512
+kernels for the CPU it finds. On the project's 2-core AMD EPYC machines, a 2048^3 fp32 product
+ran at 195 GFLOP/s through `torch.matmul` and at 358 through oneDNN; one denoising step of the
+built-in DiT took 32 ms instead of 55 (the same outputs to 5e-6), and a training forward and
+backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
+Where oneDNN is missing, or for other dtypes and devices, `Linear` is plain `nn.Linear`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import register_flop_formula
+
+
+def _onednn_op():
+    """torch's oneDNN linear (the op torch.compile's CPU backend emits for nn.Linear), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_LINEAR = _onednn_op()
+_enabled = _LINEAR is not None
+
+
+def onednn_active() -> bool:
+    """Whether `Linear` layers run through oneDNN at inference in this process."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def plain_linear() -> Iterator[None]:
+    """Run `Linear` layers through F.linear (torch's default GEMM) inside the block, e.g. to compare the two."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [..., k] @ b [n, k]^T (+ bias [n]) through oneDNN; either operand may be a transposed view."""
+    return _LINEAR(a, b, bias, "none", [], "")
+
+
+class _LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with all three products (forward, and both gradients) through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_t(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+        grad_x = _matmul_t(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ W
+        grad_w = _matmul_t(grad_rows.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # grad^T @ x
+        grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys); fp32 on CPU, through oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_enabled and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32):
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            return _LinearFunction.apply(x, self.weight, self.bias)
+        return _matmul_t(x, self.weight, self.bias)
+
+
+if _LINEAR is not None:
+    @register_flop_formula(_LINEAR)
+    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """FLOPs of the oneDNN linear, for torch's FlopCounterMode: 2 per multiply-add, as for aten.addmm."""
+        rows = 1
+        for n in x_shape[:-1]:
+            rows *= n
+        return 2 * rows * w_shape[0] * w_shape[1]
