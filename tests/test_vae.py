@@ -84,3 +84,20 @@ def test_normalisation_round_trip(scale):
     torch.testing.assert_close(vae.denormalize(zn), z)
     # Per channel: the given std divided out, then scaled by latent_scale.
     assert torch.allclose(zn.std(dim=0).flatten(), torch.full((4,), scale), rtol=0.05)
+
+
+def test_causal_conv_matches_conv3d_with_gradients():
+    """CausalConv3d's oneDNN call (torch's native 3D kernel is slow on one short window) is nn.Conv3d's arithmetic."""
+    from soragen.vae import CausalConv3d
+
+    torch.manual_seed(0)
+    layer = CausalConv3d(4, 6)
+    x = torch.randn(1, 4, 5, 8, 8, requires_grad=True)
+    out = layer(x)
+    padded = torch.cat([x[:, :, :1].expand(-1, -1, 2, -1, -1), x], dim=2)
+    expected = layer.conv(padded)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_fast = torch.autograd.grad(out.square().sum(), (x, layer.conv.weight))
+    grad_plain = torch.autograd.grad(expected.square().sum(), (x, layer.conv.weight))
+    for a, b in zip(grad_fast, grad_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
