@@ -12,6 +12,7 @@ Where oneDNN is missing, or for other dtypes and devices, `Linear` is plain `nn.
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -21,8 +22,11 @@ from torch.utils.flop_counter import register_flop_formula
 
 
 def _onednn_op():
-    """torch's oneDNN linear (the op torch.compile's CPU backend emits for nn.Linear), or None."""
-    if not torch.backends.mkldnn.is_available():
+    """torch's oneDNN linear (the op torch.compile's CPU backend emits for nn.Linear) on x86-64, or None.
+
+    Elsewhere (e.g. ARM, where torch's default GEMM is not MKL) nothing was measured, so nothing changes.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
