@@ -3,7 +3,7 @@
 torch multiplies fp32 matrices on x86 with MKL, and MKL takes its AVX2 code on AMD CPUs; oneDNN
 (also in every x86 torch build, the library behind torch's CPU convolutions) compiles AVX-512
 kernels for the CPU it finds. On the project's 2-core AMD EPYC machines, a 2048^3 fp32 product
-ran at 195 GFLOP/s through `torch.matmul` and at 358 through oneDNN; one denoising step of the
+ran at 190-195 GFLOP/s through `torch.matmul` and at 358-435 through oneDNN; one denoising step of the
 built-in DiT took 32 ms instead of 55 (the same outputs to 5e-6), and a training forward and
 backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
 Where oneDNN is missing, or for other dtypes and devices, `Linear` is plain `nn.Linear`.
@@ -36,7 +36,7 @@ _enabled = _LINEAR is not None
 
 
 def onednn_active() -> bool:
-    """Whether `Linear` layers run through oneDNN at inference in this process."""
+    """Whether `Linear` layers run through oneDNN (fp32 on CPU) in this process."""
     return _enabled
 
 
