@@ -338,6 +338,11 @@ def test_linear_matches_nn_linear_with_and_without_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with plain_linear(), torch.no_grad():  # the switch the benchmark uses to compare GEMMs
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    empty = torch.zeros(0, 24, requires_grad=True)
+    fast(empty).sum().backward()  # no rows: as nn.Linear, no error
+    assert empty.grad.shape == (0, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for nn.Linear
+        assert fast(x).dtype == plain(x).dtype == torch.bfloat16
 
 
 def test_linear_flops_are_counted():

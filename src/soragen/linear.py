@@ -3,52 +3,53 @@
 torch multiplies fp32 matrices on x86 with MKL, and MKL takes its AVX2 code on AMD CPUs; oneDNN
 (also in every x86 torch build, the library behind torch's CPU convolutions) compiles AVX-512
 kernels for the CPU it finds. On the project's 2-core AMD EPYC machines, a 2048^3 fp32 product
-ran at 190-195 GFLOP/s through `torch.matmul` and at 358-435 through oneDNN; one denoising step of the
-built-in DiT took 32 ms instead of 55 (the same outputs to 5e-6), and a training forward and
-backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
-Where oneDNN is missing, or for other dtypes and devices, `Linear` is plain `nn.Linear`.
+ran at 190-195 GFLOP/s through `torch.matmul` and at 358-435 through oneDNN; one denoising step of
+the built-in DiT took 32-36 ms instead of 55-60 (the same outputs to 5e-6), and a training forward
+and backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
+Anywhere else (no oneDNN, not x86-64, not fp32 on CPU, under autocast, empty input) `Linear` is
+plain `nn.Linear`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import platform
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
-def _onednn_op():
-    """torch's oneDNN linear (the op torch.compile's CPU backend emits for nn.Linear) on x86-64, or None.
+def on_x86_with_onednn() -> bool:
+    """Whether this process runs on x86-64 with oneDNN enabled: where its kernels were measured faster.
 
     Elsewhere (e.g. ARM, where torch's default GEMM is not MKL) nothing was measured, so nothing changes.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
-        return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
 
 
-_LINEAR = _onednn_op()
-_enabled = _LINEAR is not None
+# torch's oneDNN linear (y = x W^T + b with an optional fused activation), or None.
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if on_x86_with_onednn() else None
+_plain = contextvars.ContextVar("soragen_plain_linear", default=False)
 
 
 def onednn_active() -> bool:
-    """Whether `Linear` layers run through oneDNN (fp32 on CPU) in this process."""
-    return _enabled
+    """Whether `Linear` layers run through oneDNN (fp32 on CPU) here and now."""
+    return _LINEAR is not None and not _plain.get()
 
 
 @contextlib.contextmanager
 def plain_linear() -> Iterator[None]:
-    """Run `Linear` layers through F.linear (torch's default GEMM) inside the block, e.g. to compare the two."""
-    global _enabled
-    before, _enabled = _enabled, False
+    """Run `Linear` layers through F.linear (torch's default GEMM) inside the block (this thread or task only)."""
+    token = _plain.set(True)
     try:
         yield
     finally:
-        _enabled = before
+        _plain.reset(token)
 
 
 def _matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +67,7 @@ class _LinearFunction(torch.autograd.Function):
         return _matmul_t(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the oneDNN op has no gradient of its own
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
@@ -79,18 +81,21 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys); fp32 on CPU, through oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_enabled and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32):
+        if not (onednn_active() and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and x.numel() and not torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled():
             return _LinearFunction.apply(x, self.weight, self.bias)
         return _matmul_t(x, self.weight, self.bias)
 
 
-if _LINEAR is not None:
-    @register_flop_formula(_LINEAR)
-    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """FLOPs of the oneDNN linear, for torch's FlopCounterMode: 2 per multiply-add, as for aten.addmm."""
-        rows = 1
-        for n in x_shape[:-1]:
-            rows *= n
-        return 2 * rows * w_shape[0] * w_shape[1]
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the oneDNN linear, for torch's FlopCounterMode: 2 per multiply-add, as for aten.addmm."""
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    return 2 * rows * w_shape[0] * w_shape[1]
+
+
+if _LINEAR is not None and _LINEAR not in flop_registry:  # not twice (a reload), nor over torch's own
+    register_flop_formula(_LINEAR)(_linear_flops)
