@@ -6,10 +6,10 @@
 # Re-running continues an interrupted run from its newest checkpoint.
 #   bash scripts/train_default.sh            # runs/default
 #
-# One phase on configs/default.yaml. On 2 cores of a fast machine (sessions 16-17): VAE
-# 2,000 steps (~18 min; run ve4), latent cache (~5 min) and DiT steps with
-# self-conditioning and both contrasts (~2.3 s each, so ~2.3 h for 3,600; runs dv1 and
-# long1): about 2.6 h in all (3.8 h on the slower machine of sessions 6-7). The recipe's levers were found as fine-tunes of
+# One phase on configs/default.yaml. On 2 cores (session 23, the linear layers on oneDNN): VAE
+# 2,000 steps (18 min in run ve4, session 16; not re-timed since), latent cache (~4 min) and DiT steps with
+# self-conditioning, 3,000 at ~1.27 s and 600 more with the direction contrast at ~1.55 s
+# (run nc1: 81 min): about 1.8 h in all. The recipe's levers were found as fine-tunes of
 # earlier runs (docs/training-log.md, sessions 3-17); the shipped model (run sc2) is this
 # recipe's earlier form with two fine-tunes, as its card says.
 set -euo pipefail
