@@ -147,7 +147,8 @@ def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
     with plain_linear():  # the same model through torch's default GEMM, as the reference runs its layers
         plain_seconds, _ = forward_cost(lambda: pipe.dit(x, ts, cond, x_self=x))
     info = {"plain_seconds": plain_seconds, "cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1],
-            "text_dim": text.shape[2], "real_text_len": cond.keys_values[0][0].shape[2]}  # soragen attends to the prompt's tokens, not the padding
+            "text_dim": text.shape[2],
+            "real_text_len": cond.keys_values[0][0].shape[2]}  # soragen attends to the prompt's tokens, not the padding
     return seconds, flops, info
 
 
