@@ -370,6 +370,15 @@ def test_contrasts_start_at_contrast_from(tmp_path):
     assert "contrast" not in steps[0] and {"contrast", "swap_gap"} <= set(steps[1])
 
 
+def test_contrast_from_past_the_last_step_warns(tmp_path, caplog):
+    """A run whose contrasts would start after its last step says so (e.g. a short fine-tune on the recipe)."""
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.direction_contrast=0.5",
+                               "train.dit.contrast_from=100"])
+    with caplog.at_level("WARNING", logger="soragen"):
+        train(cfg)
+    assert "contrasts never start" in caplog.text and "contrast_from=0" in caplog.text
+
+
 def test_contrast_batch_gives_direction_and_shape_rows_their_own_windows_and_timesteps():
     """Direction rows first (t >= direction_contrast_min_t), then other rows for the shape contrast (t in its span)."""
     from soragen.train import contrast_batch

@@ -687,6 +687,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     from soragen.text_encoder import TextEncoder
 
     t = cfg.train.dit
+    if t.contrast_from >= t.steps and (t.direction_contrast > 0 or t.shape_contrast > 0):
+        log.warning("train.dit.contrast_from %d is not below train.dit.steps %d: the contrasts never start "
+                    "(a fine-tune counts its own steps; set train.dit.contrast_from=0)", t.contrast_from, t.steps)
     acc = _make_accelerator(run.root)
     vae = load_trained_vae(cfg, run)
     with acc.main_process_first():  # one process encodes the clips; the others read its cache
