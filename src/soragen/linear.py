@@ -23,13 +23,21 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def on_x86_with_onednn() -> bool:
     """Whether this process runs on x86-64 with oneDNN enabled: where its kernels were measured faster.
 
     Elsewhere (e.g. ARM, where torch's default GEMM is not MKL) nothing was measured, so nothing changes.
     """
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+    return _X86 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def onednn_takes(x: torch.Tensor) -> bool:
+    """Whether soragen sends work on x to oneDNN's kernels: fp32 on CPU, outside autocast, on x86-64 with oneDNN."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and on_x86_with_onednn())
 
 
 # torch's oneDNN linear (y = x W^T + b with an optional fused activation), or None.
@@ -81,8 +89,7 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys); fp32 on CPU, through oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (onednn_active() and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and x.numel() and not torch.is_autocast_enabled("cpu")):
+        if not (onednn_active() and x.numel() and self.weight.dtype == torch.float32 and onednn_takes(x)):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled():
             return _LinearFunction.apply(x, self.weight, self.bias)
