@@ -474,6 +474,99 @@ def test_shape_weight_needs_shapes_data(tmp_path):
         build_shape_cues(cfg, RunFolder(tmp_path), None)
 
 
+def test_twin_rows_are_noised_from_the_twin_and_predict_their_own_latents():
+    """A twin row's input is noised from x0 + s (x0_twin - x0), one s in [0, 1] per row, at one timestep in its
+    span; its target is the v whose x0 estimate is the row's own x0, not what its input was noised from."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import TwinInputs, dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    x0 = torch.randn(4, 4, 3, 2, 2, dtype=torch.float64)
+    text, mask = torch.zeros(4, 1, 8), torch.ones(4, 1, dtype=torch.bool)
+    twin = TwinInputs(torch.tensor([1, 3]), x0[[1, 3]] + 1000.0, (40, 300))  # twins far away: s reads off x_t
+
+    class Oracle(torch.nn.Module):
+        """Predicts the v whose x0 estimate is `target`."""
+
+        def __init__(self, target):
+            super().__init__()
+            self.target, self.seen = target, None
+
+        def forward(self, x, t, text, mask):
+            self.seen = (x, t)
+            a = sched.alphas_cumprod[t].to(x)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+            return (a.sqrt() * x - self.target) / (1 - a).sqrt()
+
+    def loss(target):
+        oracle = Oracle(target)
+        value = dit_loss(oracle, sched, x0, text, mask, torch.zeros(4, dtype=torch.long), 20,
+                         torch.Generator().manual_seed(0), twin=twin)
+        return value, oracle.seen
+
+    exact, (x_t, t) = loss(x0)
+    assert exact < 1e-12
+    assert ((t[[1, 3]] >= 40) & (t[[1, 3]] < 300)).all() and (t[[1, 3]] == t[[1, 3], :1]).all()
+    a = sched.alphas_cumprod[t].to(x0)[:, None, :, None, None]
+    share = (x_t - a.sqrt() * x0) / (a.sqrt() * 1000.0)  # s + noise / (1000 sqrt(a))
+    assert share[[0, 2]].abs().max() < 0.01  # plain rows: noised from x0
+    s = share[[1, 3]].flatten(1).mean(dim=1)  # (2,)
+    assert ((s > 0) & (s < 1)).all() and share[[1, 3]].flatten(1).std(dim=1).max() < 0.01
+    moved = x0 + s.new_zeros(4).index_copy(0, torch.tensor([1, 3]), s).view(4, 1, 1, 1, 1) * 1000.0
+    blind, _ = loss(moved)  # a model that denoises the input it was given
+    assert blind > 1.0
+
+
+def test_twin_inputs_take_rows_without_context_with_a_caption_and_not_taken():
+    from soragen.train import twin_inputs
+
+    twins = torch.arange(5 * 1 * 6 * 1 * 1, dtype=torch.float32).view(5, 1, 6, 1, 1)
+    prompts = ["a red ball moving up", "", "a blue box", "a green triangle", "a red ball moving up"]
+    got = twin_inputs(twins, np.array([4, 3, 2, 1, 0]), np.array([0, 1, 2, 3, 1]), 3, prompts,
+                      np.array([0, 0, 0, 0, 2]), limit=2, span=(30, 300), skip=[0])
+    assert got.rows.tolist() == [2, 3] and got.span == (30, 300)  # 1 has no caption, 0 is taken, 4 has context
+    assert torch.equal(got.x0, torch.stack([twins[2, :, 2:5], twins[1, :, 3:6]]))
+    assert twin_inputs(twins, np.zeros(5, dtype=int), np.zeros(5, dtype=int), 3, prompts, np.ones(5, dtype=int), 2,
+                       (30, 300)) is None
+
+
+def test_twin_rows_train_on_the_cached_clips_twins(tmp_path):
+    """The twin cache is the cached clips' shape twins (same draws), encoded once and read back."""
+    from safetensors.torch import load_file
+
+    from soragen.data.clips import ShapesSource
+    from soragen.train import _clips_to_tensor, build_twin_latents, load_trained_vae
+    from soragen.vae import frames_for
+
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.twin_rows=2", "train.dit.steps=2",
+                               "train.dit.context_fraction=0", "data.long_fraction=0"])
+    train(cfg)
+    run = RunFolder(tmp_path)
+    latents, twins = load_file(str(run.latents))["latents"], load_file(str(run.twin_latents))["latents"]
+    assert twins.shape == latents.shape and not torch.equal(twins, latents)
+    captions = json.loads(run.latents.with_suffix(".json").read_text())["captions"]
+    rng = np.random.default_rng([cfg.seed, 1234])
+    num_frames = frames_for(cfg.data.clip_latent_frames, cfg.vae.temporal_compression)
+    replay = [ShapesSource(cfg.data).sample(rng, num_frames, twin=True) for _ in captions]
+    assert [list(c.captions) for c in replay] == captions
+    assert all(c.twin.shape == c.frames.shape for c in replay) and any((c.twin != c.frames).any() for c in replay)
+    vae = load_trained_vae(cfg, run)
+    with torch.no_grad():
+        encoded = vae.encode(_clips_to_tensor([c.twin for c in replay]))[0].half()
+    assert torch.allclose(encoded.float(), twins.float(), atol=1e-2)
+    stamp = run.twin_latents.stat().st_mtime_ns
+    assert torch.equal(build_twin_latents(cfg, run, vae, None), twins)
+    assert run.twin_latents.stat().st_mtime_ns == stamp
+
+
+def test_twin_rows_need_shapes_data(tmp_path):
+    from soragen.train import build_twin_latents
+
+    cfg = train_config(TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
+    with pytest.raises(UserError, match="twin_rows needs data.kind: shapes"):
+        build_twin_latents(cfg, RunFolder(tmp_path), None, None)
+
+
 def test_twin_batch_holds_scenes_then_their_twins_then_their_backgrounds():
     """Each twin is the same scene at the same times with its shapes swapped; the batch is ordered as separation_loss reads it."""
     from soragen.data import shapes
@@ -551,13 +644,16 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
 
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
     cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
-                               "train.vae.batch_size=3", "train.dit.shape_weight=5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+                               "train.vae.batch_size=3", "train.dit.shape_weight=5", "train.dit.twin_rows=2",
+                               "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)
-    assert "train.vae.shape_separation is off" in caplog.text and "train.dit.shape_weight is off" in caplog.text
-    assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "shape_cues.safetensors").exists()
+    assert all(f"{option} is off" in caplog.text
+               for option in ("train.vae.shape_separation", "train.dit.shape_weight", "train.dit.twin_rows"))
+    run = RunFolder(tmp_path / "run")
+    assert run.model.is_dir() and not run.shape_cues.exists() and not run.twin_latents.exists()
     recorded = (tmp_path / "run" / "config.yaml").read_text()
-    assert "shape_separation: 0.0" in recorded and "shape_weight: 0.0" in recorded  # what the run did
+    assert all(f"{key}: 0" in recorded for key in ("shape_separation", "shape_weight", "twin_rows"))  # what the run did
 
 
 def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):

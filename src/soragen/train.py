@@ -7,6 +7,7 @@ Built on HF accelerate, so the same code runs on one CPU, one GPU or many
     vae/                          the trained VAE (a partial model folder) once stage 1 ends
     latents.safetensors           the DiT's latent cache (clips encoded once)
     shape_cues.safetensors        where the cached clips' shapes show (train.dit.shape_weight)
+    twin_latents.safetensors      the cached clips' shape twins, encoded (train.dit.twin_rows)
     samples/                      sample videos (and detector scores) every N steps
     metrics.jsonl                 one JSON line per logged step
     model/                        the final model folder (safetensors, diffusers layout)
@@ -59,6 +60,7 @@ class RunFolder:
         self.vae = self.root / "vae"
         self.latents = self.root / "latents.safetensors"
         self.shape_cues = self.root / "shape_cues.safetensors"
+        self.twin_latents = self.root / "twin_latents.safetensors"
         self.samples = self.root / "samples"
         self.metrics = self.root / "metrics.jsonl"
         self.model = self.root / "model"
@@ -263,12 +265,13 @@ def shapes_options_off(cfg: Config) -> Config:
         return cfg
     vae, dit = cfg.train.vae, cfg.train.dit
     for option, value, why in (("train.vae.shape_separation", vae.shape_separation, "it renders each scene's shape twin"),
-                               ("train.dit.shape_weight", dit.shape_weight, "the renderer knows where shapes show")):
+                               ("train.dit.shape_weight", dit.shape_weight, "the renderer knows where shapes show"),
+                               ("train.dit.twin_rows", dit.twin_rows, "it renders each clip's shape twin")):
         if value > 0:
             log.warning("%s is off for this run: %s, so it needs data.kind: shapes (this run has data.kind: %s)",
                         option, why, cfg.data.kind)
     train = cfg.train.model_copy(update={"vae": vae.model_copy(update={"shape_separation": 0.0}),
-                                         "dit": dit.model_copy(update={"shape_weight": 0.0})})
+                                         "dit": dit.model_copy(update={"shape_weight": 0.0, "twin_rows": 0})})
     return cfg.model_copy(update={"train": train})
 
 
@@ -446,6 +449,40 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
     return cues
 
 
+def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | None) -> torch.Tensor:
+    """The shape twin of every cached clip, encoded: (N, C, K, h, w) float16 posterior means, row for
+    row beside the latent cache (its draws replayed, as `build_shape_cues` does, and each scene's twin
+    rendered at the same times: `shapes.shape_twin`)."""
+    from safetensors import safe_open
+
+    from soragen.data.clips import ShapesSource
+    from soragen.model_io import save_file_atomic
+    from soragen.vae import frames_for
+
+    if cfg.data.kind != "shapes":
+        raise UserError(f"train.dit.twin_rows needs data.kind: shapes (the renderer draws each scene's shape twin), "
+                        f"got data.kind: {cfg.data.kind}")
+    digest = _cache_digest(cfg, vae_weights(cfg, run))
+    if run.twin_latents.is_file():
+        with safe_open(str(run.twin_latents), framework="pt") as handle:
+            if (handle.metadata() or {}).get("config_digest") == digest:
+                return handle.get_tensor("latents")
+    d = cfg.data
+    source = ShapesSource(d)
+    rng = np.random.default_rng([cfg.seed, 1234])  # build_latent_cache's stream
+    num_frames = frames_for(d.clip_latent_frames, cfg.vae.temporal_compression)
+    latents = []
+    with torch.no_grad():
+        for start in range(0, d.clips, 16):
+            twins = [source.sample(rng, num_frames, twin=True).twin for _ in range(min(16, d.clips - start))]
+            latents.append(vae.encode(_clips_to_tensor(twins))[0].half())  # (b, C, K, h, w)
+            if progress:
+                progress("encode twins", start + len(twins), d.clips, {})
+    z = torch.cat(latents)
+    save_file_atomic({"latents": z}, run.twin_latents, metadata={"config_digest": digest})
+    return z
+
+
 def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
     VAE encoder's weights (a VAE retrained in the same run folder makes its latent cache stale)."""
@@ -505,6 +542,26 @@ class SwappedCaptions:
     timesteps: torch.Tensor  # (R, 2) each row is drawn at one timestep in [lo, hi)
 
 
+@dataclass(frozen=True)
+class TwinInputs:
+    """Rows of a training batch noised from latents moved towards their shape twin's (train.dit.twin_rows)."""
+
+    rows: torch.Tensor  # (R,) batch rows, all without context frames, with a caption, not contrast rows
+    x0: torch.Tensor  # (R, C, T, h, w) the rows' shape twins' clean latents
+    span: tuple[int, int]  # each row is drawn at one timestep in [lo, hi)
+
+
+def twin_inputs(twins: torch.Tensor, idx: np.ndarray, starts: np.ndarray, window: int, prompts: list[str],
+                n_ctx: np.ndarray, limit: int, span: tuple[int, int], skip: Sequence[int] = ()) -> TwinInputs | None:
+    """The first `limit` rows of a batch without context, with a caption and not in `skip`, and their
+    twins' windows cut from `twins` (N, C, K, h, w) as the batch's were."""
+    rows = [i for i in range(len(prompts)) if n_ctx[i] == 0 and prompts[i] and i not in skip][:limit]
+    if not rows:
+        return None
+    x0 = torch.stack([twins[idx[i], :, starts[i] : starts[i] + window] for i in rows])
+    return TwinInputs(torch.tensor(rows), x0, tuple(span))
+
+
 def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int, swap: Callable[[str], str | None] | None = None,
                  skip: Sequence[int] = ()) -> tuple[list[int], list[str]]:
     """The first `limit` rows without context (and not in `skip`) whose caption `swap` changes, and those
@@ -546,7 +603,7 @@ def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
     self_condition: bool = False, noise_correlation: float = 0.0, swapped: SwappedCaptions | None = None,
-    weight: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None, twin: TwinInputs | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -565,6 +622,8 @@ def dit_loss(
     included); returns (loss, contrast, gap), per row [R]: contrast = softplus((L_true - L_swapped) /
     (CONTRAST_TEMPERATURE * L_true)), gap = (L_swapped - L_true) / L_true.
     `weight` [B, T, h, w] weighs each latent pixel's squared error (1 = plain), in the contrast too.
+    With `twin`, its rows get one timestep each in its span and are noised from x0 + s * (x0_twin - x0),
+    s uniform in [0, 1] per row; their target is the v whose x0 estimate is the row's own x0.
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -580,12 +639,20 @@ def dit_loss(
         lo, hi = swapped.timesteps[:, 0], swapped.timesteps[:, 1]  # (R,)
         drawn = lo + (torch.rand(len(swapped.rows), generator=generator) * (hi - lo)).long()  # (R,)
         t_main[swapped.rows] = drawn[:, None].expand(-1, t_frames)
+    if twin is not None:
+        lo, hi = twin.span
+        t_main[twin.rows] = torch.randint(lo, hi, (len(twin.rows), 1), generator=generator).expand(-1, t_frames)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = draw_noise(x0.shape, generator, noise_correlation)  # (B, C, T, h, w)
     alpha_bar = scheduler.alphas_cumprod[timesteps].to(x0)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
+    if twin is not None:  # x_t from x0 + d, d = s (x0_twin - x0); sqrt(a) x_t - sqrt(1 - a) v' = x0 gives v' = v + a d / sqrt(1 - a)
+        r, a = twin.rows, alpha_bar[twin.rows]
+        shift = torch.rand((len(r), 1, 1, 1, 1), generator=generator).to(x0) * (twin.x0.to(x0) - x0[r])  # (R, C, T, h, w)
+        x_t[r] = x_t[r] + a.sqrt() * shift
+        v[r] = v[r] + a / (1 - a).sqrt() * shift
     x_t, timesteps = x_t.to(x0.device), timesteps.to(x0.device)
     if swapped is not None:  # one forward over the batch and the swapped rows (one backward, as DDP wants)
         rows = swapped.rows
@@ -704,6 +771,11 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if t.shape_weight > 0:
         with acc.main_process_first():
             cues = build_shape_cues(cfg, run, progress if acc.is_main_process else None)
+    twins = None
+    if t.twin_rows > 0:
+        with acc.main_process_first():
+            twins = build_twin_latents(cfg, run, vae, progress if acc.is_main_process else None)
+        twins = vae.normalize(twins.float())  # (N, C, K, h, w), as z_all
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
 
@@ -776,9 +848,13 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         swapped, groups = None, []
         if step >= t.contrast_from:
             swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
+        twin = None
+        if twins is not None:
+            taken = swapped.rows.tolist() if swapped is not None else []
+            twin = twin_inputs(twins, idx, starts, t.window, prompts, n_ctx, t.twin_rows, t.twin_t, skip=taken)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation, swapped, pixel_weight)
+                        cfg.sampler.noise_correlation, swapped, pixel_weight, twin)
         metrics = {}
         if swapped is not None:
             loss, contrast, gap = loss

@@ -33,6 +33,7 @@ class Clip:
     captions: tuple[str, ...]
     continues: bool  # True when the clip starts after time 0 (the caption no longer describes its first frame)
     shape_cue: np.ndarray | None = None  # [T, H, W] float32: where its objects' shapes show (shapes.shape_cue)
+    twin: np.ndarray | None = None  # [T, H, W, 3] uint8: its scene's shape twin (shapes.shape_twin), same times
 
 
 class ShapesSource:
@@ -49,16 +50,18 @@ class ShapesSource:
         scene = shapes.sample_scene(rng)
         return scene, float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
 
-    def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False) -> Clip:
-        """A random clip; with `shape_cue` also its shape cue (the same clip: the cue draws nothing from rng)."""
+    def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False, twin: bool = False) -> Clip:
+        """A random clip; with `shape_cue` also its shape cue, with `twin` also its shape twin's frames
+        (the same clip either way: neither draws anything from rng)."""
         from soragen.data import shapes
 
         scene, start = self._scene(rng)
         frames = shapes.render(scene, num_frames, start_time=start)
         languages = ["zh" if rng.random() < self.cfg.chinese_fraction else "en" for _ in range(CAPTION_VARIANTS)]
         cue = shapes.shape_cue(scene, num_frames, start_time=start) if shape_cue else None
+        twin_frames = shapes.render(shapes.shape_twin(scene), num_frames, start_time=start) if twin else None
         return Clip(frames, tuple(shapes.caption(scene, rng, language=lang) for lang in languages), continues=start > 0,
-                    shape_cue=cue)
+                    shape_cue=cue, twin=twin_frames)
 
     def sample_twins(self, rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames [T, H, W, 3] of a random scene, of its shape twin (shapes.shape_twin) and of its
