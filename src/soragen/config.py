@@ -350,9 +350,10 @@ class DiTTrainConfig(_Frozen):
     # of an object's loss unweighted, docs/training-log.md, session 9). 0 = off.
     shape_weight: float = Field(0.0, ge=0)
     # Twin inputs (Shapes World data): up to `twin_rows` windows of a batch that have no context and a
-    # caption are noised, at one timestep in `twin_t` [lo, hi), from their latents moved a random share
-    # (uniform in [0, 1]) of the way to their shape twin's (the same scene with circles and squares
-    # swapped, triangles drawn as circles), and must still predict their own clean latents. In the data
+    # caption (and not taken by a contrast, whose rows are chosen first) are noised, at one timestep in
+    # `twin_t` [lo, hi), from their latents moved a random share (uniform in [0, 1]) of the way to their
+    # shape twin's (the same scene with circles and squares swapped, triangles drawn as circles, held-out
+    # combinations never made), and must still predict their own clean latents. In the data
     # a noisy frame always holds the true shape, so a model learns to copy the shape its input suggests
     # and ignore the word where shapes are settled; at sampling its input is its own rounded guess
     # (docs/training-log.md, sessions 15 and 24). These rows teach it to take the shape from the word there.

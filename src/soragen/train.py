@@ -467,6 +467,7 @@ def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | No
         with safe_open(str(run.twin_latents), framework="pt") as handle:
             if (handle.metadata() or {}).get("config_digest") == digest:
                 return handle.get_tensor("latents")
+        log.warning("twin cache %s was built for another config; rebuilding it", run.twin_latents)
     d = cfg.data
     source = ShapesSource(d)
     rng = np.random.default_rng([cfg.seed, 1234])  # build_latent_cache's stream
@@ -558,7 +559,7 @@ def twin_inputs(twins: torch.Tensor, idx: np.ndarray, starts: np.ndarray, window
     rows = [i for i in range(len(prompts)) if n_ctx[i] == 0 and prompts[i] and i not in skip][:limit]
     if not rows:
         return None
-    x0 = torch.stack([twins[idx[i], :, starts[i] : starts[i] + window] for i in rows])
+    x0 = torch.stack([twins[idx[i], :, starts[i] : starts[i] + window] for i in rows]).float()
     return TwinInputs(torch.tensor(rows), x0, tuple(span))
 
 
@@ -775,7 +776,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if t.twin_rows > 0:
         with acc.main_process_first():
             twins = build_twin_latents(cfg, run, vae, progress if acc.is_main_process else None)
-        twins = vae.normalize(twins.float())  # (N, C, K, h, w), as z_all
+        twins = vae.normalize(twins.float()).half()  # (N, C, K, h, w), as z_all (cast per batch)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
 
@@ -848,17 +849,17 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         swapped, groups = None, []
         if step >= t.contrast_from:
             swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
-        twin = None
+        metrics, twin = {}, None
         if twins is not None:
             taken = swapped.rows.tolist() if swapped is not None else []
             twin = twin_inputs(twins, idx, starts, t.window, prompts, n_ctx, t.twin_rows, t.twin_t, skip=taken)
+            metrics["twin_rows"] = 0 if twin is None else len(twin.rows)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
                         cfg.sampler.noise_correlation, swapped, pixel_weight, twin)
-        metrics = {}
         if swapped is not None:
             loss, contrast, gap = loss
-            metrics = {"v_loss": loss.item()}
+            metrics["v_loss"] = loss.item()
             first = 0
             for name, weight, n in groups:
                 part = slice(first, first + n)
