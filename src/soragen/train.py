@@ -378,9 +378,7 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     """Encode cfg.data.clips clips once (posterior means); returns latents, captions and the per-channel stats."""
     from safetensors.torch import load_file
 
-    from soragen.data.clips import make_source
     from soragen.model_io import save_file_atomic
-    from soragen.vae import frames_for
 
     captions_path = run.latents.with_suffix(".json")
     digest = _cache_digest(cfg, vae_weights(cfg, run))
@@ -390,25 +388,49 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
             tensors = load_file(str(run.latents))
             return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
         log.warning("latent cache %s was built for another config; rebuilding it", run.latents)
+    z, captions, continues = _encode_cache_clips(cfg, vae, progress, "encode")  # (N, C, K, h, w)
+    save_file_atomic({"latents": z}, run.latents)
+    _write_json(captions_path, {"config_digest": digest, "captions": captions, "continues": continues})
+    return {"latents": z, "captions": captions, "continues": continues}
+
+
+def _encode_cache_clips(cfg: Config, vae, progress: Progress | None, label: str, twin: bool = False
+                        ) -> tuple[torch.Tensor, list[list[str]], list[bool]]:
+    """Draw the latent cache's cfg.data.clips clips (its own random stream, so every cache of a run
+    holds the same clips row for row) and encode each, or with `twin` its shape twin, 16 at a time:
+    posterior means (N, C, K, h, w) float16, the clips' caption variants and `continues` flags."""
+    from soragen.data.clips import make_source
+    from soragen.vae import frames_for
+
     d = cfg.data
     source = make_source(d, (cfg.video.height, cfg.video.width))
     rng = np.random.default_rng([cfg.seed, 1234])
     num_frames = frames_for(d.clip_latent_frames, cfg.vae.temporal_compression)
     latents, captions, continues = [], [], []
-    batch = 16
     with torch.no_grad():
-        for start in range(0, d.clips, batch):
-            clips = [source.sample(rng, num_frames) for _ in range(min(batch, d.clips - start))]
-            mean, _ = vae.encode(_clips_to_tensor([c.frames for c in clips]))  # (b, C, K, h, w)
+        for start in range(0, d.clips, 16):
+            clips = [source.sample(rng, num_frames, twin=True) if twin else source.sample(rng, num_frames)
+                     for _ in range(min(16, d.clips - start))]
+            mean, _ = vae.encode(_clips_to_tensor([c.twin if twin else c.frames for c in clips]))  # (b, C, K, h, w)
             latents.append(mean.half())
             captions += [list(c.captions) for c in clips]
             continues += [c.continues for c in clips]
             if progress:
-                progress("encode", start + len(clips), d.clips, {})
-    z = torch.cat(latents)  # (N, C, K, h, w)
-    save_file_atomic({"latents": z}, run.latents)
-    _write_json(captions_path, {"config_digest": digest, "captions": captions, "continues": continues})
-    return {"latents": z, "captions": captions, "continues": continues}
+                progress(label, start + len(clips), d.clips, {})
+    return torch.cat(latents), captions, continues
+
+
+def _read_cache(path: Path, digest: str, key: str) -> torch.Tensor | None:
+    """Tensor `key` of a cache file written for `digest` (its metadata), else None (missing or stale)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("config_digest") == digest:
+            return handle.get_tensor(key)
+    log.warning("%s was built for another config; rebuilding it", path)
+    return None
 
 
 def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> torch.Tensor:
@@ -418,8 +440,6 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
     pools `shapes.shape_cue` onto the latent grid: the mean over each latent pixel's area, the
     most over the frames of each latent frame (the first latent frame holds frame 0 alone).
     """
-    from safetensors import safe_open
-
     from soragen.data.clips import ShapesSource
     from soragen.model_io import save_file_atomic
     from soragen.vae import frames_for
@@ -428,13 +448,11 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
         raise UserError(f"train.dit.shape_weight needs data.kind: shapes (the renderer knows where shapes show), "
                         f"got data.kind: {cfg.data.kind}")
     digest = _cache_digest(cfg)
-    if run.shape_cues.is_file():
-        with safe_open(str(run.shape_cues), framework="pt") as handle:
-            if (handle.metadata() or {}).get("config_digest") == digest:
-                return handle.get_tensor("cues")
+    if (cues := _read_cache(run.shape_cues, digest, "cues")) is not None:
+        return cues
     d, f, s = cfg.data, cfg.vae.temporal_compression, cfg.vae.spatial_compression
     source = ShapesSource(d)
-    rng = np.random.default_rng([cfg.seed, 1234])  # build_latent_cache's stream
+    rng = np.random.default_rng([cfg.seed, 1234])  # _encode_cache_clips's stream
     num_frames = frames_for(d.clip_latent_frames, f)
     cues = []
     for i in range(d.clips):
@@ -451,35 +469,17 @@ def build_shape_cues(cfg: Config, run: RunFolder, progress: Progress | None) -> 
 
 def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | None) -> torch.Tensor:
     """The shape twin of every cached clip, encoded: (N, C, K, h, w) float16 posterior means, row for
-    row beside the latent cache (its draws replayed, as `build_shape_cues` does, and each scene's twin
-    rendered at the same times: `shapes.shape_twin`)."""
-    from safetensors import safe_open
-
-    from soragen.data.clips import ShapesSource
+    row beside the latent cache (the same draws, each scene's twin rendered at the same times:
+    `shapes.shape_twin`)."""
     from soragen.model_io import save_file_atomic
-    from soragen.vae import frames_for
 
     if cfg.data.kind != "shapes":
         raise UserError(f"train.dit.twin_rows needs data.kind: shapes (the renderer draws each scene's shape twin), "
                         f"got data.kind: {cfg.data.kind}")
     digest = _cache_digest(cfg, vae_weights(cfg, run))
-    if run.twin_latents.is_file():
-        with safe_open(str(run.twin_latents), framework="pt") as handle:
-            if (handle.metadata() or {}).get("config_digest") == digest:
-                return handle.get_tensor("latents")
-        log.warning("twin cache %s was built for another config; rebuilding it", run.twin_latents)
-    d = cfg.data
-    source = ShapesSource(d)
-    rng = np.random.default_rng([cfg.seed, 1234])  # build_latent_cache's stream
-    num_frames = frames_for(d.clip_latent_frames, cfg.vae.temporal_compression)
-    latents = []
-    with torch.no_grad():
-        for start in range(0, d.clips, 16):
-            twins = [source.sample(rng, num_frames, twin=True).twin for _ in range(min(16, d.clips - start))]
-            latents.append(vae.encode(_clips_to_tensor(twins))[0].half())  # (b, C, K, h, w)
-            if progress:
-                progress("encode twins", start + len(twins), d.clips, {})
-    z = torch.cat(latents)
+    if (z := _read_cache(run.twin_latents, digest, "latents")) is not None:
+        return z
+    z, _, _ = _encode_cache_clips(cfg, vae, progress, "encode twins", twin=True)
     save_file_atomic({"latents": z}, run.twin_latents, metadata={"config_digest": digest})
     return z
 
