@@ -1,6 +1,7 @@
 """Install a trained run's model into the package as the built-in model, with its model card.
 
     python scripts/ship_model.py runs/default --replace [--seeds 1]   # replaces the shipped built-in model
+    python scripts/ship_model.py runs/default/base runs/default/tune1 --replace   # phases: the last holds the model
     python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
     python scripts/ship_model.py runs/default --to models/candidate   # not the built-in model: a folder to fine-tune from
 
@@ -8,7 +9,8 @@
 1. copies RUN/model beside the target (DiT and VAE weights stored as float16; the config without
    the run's own paths),
 2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with the copy,
-3. writes the model card (README.md) and PROMPTS.txt into it, and only then renames it into place:
+3. writes the model card (README.md; with several run folders, a line per phase: its steps, wall time and
+   settings beyond configs/default.yaml) and PROMPTS.txt into it, and only then renames it into place:
    src/soragen/weights/shapes (needs --replace when a built-in model is already there), or --to DIR.
 """
 
@@ -50,6 +52,39 @@ def wall_time(metrics: Path) -> dict[str, float]:
     return out
 
 
+def stage_steps(metrics: Path) -> dict[str, int]:
+    """The last logged step of each stage of a run."""
+    out: dict[str, int] = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["stage"]] = max(out.get(rec["stage"], 0), rec["step"])
+    return out
+
+
+def flat(mapping: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def phase_line(run: Path, recipe: dict[str, object]) -> str:
+    """One phase of a multi-run history: the stages it trained, their wall time and its settings beyond the recipe."""
+    from soragen.config import read_yaml
+
+    settings = flat(read_yaml(run / "config.yaml"))
+    steps = stage_steps(run / "metrics.jsonl")
+    times = wall_time(run / "metrics.jsonl")
+    trained = [f"{stage} {n:,} steps ({times.get(stage, 0) / 60:.0f} min)" for stage, n in steps.items()]
+    changed = [f"{key[len('train.'):]}={value}" for key, value in settings.items()
+               if key.startswith("train.") and key != "train.output_dir" and recipe.get(key) != value
+               and any(key.startswith(f"train.{stage}.") for stage in steps) | (key == "train.vae_model")]
+    return f"- Phase `{run.name}`: {', '.join(trained)}; " + (", ".join(changed) or "configs/default.yaml as it is")
+
+
 def to_half(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -65,7 +100,9 @@ def fail(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="run folder of `soragen train` (holds model/)")
+    parser.add_argument("runs", type=Path, nargs="+", metavar="run",
+                        help="run folder of `soragen train` (holds model/); several: the phases in order, the last "
+                             "holding the model")
     parser.add_argument("--seeds", type=int, default=1, help="videos per evaluation prompt")
     parser.add_argument("--model", type=Path, help="model folder to ship (default RUN/model, the finished run)")
     parser.add_argument("--step", type=int, help="DiT step of --model when it is not the finished run")
@@ -75,6 +112,10 @@ def main() -> None:
     parser.add_argument("--replace", action="store_true", help="replace the built-in model that the package ships")
     parser.add_argument("--note", default="", help="a sentence for the card's first paragraph (e.g. what it falls short of)")
     args = parser.parse_args()
+    args.run = args.runs[-1]
+    for run in args.runs:
+        if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
+            fail(f"{run} is not a run folder of `soragen train` (config.yaml and metrics.jsonl are missing)")
     target = args.to.resolve()
     builtin = target == TARGET.resolve()
     model = args.model or args.run / "model"
@@ -117,11 +158,17 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
 
     # 3. Model card.
     cfg = load_config(None, [f"model={tmp}"])
-    times = wall_time(args.run / "metrics.jsonl")
-    gate_path = args.run / "vae" / "gate.json"
-    gate = json.loads(gate_path.read_text()) if gate_path.is_file() else {}
+    times: dict[str, float] = {}
+    for run in args.runs:
+        for stage, seconds in wall_time(run / "metrics.jsonl").items():
+            times[stage] = times.get(stage, 0.0) + seconds
+    gates = [run / "vae" / "gate.json" for run in reversed(args.runs) if (run / "vae" / "gate.json").is_file()]
+    gate = json.loads(gates[0].read_text()) if gates else {}
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*.safetensors")}
     history = f"\n- History: {args.history}." if args.history else ""
+    if len(args.runs) > 1:
+        recipe = flat(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json"))
+        history += "\n" + "\n".join(phase_line(run, recipe) for run in args.runs)
     source = "builtin" if builtin else str(args.to)
     role = ('It is soragen\'s default model: `soragen generate "a large red circle moving right"`.' if builtin
             else "It is not the built-in model.")
@@ -134,6 +181,16 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
         history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
                     f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
                     f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
+    d = cfg.train.dit
+    windows = (f"{d.batch_size} windows of {d.window} latent frames; {d.context_fraction:.0%} of windows with "
+               f"1-{d.max_context} context frames; caption dropout {d.caption_dropout:.0%}")
+    if len(args.runs) > 1:  # the phases' lines below say what each trained
+        steps = f"- DiT + T5: {windows}; in phases, each from the one before (settings as configs/default.yaml but where named):"
+    else:
+        steps = (f"- VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.\n"
+                 f"- DiT + T5: {f'{args.step} of the planned {d.steps}' if args.step else d.steps} steps of {windows}; "
+                 f"EMA {d.ema_decay};\n  timesteps drawn as 1000 * u**(1/{d.timestep_power:g}); {d.frame_noise:.0%} of "
+                 "windows with a timestep per frame.")
     guidance = f"guidance {cfg.sampler.guidance:g}"
     if cfg.sampler.guidance_interval is not None:
         guidance += " at t in [{}, {}] (unguided below)".format(*cfg.sampler.guidance_interval)
@@ -158,9 +215,7 @@ World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`)
 - Data: the Shapes World rendered on the fly; {cfg.data.clips} clips of {1 + cfg.vae.temporal_compression * (cfg.data.clip_latent_frames - 1)} frames encoded once for the DiT,
   {cfg.data.long_fraction:.0%} of them cut from long trajectories (start up to {cfg.data.max_start_seconds:g} s), {cfg.data.chinese_fraction:.0%} of captions in Chinese;
   held-out combinations never rendered.
-- VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.
-- DiT + T5: {f"{args.step} of the planned {cfg.train.dit.steps}" if args.step else cfg.train.dit.steps} steps of {cfg.train.dit.batch_size} windows of {cfg.train.dit.window} latent frames; {cfg.train.dit.context_fraction:.0%} of windows with 1-{cfg.train.dit.max_context} context frames; caption dropout {cfg.train.dit.caption_dropout:.0%}; EMA {cfg.train.dit.ema_decay};
-  timesteps drawn as 1000 * u**(1/{cfg.train.dit.timestep_power:g}); {cfg.train.dit.frame_noise:.0%} of windows with a timestep per frame.{history}
+{steps}{history}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 

@@ -628,17 +628,28 @@ def test_shape_separation_trains_the_vae(tmp_path):
         train_config(TINY + ["train.vae.shape_separation=1", "train.vae.batch_size=4"])
 
 
-def test_vae_init_model_starts_from_a_model_folders_vae(trained, tmp_path):
-    """With a learning rate of 0 the fine-tuned VAE is the model folder's VAE, weight for weight."""
+@pytest.mark.parametrize("kind", ["model folder", "run folder"])
+def test_vae_init_model_starts_from_a_finished_vae(trained, tmp_path, kind):
+    """With a learning rate of 0 the fine-tuned VAE is the given one, weight for weight: a model folder's VAE, or
+    another run's finished VAE stage (scripts/train_default.sh's phases)."""
     from safetensors.torch import load_file
 
-    model = trained[2]
+    folder = trained[2] if kind == "model folder" else trained[1]
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae.lr=0",
-                               f"train.vae.init_model={model}", "train.vae.steps=1"])
+                               f"train.vae.init_model={folder}", "train.vae.steps=1"])
     train(cfg)
     name = "vae/diffusion_pytorch_model.safetensors"
-    source, tuned = load_file(str(model / name)), load_file(str(tmp_path / name))
+    source, tuned = load_file(str(folder / name)), load_file(str(tmp_path / name))
     assert source.keys() == tuned.keys() and all(torch.equal(source[k].float(), tuned[k].float()) for k in source)
+
+
+def test_vae_init_model_needs_a_finished_vae_stage(trained, tmp_path):
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text((trained[1] / "config.yaml").read_text())
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'next'}", "train.stages=[vae]",
+                               f"train.vae.init_model={tmp_path / 'unfinished'}"])
+    with pytest.raises(UserError, match="no finished VAE stage"):
+        train(cfg)
 
 
 def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
@@ -664,7 +675,7 @@ def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
     from safetensors.torch import load_file
 
     from soragen.model_io import WEIGHTS, save_file_atomic
-    from soragen.train import build_latent_cache, load_trained_vae
+    from soragen.train import _cache_digest, build_latent_cache, load_trained_vae
 
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]", "train.vae_gate_clips=0"])
     train(cfg)
@@ -673,6 +684,8 @@ def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
     stamp = run.latents.stat().st_mtime_ns
     build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)
     assert run.latents.stat().st_mtime_ns == stamp  # same weights: reused
+    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"vae_model": "runs/other/model"})})
+    assert _cache_digest(moved, run.vae / WEIGHTS) == _cache_digest(cfg, run.vae / WEIGHTS)  # wherever they are read from
     weights = load_file(str(run.vae / WEIGHTS))
     save_file_atomic({k: v + 0.05 if k.startswith("decoder.") else v for k, v in weights.items()}, run.vae / WEIGHTS)
     build_latent_cache(cfg, run, load_trained_vae(cfg, run), None)

@@ -283,8 +283,9 @@ class VAETrainConfig(_Frozen):
     # takes batch_size / 3 scenes (batch_size a multiple of 3), each with its twin and background. 0 = off.
     shape_separation: float = Field(0.0, ge=0)
     shape_separation_target: float = Field(0.5, gt=0)
-    # Start from the VAE of this model folder (a fine-tune; same vae config) instead of random weights
-    # (train.vae_model instead skips the VAE stage and uses that VAE as it is).
+    # Start from the VAE of this model folder, or of this run folder whose VAE stage has finished (a
+    # fine-tune; same vae config), instead of random weights (train.vae_model instead skips the VAE
+    # stage and uses that VAE as it is).
     init_model: str | None = None
 
     @model_validator(mode="after")

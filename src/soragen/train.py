@@ -278,7 +278,7 @@ def shapes_options_off(cfg: Config) -> Config:
 def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> None:
     """Stage 1: train the VAE on clips of the data source; writes run/vae."""
     from soragen.data.clips import make_source
-    from soragen.model_io import WEIGHTS, load_weights, resolve_model, save_file_atomic
+    from soragen.model_io import WEIGHTS, load_weights, save_file_atomic
     from soragen.vae import VideoVAE
 
     t = cfg.train.vae
@@ -286,7 +286,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
     if t.init_model is not None:
-        load_weights(vae, resolve_model(t.init_model) / "vae" / WEIGHTS)
+        load_weights(vae, _finished_vae(t.init_model))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=t.lr, weight_decay=0.0)
     scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
     vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
@@ -345,6 +345,19 @@ def vae_gate(cfg: Config, vae, clips: int = 96, seconds: float = 4.0) -> dict[st
                 if obj.get(key) is not None:
                     tally.setdefault(key, []).append(bool(obj[key]))
     return {key: float(np.mean(v)) for key, v in tally.items()} | {"clips": clips}
+
+
+def _finished_vae(name: str) -> Path:
+    """train.vae.init_model's weights: a model folder's VAE, or the VAE stage of another run folder."""
+    from soragen.model_io import WEIGHTS, resolve_model
+
+    folder = Path(name).expanduser()
+    if (folder / "config.yaml").is_file() and not (folder / "soragen.yaml").is_file():  # a run folder
+        path = RunFolder(folder).vae / WEIGHTS
+        if not path.is_file():
+            raise UserError(f"train.vae.init_model: the run {folder} has no finished VAE stage ({path} is missing)")
+        return path
+    return resolve_model(name) / "vae" / WEIGHTS
 
 
 def load_trained_vae(cfg: Config, run: RunFolder):
@@ -486,11 +499,12 @@ def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | No
 
 def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
-    VAE encoder's weights (a VAE retrained in the same run folder makes its latent cache stale)."""
+    VAE encoder's weights, wherever they are read from (a VAE retrained in the same run folder makes
+    its latent cache stale; a run on the same VAE as train.vae_model may reuse a copy)."""
     import hashlib
 
     key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
-                      "seed": cfg.seed, "vae_model": cfg.train.vae_model}, sort_keys=True, default=str)
+                      "seed": cfg.seed}, sort_keys=True, default=str)
     if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are
         from safetensors import safe_open
 

@@ -1,0 +1,47 @@
+"""scripts/ship_model.py's card for a model trained in phases: a line per run folder, from what the runs recorded."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from soragen.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ship_model():
+    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(folder: Path, overrides: list[str], steps: dict[str, int]) -> Path:
+    """A run folder as `soragen train` leaves it: its config and one metric line every 25 steps, 2 s apart."""
+    folder.mkdir()
+    cfg = load_config(ROOT / "configs" / "default.yaml", [f"train.output_dir={folder}", *overrides])
+    (folder / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    lines, clock = [], 1000.0
+    for stage, last in steps.items():
+        for step in range(25, last + 1, 25):
+            clock += 2.0
+            lines.append(json.dumps({"stage": stage, "step": step, "time": clock, "loss": 0.1}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_phase_lines_name_the_steps_time_and_settings_beyond_the_recipe(tmp_path):
+    sm = ship_model()
+    recipe = sm.flat(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json"))
+    base = fake_run(tmp_path / "base", ["train.vae.shape_separation=0.3", "train.vae.batch_size=12",
+                                        "train.dit.lr=1e-4"], {"vae": 600, "dit": 3600})
+    tune = fake_run(tmp_path / "tune1", ["train.stages=[dit]", "train.dit.steps=600", "train.dit.twin_rows=4",
+                                         "train.vae.lr=5e-4"], {"dit": 600})
+    line = sm.phase_line(base, recipe)
+    assert line.startswith("- Phase `base`: vae 600 steps (1 min), dit 3,600 steps (5 min); ")
+    assert "vae.shape_separation=0.3" in line and "vae.batch_size=12" in line and "dit.lr=0.0001" in line
+    assert "output_dir" not in line
+    line = sm.phase_line(tune, recipe)
+    assert line.startswith("- Phase `tune1`: dit 600 steps (1 min); ") and "dit.twin_rows=4" in line
+    assert "vae.lr" not in line  # a setting of a stage the phase did not train is not named
+    assert sm.phase_line(fake_run(tmp_path / "plain", [], {"vae": 50}), recipe).endswith("configs/default.yaml as it is")
