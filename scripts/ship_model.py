@@ -1,9 +1,9 @@
 """Install a trained run's model into the package as the built-in model, with its model card.
 
-    python scripts/ship_model.py runs/default --replace [--seeds 1]   # replaces the shipped built-in model
-    python scripts/ship_model.py runs/default/base runs/default/tune1 --replace   # phases: the last holds the model
-    python scripts/ship_model.py runs/default --model runs/default/samples/model --step 3000   # mid-run
-    python scripts/ship_model.py runs/default --to models/candidate   # not the built-in model: a folder to fine-tune from
+    python scripts/ship_model.py runs/mine --replace [--seeds 1]   # replaces the shipped built-in model
+    python scripts/ship_model.py runs/default/{vae-base,base,tune1} --to DIR   # phases in order: the last holds the model
+    python scripts/ship_model.py runs/mine --model runs/mine/samples/model --step 3000   # mid-run (one run only)
+    python scripts/ship_model.py runs/mine --to models/candidate   # not the built-in model: a folder to fine-tune from
 
 
 1. copies RUN/model beside the target (DiT and VAE weights stored as float16; the config without
@@ -71,17 +71,28 @@ def flat(mapping: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def beside(value: object, run: Path) -> object:
+    """A path into a folder beside the run (another phase's) by its name there; any other value as it is."""
+    if isinstance(value, str) and value:
+        path = Path(value).expanduser().resolve()
+        if path.exists() and path.is_relative_to(run.resolve().parent):
+            return path.relative_to(run.resolve().parent).as_posix()
+    return value
+
+
 def phase_line(run: Path, recipe: dict[str, object]) -> str:
-    """One phase of a multi-run history: the stages it trained, their wall time and its settings beyond the recipe."""
+    """One phase of a multi-run history: the stages it trained, their wall time and its settings beyond the
+    recipe (but those of stages it did not train)."""
     from soragen.config import read_yaml
 
     settings = flat(read_yaml(run / "config.yaml"))
     steps = stage_steps(run / "metrics.jsonl")
     times = wall_time(run / "metrics.jsonl")
     trained = [f"{stage} {n:,} steps ({times.get(stage, 0) / 60:.0f} min)" for stage, n in steps.items()]
-    changed = [f"{key[len('train.'):]}={value}" for key, value in settings.items()
-               if key.startswith("train.") and key != "train.output_dir" and recipe.get(key) != value
-               and any(key.startswith(f"train.{stage}.") for stage in steps) | (key == "train.vae_model")]
+    untrained = tuple(f"train.{stage}." for stage in ("vae", "dit", "decoder") if stage not in steps)
+    skip = {"model", "train.output_dir", "train.stages", "vae.latent_mean", "vae.latent_std"}  # where, not how
+    changed = [f"{key.removeprefix('train.')}={beside(value, run)}" for key, value in settings.items()
+               if key not in skip and not key.startswith(untrained) and recipe.get(key) != value]
     return f"- Phase `{run.name}`: {', '.join(trained)}; " + (", ".join(changed) or "configs/default.yaml as it is")
 
 
@@ -114,8 +125,11 @@ def main() -> None:
     args = parser.parse_args()
     args.run = args.runs[-1]
     for run in args.runs:
-        if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
-            fail(f"{run} is not a run folder of `soragen train` (config.yaml and metrics.jsonl are missing)")
+        for name in ("config.yaml", "metrics.jsonl"):
+            if not (run / name).is_file():
+                fail(f"{run} is not a run folder of `soragen train` ({name} is missing)")
+    if args.step is not None and len(args.runs) > 1:
+        fail("--step describes a model taken from the middle of one run; give that run alone")
     target = args.to.resolve()
     builtin = target == TARGET.resolve()
     model = args.model or args.run / "model"
@@ -162,13 +176,15 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     for run in args.runs:
         for stage, seconds in wall_time(run / "metrics.jsonl").items():
             times[stage] = times.get(stage, 0.0) + seconds
-    gates = [run / "vae" / "gate.json" for run in reversed(args.runs) if (run / "vae" / "gate.json").is_file()]
-    gate = json.loads(gates[0].read_text()) if gates else {}
+    vaes = [run / "vae" for run in args.runs if (run / "vae" / WEIGHTS).is_file()]  # the newest trained the model's VAE
+    gate_path = vaes[-1] / "gate.json" if vaes else None
+    gate = json.loads(gate_path.read_text()) if gate_path is not None and gate_path.is_file() else {}
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*.safetensors")}
-    history = f"\n- History: {args.history}." if args.history else ""
+    history = ""
     if len(args.runs) > 1:
         recipe = flat(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json"))
-        history += "\n" + "\n".join(phase_line(run, recipe) for run in args.runs)
+        history = "\n" + "\n".join(phase_line(run, recipe) for run in args.runs)
+    history += f"\n- History: {args.history}." if args.history else ""
     source = "builtin" if builtin else str(args.to)
     role = ('It is soragen\'s default model: `soragen generate "a large red circle moving right"`.' if builtin
             else "It is not the built-in model.")
@@ -184,13 +200,15 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     d = cfg.train.dit
     windows = (f"{d.batch_size} windows of {d.window} latent frames; {d.context_fraction:.0%} of windows with "
                f"1-{d.max_context} context frames; caption dropout {d.caption_dropout:.0%}")
+    timesteps = (f"timesteps drawn as 1000 * u**(1/{d.timestep_power:g}); {d.frame_noise:.0%} of windows with a "
+                 "timestep per frame")
     if len(args.runs) > 1:  # the phases' lines below say what each trained
-        steps = f"- DiT + T5: {windows}; in phases, each from the one before (settings as configs/default.yaml but where named):"
+        steps = (f"- DiT + T5: {windows};\n  {timesteps}. In phases, each from the one before, with the settings of "
+                 "configs/default.yaml but those named (for the stages each trained):")
     else:
         steps = (f"- VAE: {cfg.train.vae.steps} steps of {cfg.train.vae.batch_size} clips of {cfg.train.vae.clip_frames} frames.\n"
                  f"- DiT + T5: {f'{args.step} of the planned {d.steps}' if args.step else d.steps} steps of {windows}; "
-                 f"EMA {d.ema_decay};\n  timesteps drawn as 1000 * u**(1/{d.timestep_power:g}); {d.frame_noise:.0%} of "
-                 "windows with a timestep per frame.")
+                 f"EMA {d.ema_decay};\n  {timesteps}.")
     guidance = f"guidance {cfg.sampler.guidance:g}"
     if cfg.sampler.guidance_interval is not None:
         guidance += " at t in [{}, {}] (unguided below)".format(*cfg.sampler.guidance_interval)

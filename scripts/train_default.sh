@@ -1,20 +1,61 @@
 #!/usr/bin/env bash
-# Train the built-in model's recipe from nothing on a CPU: train (VAE, then DiT + T5),
-# evaluate, and install the model folder with its card as runs/default/candidate. Compare
-# its card with src/soragen/weights/shapes/README.md, and replace the shipped built-in
-# model with it by `python scripts/ship_model.py runs/default --replace`.
-# Re-running continues an interrupted run from its newest checkpoint.
+# Train the built-in model's recipe from nothing on a CPU, phase by phase, each phase a `soragen train`
+# run in its own folder under runs/default that starts from the one before; then evaluate and install
+# the model folder with its card as runs/default/candidate. Compare its card with
+# src/soragen/weights/shapes/README.md, and replace the shipped built-in model with it by the same
+# ship_model.py line with --replace instead of --to.
+# Re-running continues an interrupted phase from its newest checkpoint and skips finished ones.
 #   bash scripts/train_default.sh            # runs/default
 #
-# One phase on configs/default.yaml. On 2 cores (session 23, the linear layers on oneDNN): VAE
-# 2,000 steps (18 min in run ve4, session 16; not re-timed since), latent cache (~4 min) and DiT steps with
-# self-conditioning, 3,000 at ~1.27 s and 600 more with the direction contrast at ~1.55 s
-# (run nc1: 81 min): about 1.8 h in all. The recipe's levers were found as fine-tunes of
-# earlier runs (docs/training-log.md, sessions 3-17); the shipped model (run sc2) is this
-# recipe's earlier form with two fine-tunes, as its card says.
+# The phases (the shipped model's lineage; docs/training-log.md, sessions 17-25), with their times on 2 cores:
+#   vae-base  the VAE stage of configs/default.yaml: 2,000 steps (~20 min)
+#   base      that VAE fine-tuned to part squares and circles in its latents (train.vae.shape_separation,
+#             600 steps, ~7 min), then the DiT stage of configs/default.yaml on its latents: latent cache
+#             (~4 min), 3,600 steps, the direction contrast from step 3,000 (~80 min)
+#   tune1     600 steps at lr 1.5e-4 with the direction contrast and twin rows (train.dit.twin_rows: windows
+#             noised from their shape twin; its cache ~3 min) (~15 min)
+#   tune2     1,200 more steps as tune1 (~30 min)
+#   cool1     600 steps at lr 8e-5, EMA 0.995 (~16 min)
+#   cool2     800 steps at lr 5e-5 (~21 min)
+# About 3.5 h in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=runs/default
-if [ -d "$run" ]; then resume=(--resume); else resume=(); fi
-soragen train --config configs/default.yaml --set "train.output_dir=$run" "${resume[@]}"
-python scripts/ship_model.py "$run" --to "$run/candidate" --history "one phase (scripts/train_default.sh): configs/default.yaml from step 0"
+
+# soragen train for one phase in runs/default/NAME: skipped when finished, continued (--resume) when begun.
+phase() {
+  local name=$1; shift
+  if [ ! -f "$run/$name/model/soragen.yaml" ]; then
+    soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@"
+  fi
+}
+
+# A DiT phase from the phase before, on the base phase's VAE. The latent caches are copied from the phase
+# before (under a temporary name, then renamed: an interrupted copy is never taken for a cache), not encoded again.
+tune() {
+  local name=$1 from=$2 cache; shift 2
+  [ -f "$run/$name/model/soragen.yaml" ] && return 0
+  mkdir -p "$run/$name"
+  for cache in latents.safetensors latents.json twin_latents.safetensors; do
+    if [ -f "$run/$from/$cache" ] && [ ! -f "$run/$name/$cache" ]; then
+      cp "$run/$from/$cache" "$run/$name/$cache.part" && mv "$run/$name/$cache.part" "$run/$name/$cache"
+    fi
+  done
+  phase "$name" --set 'train.stages=[dit]' --set "train.vae_model=$run/base/model" \
+    --set "train.dit.init_model=$run/$from/model" --set train.dit.contrast_from=0 --set train.dit.twin_rows=4 "$@"
+}
+
+if [ ! -f "$run/vae-base/vae/diffusion_pytorch_model.safetensors" ]; then
+  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/vae-base" --set 'train.stages=[vae]'
+fi
+phase base --set "train.vae.init_model=$run/vae-base" --set train.vae.shape_separation=0.3 \
+  --set train.vae.batch_size=12 --set train.vae.lr=3e-4 --set train.vae.steps=600
+tune tune1 base --set train.dit.steps=600 --set train.dit.lr=1.5e-4 --set train.dit.text_lr=4e-4 \
+  --set train.dit.warmup=40 --set train.dit.ema_decay=0.998
+tune tune2 tune1 --set train.dit.steps=1200 --set train.dit.lr=1.5e-4 --set train.dit.text_lr=4e-4 \
+  --set train.dit.warmup=40 --set train.dit.ema_decay=0.998
+tune cool1 tune2 --set train.dit.steps=600 --set train.dit.lr=8e-5 --set train.dit.text_lr=2e-4 \
+  --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
+tune cool2 cool1 --set train.dit.steps=800 --set train.dit.lr=5e-5 --set train.dit.text_lr=1.2e-4 \
+  --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
+python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2} --to "$run/candidate"
