@@ -82,6 +82,7 @@ def test_eval_keeps_an_earlier_evaluation(tmp_path, tiny_yaml, capsys):
     (["--seconds", "100000"], "--seconds must be above 0 and at most 600"),
     (["--seconds", "nan"], "--seconds must be above 0 and at most 600"),
     (["--chinese", "2"], "--chinese is a share of the captions, between 0 and 1"),
+    (["--two-objects", "-0.5"], "--two-objects is a share of the scenes, between 0 and 1"),
     (["--num", "0"], "--num must be >= 1"),
 ])
 def test_dataset_request_checked_first(tmp_path, capsys, extra, message):

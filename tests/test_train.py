@@ -709,6 +709,17 @@ def test_latent_cache_is_rebuilt_when_the_runs_vae_is_retrained(tmp_path):
     assert torch.equal(second, load_file(str(run.latents))["latents"])
 
 
+def test_two_object_fraction_makes_its_own_latent_cache(tmp_path):
+    """A cache built with the world's 50/50 draw is not read for another share of two-object scenes."""
+    from soragen.train import _cache_digest
+
+    base = train_config(TINY)
+    assert _cache_digest(base) == _cache_digest(train_config(TINY + ["data.two_object_fraction=0.5"]))
+    assert _cache_digest(base) != _cache_digest(train_config(TINY + ["data.two_object_fraction=0.8"]))
+    with pytest.raises(UserError, match="two_object_fraction"):
+        train_config(TINY + ["data.two_object_fraction=1.5"])
+
+
 def test_long_training_captions_reported_once(tmp_path, caplog):
     """Captions longer than text_encoder.max_length: one warning for the run, not one per caption per batch."""
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "text_encoder.max_length=6", "train.stages=[vae,dit]"])

@@ -384,12 +384,13 @@ def dataset_shapes(
     seed: Annotated[int, typer.Option(help="Seed of the scenes and captions.")] = 0,
     held_out: Annotated[bool, typer.Option("--held-out", help="Only scenes with held-out combinations (for evaluation).")] = False,
     chinese: Annotated[float, typer.Option(help="Share of captions in Chinese.")] = 0.0,
+    two_objects: Annotated[float, typer.Option("--two-objects", help="Share of scenes with two objects.")] = 0.5,
 ) -> None:
     """Render a Shapes World dataset (the world the built-in model learns): lossless videos plus manifest.jsonl."""
     from soragen.data.clips import MANIFEST, check_dataset_request, write_shapes_dataset
     from soragen.video_io import check_can_hold
 
-    check_dataset_request(num, seconds, chinese)
+    check_dataset_request(num, seconds, chinese, two_objects)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for videos/ and manifest.jsonl")
     check_can_hold(out, out, "--out")
@@ -398,6 +399,7 @@ def dataset_shapes(
     with _progress() as progress:
         task = progress.add_task("rendering", total=num)
         manifest = write_shapes_dataset(out, num, seconds, seed, held_out=held_out, chinese_fraction=chinese,
+                                        two_objects=two_objects,
                                         on_item=lambda i: progress.update(task, completed=i + 1))
     typer.echo(f"wrote {num} clips and {manifest}")
 

@@ -262,6 +262,7 @@ class DataConfig(_Frozen):
     long_fraction: float = 0.3  # shapes: share of clips cut from long trajectories (start time > 0)
     max_start_seconds: float = 60.0  # shapes: latest start time of such a clip
     chinese_fraction: float = 0.0  # shapes: share of captions in Chinese
+    two_object_fraction: float = Field(0.5, ge=0, le=1)  # shapes: share of scenes with two objects (WORLD.md: one or two)
 
 
 class VAETrainConfig(_Frozen):

@@ -500,10 +500,12 @@ def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | No
 def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
     VAE encoder's weights, wherever they are read from (a VAE retrained in the same run folder makes
-    its latent cache stale; a run on the same VAE as train.vae_model may reuse a copy)."""
+    its latent cache stale; a run on the same VAE as train.vae_model may reuse a copy). A setting added
+    later is left out at its default, which draws what was drawn before it, so older caches stay valid."""
     import hashlib
 
-    key = json.dumps({"data": cfg.data.model_dump(), "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
+    data = cfg.data.model_dump(exclude={"two_object_fraction"} if cfg.data.two_object_fraction == 0.5 else set())
+    key = json.dumps({"data": data, "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed}, sort_keys=True, default=str)
     if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are
         from safetensors import safe_open

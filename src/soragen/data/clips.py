@@ -47,7 +47,7 @@ class ShapesSource:
         from soragen.data import shapes
 
         long = rng.random() < self.cfg.long_fraction
-        scene = shapes.sample_scene(rng)
+        scene = shapes.sample_scene(rng, two_objects=self.cfg.two_object_fraction)
         return scene, float(rng.uniform(0.0, self.cfg.max_start_seconds)) if long else 0.0
 
     def sample(self, rng: np.random.Generator, num_frames: int, *, shape_cue: bool = False, twin: bool = False) -> Clip:
@@ -173,7 +173,7 @@ def write_lossless(path: Path, frames: np.ndarray, fps: int) -> None:
 MAX_CLIP_SECONDS = 600.0  # a clip is rendered whole in memory: 10 min of 64x64 frames is 59 MB
 
 
-def check_dataset_request(num: int, seconds: float, chinese_fraction: float) -> None:
+def check_dataset_request(num: int, seconds: float, chinese_fraction: float, two_objects: float = 0.5) -> None:
     """Raise a UserError for a dataset request that cannot be rendered."""
     if num < 1:
         raise UserError(f"--num must be >= 1, got {num}")
@@ -181,24 +181,26 @@ def check_dataset_request(num: int, seconds: float, chinese_fraction: float) -> 
         raise UserError(f"--seconds must be above 0 and at most {MAX_CLIP_SECONDS:g}, got {seconds}")
     if not 0 <= chinese_fraction <= 1:
         raise UserError(f"--chinese is a share of the captions, between 0 and 1; got {chinese_fraction}")
+    if not 0 <= two_objects <= 1:
+        raise UserError(f"--two-objects is a share of the scenes, between 0 and 1; got {two_objects}")
 
 
 def write_shapes_dataset(
     out: Path, num: int, seconds: float, seed: int, *, held_out: bool = False, chinese_fraction: float = 0.0,
-    on_item: Callable[[int], None] | None = None,
+    two_objects: float = 0.5, on_item: Callable[[int], None] | None = None,
 ) -> Path:
     """Render `num` Shapes World clips into `out`/videos and write `out`/manifest.jsonl; returns the manifest."""
     from soragen.data import shapes
     from soragen.video_io import temporary_path
 
-    check_dataset_request(num, seconds, chinese_fraction)
+    check_dataset_request(num, seconds, chinese_fraction, two_objects)
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     num_frames = max(1, round(seconds * shapes.FPS))
     records = []
     for i in range(num):
-        scene = shapes.sample_scene(rng, held_out=held_out)
+        scene = shapes.sample_scene(rng, held_out=held_out, two_objects=two_objects)
         language = "zh" if rng.random() < chinese_fraction else "en"
         text = shapes.caption(scene, rng, language=language)
         rel = f"videos/{i:06d}.mp4"

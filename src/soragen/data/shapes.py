@@ -347,9 +347,13 @@ def _held_out_attrs(rng) -> tuple[str, str, str, str]:
     return ("magenta", SHAPES[rng.integers(3)], ("small", "large")[rng.integers(2)], "down")
 
 
-def sample_scene(rng: np.random.Generator, *, held_out: bool = False) -> Scene:
-    """A random scene; held_out=True makes at least one object a held-out combination."""
-    n = 1 + int(rng.integers(2))
+def sample_scene(rng: np.random.Generator, *, held_out: bool = False, two_objects: float = 0.5) -> Scene:
+    """A random scene; held_out=True makes at least one object a held-out combination, and
+    `two_objects` is the chance of a second object (at 0.5 the draw of every earlier version,
+    so a seed gives the scenes it always gave)."""
+    if not 0 <= two_objects <= 1:
+        raise ValueError(f"two_objects is a probability between 0 and 1, got {two_objects!r}")
+    n = 1 + int(rng.integers(2)) if two_objects == 0.5 else 1 + int(rng.random() < two_objects)
     wall = bool(rng.random() < 0.5)
     attrs: list[tuple[str, str, str, str]] = []
     if held_out:
