@@ -287,6 +287,20 @@ def test_parse_synonyms_case_and_whitespace():
     assert S.parse_caption("一个青色的正方形向下移动") == ([ObjectSpec("cyan", "square", None, "down")], False)
 
 
+def test_object_spans_cover_each_objects_words():
+    rng = np.random.default_rng(7)
+    for i in range(300):
+        text = S.caption(S.sample_scene(rng), rng, language=("en", "zh")[i % 2])
+        specs, _ = S.parse_caption(text)
+        spans = S.object_spans(text)
+        assert [spec for _, _, spec in spans] == specs
+        for lo, hi, spec in spans:  # each span is one whole object, as the parser reads it alone
+            assert S.parse_caption(text[lo:hi])[0] == [spec]
+    text = "a small blue box bouncing and a yellow triangle moving to the left behind a gray wall"
+    assert [text[lo:hi] for lo, hi, _ in S.object_spans(text)] == ["a small blue box bouncing",
+                                                                    "a yellow triangle moving to the left"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

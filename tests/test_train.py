@@ -660,15 +660,15 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
     cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
                                "train.vae.batch_size=3", "train.dit.shape_weight=5", "train.dit.twin_rows=2",
-                               "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+                               "train.dit.text_binding=0.5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)
-    assert all(f"{option} is off" in caplog.text
-               for option in ("train.vae.shape_separation", "train.dit.shape_weight", "train.dit.twin_rows"))
+    assert all(f"{option} is off" in caplog.text for option in ("train.vae.shape_separation", "train.dit.shape_weight",
+                                                                "train.dit.twin_rows", "train.dit.text_binding"))
     run = RunFolder(tmp_path / "run")
     assert run.model.is_dir() and not run.shape_cues.exists() and not run.twin_latents.exists()
     recorded = (tmp_path / "run" / "config.yaml").read_text()
-    assert all(f"{key}: 0" in recorded for key in ("shape_separation", "shape_weight", "twin_rows"))  # what the run did
+    assert all(f"{key}: 0" in recorded for key in ("shape_separation", "shape_weight", "twin_rows", "text_binding"))  # what the run did
 
 
 def test_a_phase_on_another_runs_vae_reuses_its_copied_latent_cache(trained, tmp_path):
@@ -718,6 +718,50 @@ def test_two_object_fraction_makes_its_own_latent_cache(tmp_path):
     assert _cache_digest(base) != _cache_digest(train_config(TINY + ["data.two_object_fraction=0.8"]))
     with pytest.raises(UserError, match="two_object_fraction"):
         train_config(TINY + ["data.two_object_fraction=1.5"])
+
+
+def test_binding_probe_labels_each_token_with_its_objects_attributes():
+    from soragen.data import shapes
+    from soragen.text_encoder import word_tokenizer
+    from soragen.train import BindingProbe
+
+    tokenizer, probe = word_tokenizer(shapes.vocabulary_corpus(50)), BindingProbe(8)
+    prompts = ["a small blue box bouncing and a yellow triangle moving to the left behind a gray wall", "",
+               "一个红色的大圆向右移动"]
+    labels = probe.labels(tokenizer, prompts, 24)
+    words = tokenizer.convert_ids_to_tokens(tokenizer(prompts[0])["input_ids"])
+    named = {w: tuple(probe.names[k][int(c)] if c >= 0 else None for k, c in enumerate(row))
+             for w, row in zip(words, labels[0]) if w not in ("a",)}
+    assert named["box"] == named["small"] == named["bouncing"] == ("blue", "square", "small", "bouncing")
+    assert named["triangle"] == named["left"] == ("yellow", "triangle", None, "left")
+    assert named["and"] == named["wall"] == named["</s>"] == (None,) * 4  # words of no object
+    assert (labels[1] == -100).all()
+    assert (labels[2, :11] == torch.tensor([0, 0, 1, 1])).all() and (labels[2, 11:] == -100).all()  # 11 characters
+
+
+def test_text_binding_trains_a_probe_that_is_checkpointed_not_shipped(tmp_path):
+    """train.dit.text_binding: its metrics are logged, its probe is in the checkpoints (a resume reads it
+    back) and not in the model folder."""
+    from safetensors.torch import load_file
+
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.text_binding=0.5", "train.dit.stop_after=2"])
+    train(cfg)
+    state = RunFolder(tmp_path).latest("dit") / "state"
+    assert set(load_file(str(state / "model_2.safetensors"))) == {"proj.weight", "proj.bias"}
+    more = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.text_binding=0.5"])
+    assert train(more, resume=True) == tmp_path / "model"
+    lines = [json.loads(line) for line in RunFolder(tmp_path).metrics.read_text().splitlines()]
+    assert all(0 <= r["binding_acc"] <= 1 and r["binding"] > 0 for r in lines if r["stage"] == "dit" and "loss" in r)
+    shipped = [k for f in (tmp_path / "model").rglob("*.safetensors") for k in load_file(str(f))]
+    assert shipped and "proj.weight" not in shipped  # the probe's own name; the DiT's layers are prefixed
+
+
+def test_text_binding_needs_a_trainable_text_encoder(tmp_path):
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.text_binding=0.5",
+                               "text_encoder.trainable=false"])
+    with pytest.raises(UserError, match="text_binding trains the small T5"):
+        train(cfg)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_long_training_captions_reported_once(tmp_path, caplog):

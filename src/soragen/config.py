@@ -362,6 +362,13 @@ class DiTTrainConfig(_Frozen):
     # 0 rows = off.
     twin_rows: int = Field(0, ge=0)
     twin_t: tuple[int, int] = (30, 300)
+    # Text binding (Shapes World captions): a linear probe on the small T5's output tokens (training
+    # only, not shipped) must read from each token of an object's words that object's colour, shape,
+    # size (named or not) and motion; the loss adds text_binding * its cross-entropy. The T5 trained by
+    # the DiT's loss alone encoded each word by itself and its place (a word changed by 0.1% when the
+    # other object's words were swapped: docs/training-log.md, session 26), so "square" did not say
+    # which colour it was, and a caption of two objects was a bag of attributes. 0 = off.
+    text_binding: float = Field(0.0, ge=0)
 
     @field_validator("shape_contrast_t", "twin_t")
     @classmethod

@@ -266,12 +266,14 @@ def shapes_options_off(cfg: Config) -> Config:
     vae, dit = cfg.train.vae, cfg.train.dit
     for option, value, why in (("train.vae.shape_separation", vae.shape_separation, "it renders each scene's shape twin"),
                                ("train.dit.shape_weight", dit.shape_weight, "the renderer knows where shapes show"),
-                               ("train.dit.twin_rows", dit.twin_rows, "it renders each clip's shape twin")):
+                               ("train.dit.twin_rows", dit.twin_rows, "it renders each clip's shape twin"),
+                               ("train.dit.text_binding", dit.text_binding, "it reads each caption's objects")):
         if value > 0:
             log.warning("%s is off for this run: %s, so it needs data.kind: shapes (this run has data.kind: %s)",
                         option, why, cfg.data.kind)
     train = cfg.train.model_copy(update={"vae": vae.model_copy(update={"shape_separation": 0.0}),
-                                         "dit": dit.model_copy(update={"shape_weight": 0.0, "twin_rows": 0})})
+                                         "dit": dit.model_copy(update={"shape_weight": 0.0, "twin_rows": 0,
+                                                                       "text_binding": 0.0})})
     return cfg.model_copy(update={"train": train})
 
 
@@ -616,6 +618,48 @@ def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_t
     return SwappedCaptions(torch.tensor(rows), *text_encoder(texts), torch.tensor(ranges)), groups
 
 
+class BindingProbe(torch.nn.Module):
+    """train.dit.text_binding: reads, from each text token, the colour, shape, size and motion of the
+    object whose words it belongs to (a linear map; trained with the run, never shipped)."""
+
+    def __init__(self, dim: int):
+        from soragen.data import shapes
+
+        super().__init__()
+        self.names = [list(shapes.PALETTE), list(shapes.SHAPES), ["small", "large", None], list(shapes.MOTIONS)]
+        self.proj = torch.nn.Linear(dim, sum(len(n) for n in self.names))
+
+    def labels(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+        """(B, L, 4) class of each token's object per attribute; -100 for tokens of no object (the
+        padding, </s>, " and ", the wall phrase, an empty prompt)."""
+        from soragen.data.shapes import object_spans
+
+        batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
+                          return_offsets_mapping=True)
+        out = torch.full((len(prompts), max_length, len(self.names)), -100, dtype=torch.long)
+        for i, (prompt, offsets) in enumerate(zip(prompts, batch["offset_mapping"])):
+            spans = object_spans(prompt) if prompt else []
+            for j, (start, end) in enumerate(offsets):
+                for lo, hi, spec in spans:
+                    if end > start and lo <= start < hi:
+                        values = (spec.colour, spec.shape, spec.size, spec.motion)
+                        out[i, j] = torch.tensor([names.index(v) for names, v in zip(self.names, values)])
+        return out
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy over the attributes and the labelled tokens, and the share read right."""
+        logits = self.proj(tokens).split([len(n) for n in self.names], dim=-1)
+        loss, right, total = tokens.new_zeros(()), 0, 0
+        for k, part in enumerate(logits):
+            target = labels[..., k].to(tokens.device)
+            known = target >= 0
+            if known.any():
+                loss = loss + F.cross_entropy(part[known], target[known]) / len(logits)
+                right += int((part[known].argmax(-1) == target[known]).sum())
+                total += int(known.sum())
+        return loss, right / max(total, 1)
+
+
 def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
@@ -813,11 +857,17 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if train_text:
         params.append({"params": list(text_encoder.t5.parameters()), "lr": t.text_lr})
     trained = [p for g in params for p in g["params"]]  # what the EMA follows
+    probe = None
+    if t.text_binding > 0:
+        probe = BindingProbe(text_encoder.dim)
+        params.append({"params": list(probe.parameters()), "lr": t.text_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=0.0, betas=(0.9, 0.99))
     lr_sched = _cosine(optimizer, warmup=t.warmup, total=t.steps)
     dit, optimizer, lr_sched = acc.prepare(dit, optimizer, lr_sched)
     if train_text:
         text_encoder = acc.prepare(text_encoder)
+    if probe is not None:
+        probe = acc.prepare(probe)  # after the text encoder: its weights are the checkpoint's third model
     ema = EMAModel(trained, decay=t.ema_decay, use_ema_warmup=True, power=0.75)
     noise_sched = DDPMScheduler.from_config(make_scheduler(cfg.sampler.model_copy(update={"kind": "ddpm"})).config)
 
@@ -866,6 +916,11 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         if step >= t.contrast_from:
             swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
         metrics, twin = {}, None
+        if probe is not None:
+            labels = acc.unwrap_model(probe).labels(acc.unwrap_model(text_encoder).tokenizer, prompts,
+                                                     text.shape[1])
+            binding, metrics["binding_acc"] = probe(text, labels)
+            metrics["binding"] = binding.item()
         if twins is not None:
             taken = swapped.rows.tolist() if swapped is not None else []
             twin = twin_inputs(twins, idx, starts, t.window, prompts, n_ctx, t.twin_rows, t.twin_t, skip=taken)
@@ -883,6 +938,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
                 loss = loss + weight * contrast[part].mean()
                 prefix = "" if name == "direction" else f"{name}_"  # the direction contrast keeps its metric names
                 metrics |= {f"{prefix}contrast": contrast[part].mean().item(), f"{prefix}swap_gap": gap[part].mean().item()}
+        if probe is not None:
+            loss = loss + t.text_binding * binding
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(trained, 1.0)
@@ -1059,6 +1116,10 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         torch.set_num_threads(cfg.train.threads)
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
+    if cfg.train.dit.text_binding > 0 and "dit" in cfg.train.stages and (
+            cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
+        raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: true "
+                        "and no text_encoder.pretrained (or set train.dit.text_binding=0)")
     run = RunFolder(Path(cfg.train.output_dir))
     # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
     # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.

@@ -524,6 +524,23 @@ def parse_caption(text: str) -> tuple[list[ObjectSpec], bool]:
     return specs, wall
 
 
+def object_spans(text: str) -> list[tuple[int, int, ObjectSpec]]:
+    """Where each object of a caption is written: (start, end, spec) character spans of `text`
+    (the words of the wall phrase and of " and " / 和 belong to no object)."""
+    specs, wall = parse_caption(text)
+    body = text.rstrip()
+    if wall:
+        for suffix in (_ZH_WALL, _EN_WALL, " behind a grey wall"):
+            if body.lower().endswith(suffix):
+                body = body[: -len(suffix)]
+                break
+    cut = body.find("和") if re.search(r"[\u4e00-\u9fff]", body) else body.lower().find(" and ")
+    if len(specs) == 1:
+        return [(0, len(body), specs[0])]
+    gap = 1 if body[cut] == "和" else len(" and ")
+    return [(0, cut, specs[0]), (cut + gap, len(body), specs[1])]
+
+
 def scene_from_caption(text: str, rng: np.random.Generator) -> Scene:
     """A random scene matching `text` (omitted size: either, but a cyan square is small)."""
     specs, wall = parse_caption(text)
