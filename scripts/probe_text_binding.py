@@ -32,8 +32,7 @@ def swapped(text: str, what: str) -> str | None:
         return None
     words = text.split()
     cut = words.index("and")
-    names = {"colour": set(shapes.PALETTE), "shape": {"circle", "ball", "square", "box", "triangle"},
-             "motion": {"left", "right", "up", "down", "bouncing"}}[what]
+    names = {"colour": set(shapes.PALETTE), "shape": set(shapes._EN_SHAPE_WORDS), "motion": set(shapes.MOTIONS)}[what]
     i = next(k for k in range(cut) if words[k] in names)
     j = next(k for k in range(cut + 1, len(words)) if words[k] in names)
     if what == "motion" and (words[i] == "bouncing") != (words[j] == "bouncing"):

@@ -638,12 +638,13 @@ class BindingProbe(torch.nn.Module):
                           return_offsets_mapping=True)
         out = torch.full((len(prompts), max_length, len(self.names)), -100, dtype=torch.long)
         for i, (prompt, offsets) in enumerate(zip(prompts, batch["offset_mapping"])):
-            spans = object_spans(prompt) if prompt else []
+            spans = [(lo, hi, torch.tensor([names.index(v) for names, v in
+                                            zip(self.names, (spec.colour, spec.shape, spec.size, spec.motion))]))
+                     for lo, hi, spec in (object_spans(prompt) if prompt else [])]
             for j, (start, end) in enumerate(offsets):
-                for lo, hi, spec in spans:
+                for lo, hi, classes in spans:
                     if end > start and lo <= start < hi:
-                        values = (spec.colour, spec.shape, spec.size, spec.motion)
-                        out[i, j] = torch.tensor([names.index(v) for names, v in zip(self.names, values)])
+                        out[i, j] = classes
         return out
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:

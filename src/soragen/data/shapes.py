@@ -376,6 +376,7 @@ _ZH_MOTIONS = {"left": "向左移动", "right": "向右移动", "up": "向上移
 _ZH_WALL = "在灰色墙后面"
 _EN_SHAPES = {"circle": ("circle", "ball"), "square": ("square", "box"), "triangle": ("triangle",)}
 _EN_WALL = " behind a gray wall"
+_EN_WALLS = (_EN_WALL, " behind a grey wall")  # what the parser reads as the wall
 LANGUAGES = ("en", "zh")
 
 
@@ -512,7 +513,7 @@ def parse_caption(text: str) -> tuple[list[ObjectSpec], bool]:
         parts, parse = body.split("和"), _parse_object_zh
     else:
         wall = False
-        for suffix in (_EN_WALL, " behind a grey wall"):
+        for suffix in _EN_WALLS:
             if s.endswith(suffix):
                 wall, s = True, s[: -len(suffix)]
         parts, parse = s.split(" and "), _parse_object_en
@@ -530,7 +531,7 @@ def object_spans(text: str) -> list[tuple[int, int, ObjectSpec]]:
     specs, wall = parse_caption(text)
     body = text.rstrip()
     if wall:
-        for suffix in (_ZH_WALL, _EN_WALL, " behind a grey wall"):
+        for suffix in (_ZH_WALL, *_EN_WALLS):
             if body.lower().endswith(suffix):
                 body = body[: -len(suffix)]
                 break
