@@ -739,6 +739,18 @@ def test_binding_probe_labels_each_token_with_its_objects_attributes():
     assert (labels[2, :11] == torch.tensor([0, 0, 1, 1])).all() and (labels[2, 11:] == -100).all()  # 11 characters
 
 
+def test_binding_probe_keeps_a_gradient_when_no_caption_names_an_object():
+    """Every caption of a batch dropped: the loss is zero, but the probe is still in the graph (a
+    multi-process run reduces a gradient for every parameter on every step)."""
+    from soragen.train import BindingProbe
+
+    probe = BindingProbe(8)
+    loss, accuracy = probe(torch.randn(2, 5, 8), torch.full((2, 5, 4), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and accuracy == 0.0
+    assert all(p.grad is not None and (p.grad == 0).all() for p in probe.parameters())
+
+
 def test_text_binding_trains_a_probe_that_is_checkpointed_not_shipped(tmp_path):
     """train.dit.text_binding: its metrics are logged, its probe is in the checkpoints (a resume reads it
     back) and not in the model folder."""
