@@ -86,3 +86,16 @@ def test_the_second_process_moves_the_weights(two_processes):
     one_dit = run_alone(root, "alone-dit", dit_only)
     for part in ("transformer", "text_encoder"):
         assert largest_difference(root / "ddp-dit" / "model", one_dit, part) > 1e-4, part
+
+
+def test_two_processes_train_the_binding_probe_on_batches_without_object_words(two_processes):
+    """train.dit.text_binding under DDP with 90% of captions dropped: on some steps one process's batch has no
+    word of an object while the other's has, and both must still reduce a gradient for the probe's weights
+    (before the fix, process 1 died here with a gloo read error)."""
+    root, _ = two_processes
+    overrides = ["train.stages=[dit]", f"train.vae_model={root / 'first-model'}", f"train.output_dir={root / 'ddp-bind'}",
+                 "train.dit.text_binding=0.5", "train.dit.caption_dropout=0.9"]
+    run = launch_train(["--config", "tiny.yaml", *[a for o in overrides for a in ("--set", o)]], root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (root / "ddp-bind" / "model" / "transformer").is_dir()
+    assert sorted(p.name for p in (root / "ddp-bind" / "checkpoints").glob("dit-*"))[-1] == "dit-0000004"
