@@ -377,6 +377,7 @@ _ZH_WALL = "在灰色墙后面"
 _EN_SHAPES = {"circle": ("circle", "ball"), "square": ("square", "box"), "triangle": ("triangle",)}
 _EN_WALL = " behind a gray wall"
 _EN_WALLS = (_EN_WALL, " behind a grey wall")  # what the parser reads as the wall
+_HAN = re.compile(r"[\u4e00-\u9fff]")  # a Chinese caption holds Han characters
 LANGUAGES = ("en", "zh")
 
 
@@ -506,7 +507,7 @@ def parse_caption(text: str) -> tuple[list[ObjectSpec], bool]:
     if not isinstance(text, str):
         raise ValueError(f"caption must be a string, got {type(text).__name__}")
     s = " ".join(text.strip().lower().split())
-    if re.search(r"[\u4e00-\u9fff]", s):
+    if _HAN.search(s):
         s = s.replace(" ", "")
         wall = s.endswith(_ZH_WALL)
         body = s[: -len(_ZH_WALL)] if wall else s
@@ -535,9 +536,9 @@ def object_spans(text: str) -> list[tuple[int, int, ObjectSpec]]:
             if body.lower().endswith(suffix):
                 body = body[: -len(suffix)]
                 break
-    cut = body.find("和") if re.search(r"[\u4e00-\u9fff]", body) else body.lower().find(" and ")
     if len(specs) == 1:
         return [(0, len(body), specs[0])]
+    cut = body.find("和") if _HAN.search(body) else body.lower().find(" and ")
     gap = 1 if body[cut] == "和" else len(" and ")
     return [(0, cut, specs[0]), (cut + gap, len(body), specs[1])]
 
