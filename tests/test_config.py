@@ -56,6 +56,17 @@ def test_bad_overrides_name_the_problem(override, fragment):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [(["data.path=d"], "data.path applies to data.kind: manifest only"), (["data.long_fraction=1.5"], "data.long_fraction")],
+)
+def test_bad_data_settings_are_refused(overrides, fragment):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_key_in_file_names_closest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dit:\n  dpeth: 3\n")

@@ -259,10 +259,17 @@ class DataConfig(_Frozen):
     path: str | None = None  # dataset folder holding manifest.jsonl (kind: manifest)
     clips: int = 4000  # clips encoded once into the DiT's latent cache
     clip_latent_frames: int = 11  # latent frames per cached clip (1 + 4k frames each)
-    long_fraction: float = 0.3  # shapes: share of clips cut from long trajectories (start time > 0)
-    max_start_seconds: float = 60.0  # shapes: latest start time of such a clip
-    chinese_fraction: float = 0.0  # shapes: share of captions in Chinese
+    long_fraction: float = Field(0.3, ge=0, le=1)  # shapes: share of clips cut from long trajectories (start time > 0)
+    max_start_seconds: float = Field(60.0, ge=0)  # shapes: latest start time of such a clip
+    chinese_fraction: float = Field(0.0, ge=0, le=1)  # shapes: share of captions in Chinese
     two_object_fraction: float = Field(0.5, ge=0, le=1)  # shapes: share of scenes with two objects (WORLD.md: one or two)
+
+    @model_validator(mode="after")
+    def _path_means_manifest(self) -> "DataConfig":
+        if self.kind == "shapes" and self.path is not None:
+            raise ValueError(f"data.path applies to data.kind: manifest only; got data.kind: shapes with "
+                             f"data.path {self.path!r} (add data.kind: manifest to train on that folder)")
+        return self
 
 
 class VAETrainConfig(_Frozen):
