@@ -5,7 +5,9 @@
 # src/soragen/weights/shapes/README.md, and replace the shipped built-in model with it by the same
 # ship_model.py line with --replace instead of --to.
 # Re-running continues an interrupted phase from its newest checkpoint and skips finished ones.
-#   bash scripts/train_default.sh            # runs/default
+#   bash scripts/train_default.sh                                   # runs/default
+#   bash scripts/train_default.sh --out runs/b --set train.dit.text_binding=0.5   # the recipe with a change
+# Each --set KEY=VALUE is passed to every phase (a setting of a stage a phase does not train has no effect there).
 #
 # The phases (the shipped model's lineage; docs/training-log.md, sessions 17-25), with their times on 2 cores:
 #   vae-base  the VAE stage of configs/default.yaml: 2,000 steps (~20 min)
@@ -19,14 +21,25 @@
 #   cool2     800 steps at lr 5e-5 (~21 min)
 # About 3.5 h in all.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 run=runs/default
+extra=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; run=$(realpath -m -- "$2"); shift 2 ;;
+    --set) [[ ${2-} == *=* ]] || { echo "error: --set needs KEY=VALUE, e.g. --set train.dit.text_binding=0.5" >&2; exit 2; }
+           extra+=(--set "$2"); shift 2 ;;
+    *) echo "error: unknown argument '$1'; valid: --out DIR, --set KEY=VALUE, --help" >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.."
 
 # soragen train for one phase in runs/default/NAME: skipped when finished, continued (--resume) when begun.
 phase() {
   local name=$1; shift
   if [ ! -f "$run/$name/model/soragen.yaml" ]; then
-    soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@"
+    soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@" ${extra[@]+"${extra[@]}"}
   fi
 }
 
@@ -46,7 +59,8 @@ tune() {
 }
 
 if [ ! -f "$run/vae-base/vae/diffusion_pytorch_model.safetensors" ]; then
-  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/vae-base" --set 'train.stages=[vae]'
+  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/vae-base" --set 'train.stages=[vae]' \
+    ${extra[@]+"${extra[@]}"}
 fi
 phase base --set "train.vae.init_model=$run/vae-base" --set train.vae.shape_separation=0.3 \
   --set train.vae.batch_size=12 --set train.vae.lr=3e-4 --set train.vae.steps=600

@@ -1,0 +1,32 @@
+"""scripts/train_default.sh's arguments: --help and bad arguments answer at once and start no training."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_help_lists_the_phases_and_trains_nothing(tmp_path):
+    out = run("--out", str(tmp_path / "runs"), "--help")
+    assert out.returncode == 0 and out.stderr == ""
+    for phase in ("vae-base", "base", "tune1", "tune2", "cool1", "cool2", "--set KEY=VALUE"):
+        assert phase in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["--set", "train.dit.text_binding"], "--set needs KEY=VALUE"),
+    (["--out"], "--out needs a folder"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, fragment):
+    out = run("--out", str(tmp_path / "runs"), *args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert fragment in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
