@@ -732,11 +732,11 @@ def test_binding_probe_labels_each_token_with_its_objects_attributes():
     words = tokenizer.convert_ids_to_tokens(tokenizer(prompts[0])["input_ids"])
     named = {w: tuple(probe.names[k][int(c)] if c >= 0 else None for k, c in enumerate(row))
              for w, row in zip(words, labels[0]) if w not in ("a",)}
-    assert named["box"] == named["small"] == named["bouncing"] == ("blue", "square", "small", "bouncing")
-    assert named["triangle"] == named["left"] == ("yellow", "triangle", None, "left")
-    assert named["and"] == named["wall"] == named["</s>"] == (None,) * 4  # words of no object
+    assert named["box"] == named["small"] == named["bouncing"] == ("blue", "square", "small", "bouncing", 2)
+    assert named["triangle"] == named["left"] == ("yellow", "triangle", None, "left", 2)
+    assert named["and"] == named["wall"] == named["</s>"] == (None,) * 5  # words of no object
     assert (labels[1] == -100).all()
-    assert (labels[2, :11] == torch.tensor([0, 0, 1, 1])).all() and (labels[2, 11:] == -100).all()  # 11 characters
+    assert (labels[2, :11] == torch.tensor([0, 0, 1, 1, 0])).all() and (labels[2, 11:] == -100).all()  # 11 characters
 
 
 def test_binding_probe_keeps_a_gradient_when_no_caption_names_an_object():
@@ -745,7 +745,7 @@ def test_binding_probe_keeps_a_gradient_when_no_caption_names_an_object():
     from soragen.train import BindingProbe
 
     probe = BindingProbe(8)
-    loss, accuracy = probe(torch.randn(2, 5, 8), torch.full((2, 5, 4), -100))
+    loss, accuracy = probe(torch.randn(2, 5, 8), torch.full((2, 5, 5), -100))
     loss.backward()
     assert loss.item() == 0.0 and accuracy == 0.0
     assert all(p.grad is not None and (p.grad == 0).all() for p in probe.parameters())

@@ -620,27 +620,29 @@ def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_t
 
 class BindingProbe(torch.nn.Module):
     """train.dit.text_binding: reads, from each text token, the colour, shape, size and motion of the
-    object whose words it belongs to (a linear map; trained with the run, never shipped)."""
+    object whose words it belongs to, and how many objects the caption names (a linear map; trained
+    with the run, never shipped)."""
 
     def __init__(self, dim: int):
         from soragen.data import shapes
 
         super().__init__()
-        self.names = [list(shapes.PALETTE), list(shapes.SHAPES), ["small", "large", None], list(shapes.MOTIONS)]
+        self.names = [list(shapes.PALETTE), list(shapes.SHAPES), ["small", "large", None], list(shapes.MOTIONS), [1, 2]]
         self.proj = torch.nn.Linear(dim, sum(len(n) for n in self.names))
 
     def labels(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
-        """(B, L, 4) class of each token's object per attribute; -100 for tokens of no object (the
-        padding, </s>, " and ", the wall phrase, an empty prompt)."""
+        """(B, L, 5) class of each token's object per attribute, the last the caption's number of objects;
+        -100 for tokens of no object (the padding, </s>, " and ", the wall phrase, an empty prompt)."""
         from soragen.data.shapes import object_spans
 
         batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
                           return_offsets_mapping=True)
         out = torch.full((len(prompts), max_length, len(self.names)), -100, dtype=torch.long)
         for i, (prompt, offsets) in enumerate(zip(prompts, batch["offset_mapping"])):
-            spans = [(lo, hi, torch.tensor([names.index(v) for names, v in
-                                            zip(self.names, (spec.colour, spec.shape, spec.size, spec.motion))]))
-                     for lo, hi, spec in (object_spans(prompt) if prompt else [])]
+            objects = object_spans(prompt) if prompt else []
+            spans = [(lo, hi, torch.tensor([names.index(v) for names, v in zip(
+                          self.names, (spec.colour, spec.shape, spec.size, spec.motion, len(objects)))]))
+                     for lo, hi, spec in objects]
             for j, (start, end) in enumerate(offsets):
                 for lo, hi, classes in spans:
                     if end > start and lo <= start < hi:
