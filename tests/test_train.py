@@ -89,6 +89,22 @@ def test_stop_after_then_resume_with_other_settings(tmp_path):
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000004" and (tmp_path / "model" / "soragen.yaml").is_file()
 
 
+@pytest.mark.parametrize("first, then", [
+    (["dit.width=32"], ["dit.width=48"]),  # another model size
+    (["train.dit.text_binding=0.5"], []),  # a part (the binding probe) fewer
+    ([], ["train.dit.text_binding=0.5"]),  # a part more
+])
+def test_resume_with_settings_its_checkpoint_cannot_hold_names_the_checkpoint(tmp_path, first, then):
+    """One clear error, not a state-dict traceback; the run folder's config.yaml still describes its checkpoint."""
+    train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"] + first))
+    written = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(UserError, match=r"checkpoint .*dit-0000002 does not fit this run's settings") as err:
+        train(train_config(TINY + [f"train.output_dir={tmp_path}"] + then), resume=True)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "config.yaml").read_text() == written
+    assert RunFolder(tmp_path).latest("dit").name == "dit-0000002"
+
+
 def test_non_empty_run_folder_needs_resume(trained):
     cfg, root, _ = trained
     with pytest.raises(UserError, match="--resume"):

@@ -41,6 +41,12 @@ from soragen.errors import UserError
 from soragen.heap import hold_heap, trim_heap
 
 log = logging.getLogger("soragen")
+
+
+class CheckpointMismatch(UserError):
+    """--resume found a checkpoint written with other model settings (sizes, parts, optimizer groups)."""
+
+
 PROCESS_GROUP_TIMEOUT_HOURS = 6  # how long processes of a multi-process run wait for each other
 
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, total, metrics)
@@ -150,7 +156,13 @@ class _StageLog:
         """Load the stage's newest checkpoint, if any; returns its step (0 without one)."""
         step = 0
         if (ckpt := self.run.latest(self.stage)) is not None:
-            self.acc.load_state(str(ckpt / "state"))
+            try:
+                self.acc.load_state(str(ckpt / "state"))
+            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # other model sizes, parts or groups
+                first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise CheckpointMismatch(
+                    f"checkpoint {ckpt} does not fit this run's settings ({first[:200]}); resume with the settings "
+                    f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
             meta = json.loads((ckpt / "meta.json").read_text())
             step = meta["step"]
             if self.load_extra is not None:
@@ -1139,14 +1151,20 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if resume and not (run.root.exists() and any(run.root.iterdir())):
         log.info("--resume: nothing to resume in %s; starting a new run there", run.root)
     state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
+    config_file = run.root / "config.yaml"
+    previous = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        (run.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        config_file.write_text(cfg.to_yaml(), encoding="utf-8")
     else:
         log.setLevel(logging.WARNING)  # the main process tells what the run does
     try:
         finished = _run_stages(cfg, run, resume, progress)
         state.wait_for_everyone()  # the main process has written the model folder
+    except CheckpointMismatch:
+        if state.is_main_process and previous is not None:  # the run folder still describes its checkpoints
+            config_file.write_text(previous, encoding="utf-8")
+        raise
     finally:
         state.destroy_process_group()  # once, after the last stage (each stage's accelerator shares the group)
     return run.model if finished and (run.model / "soragen.yaml").is_file() else run.root
