@@ -35,12 +35,15 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/.."
 
-# soragen train for one phase in runs/default/NAME: skipped when finished, continued (--resume) when begun.
-phase() {
+# soragen train in $run/NAME, continued (--resume) when begun, with the --set arguments given to this script last.
+train() {
   local name=$1; shift
-  if [ ! -f "$run/$name/model/soragen.yaml" ]; then
-    soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@" ${extra[@]+"${extra[@]}"}
-  fi
+  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@" ${extra[@]+"${extra[@]}"}
+}
+
+# One phase: skipped when finished.
+phase() {
+  [ -f "$run/$1/model/soragen.yaml" ] || train "$@"
 }
 
 # A DiT phase from the phase before, on the base phase's VAE. The latent caches are copied from the phase
@@ -59,8 +62,7 @@ tune() {
 }
 
 if [ ! -f "$run/vae-base/vae/diffusion_pytorch_model.safetensors" ]; then
-  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/vae-base" --set 'train.stages=[vae]' \
-    ${extra[@]+"${extra[@]}"}
+  train vae-base --set 'train.stages=[vae]'
 fi
 phase base --set "train.vae.init_model=$run/vae-base" --set train.vae.shape_separation=0.3 \
   --set train.vae.batch_size=12 --set train.vae.lr=3e-4 --set train.vae.steps=600

@@ -29,15 +29,6 @@ def test_manifest_source_cuts_and_resizes(tmp_path):
     assert clip.frames.shape == (5, 32, 32, 3) and clip.captions[0]
 
 
-def test_manifest_source_names_the_shapes_settings_it_does_not_use(tmp_path, caplog):
-    write_shapes_dataset(tmp_path, num=1, seconds=1.0, seed=1)
-    ManifestSource(DataConfig(kind="manifest", path=str(tmp_path)), (32, 32))
-    assert not caplog.records
-    ManifestSource(DataConfig(kind="manifest", path=str(tmp_path), two_object_fraction=0.8), (32, 32))
-    ManifestSource(DataConfig(kind="manifest", path=str(tmp_path), two_object_fraction=0.8), (32, 32))
-    assert caplog.text.count("data.two_object_fraction (0.8) set but not used") == 1  # once, for every stage
-
-
 def test_shapes_source_never_held_out():
     src = ShapesSource(DataConfig(long_fraction=0.5, chinese_fraction=0.5))
     rng = np.random.default_rng(0)

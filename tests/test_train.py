@@ -676,11 +676,13 @@ def test_shape_options_are_off_with_a_warning_for_other_data(tmp_path, caplog):
     write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
     cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.vae.shape_separation=1",
                                "train.vae.batch_size=3", "train.dit.shape_weight=5", "train.dit.twin_rows=2",
-                               "train.dit.text_binding=0.5", "data.kind=manifest", f"data.path={tmp_path / 'data'}"])
+                               "train.dit.text_binding=0.5", "data.kind=manifest", f"data.path={tmp_path / 'data'}",
+                               "data.two_object_fraction=0.8"])
     with caplog.at_level("WARNING", logger="soragen"):
         train(cfg)
     assert all(f"{option} is off" in caplog.text for option in ("train.vae.shape_separation", "train.dit.shape_weight",
                                                                 "train.dit.twin_rows", "train.dit.text_binding"))
+    assert caplog.text.count("data.two_object_fraction (0.8) set but not used") == 1  # once, for both stages
     run = RunFolder(tmp_path / "run")
     assert run.model.is_dir() and not run.shape_cues.exists() and not run.twin_latents.exists()
     recorded = (tmp_path / "run" / "config.yaml").read_text()

@@ -272,9 +272,16 @@ def twin_batch(source, rng: np.random.Generator, scenes: int, num_frames: int) -
 
 def shapes_options_off(cfg: Config) -> Config:
     """cfg with the Shapes World's own training options switched off, each with a warning, when the
-    data is something else (configs/default.yaml on a user's dataset); cfg itself on Shapes World data."""
+    data is something else (configs/default.yaml on a user's dataset), and a warning for the renderer's
+    draw settings set away from their defaults; cfg itself on Shapes World data."""
     if cfg.data.kind == "shapes":
         return cfg
+    drawn = [f"data.{k} ({getattr(cfg.data, k)})" for k in ("long_fraction", "max_start_seconds", "chinese_fraction",
+                                                             "two_object_fraction")
+             if getattr(cfg.data, k) != type(cfg.data).model_fields[k].default]
+    if drawn:  # the renderer's draw settings: a manifest's clips and captions are read as they are
+        log.warning("%s set but not used: they draw Shapes World clips (this run has data.kind: %s)",
+                    ", ".join(drawn), cfg.data.kind)
     vae, dit = cfg.train.vae, cfg.train.dit
     for option, value, why in (("train.vae.shape_separation", vae.shape_separation, "it renders each scene's shape twin"),
                                ("train.dit.shape_weight", dit.shape_weight, "the renderer knows where shapes show"),

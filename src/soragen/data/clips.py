@@ -10,9 +10,7 @@ A dataset folder holds `manifest.jsonl`, one record per line:
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,25 +106,12 @@ def read_frames(path: Path) -> np.ndarray:
         reader.close()
 
 
-SHAPES_ONLY = ("long_fraction", "max_start_seconds", "chinese_fraction", "two_object_fraction")  # DataConfig's draw settings
-
-
-@functools.cache  # once per process, though each training stage opens the manifest
-def _warn_unused(settings: str) -> None:
-    logging.getLogger("soragen").warning(
-        "%s set but not used: they draw Shapes World clips, and a manifest's clips and captions are read as they are",
-        settings)
-
-
 class ManifestSource:
     """Clips cut at random from the videos of a manifest (frames resized to the model's size)."""
 
     def __init__(self, cfg: DataConfig, size: tuple[int, int]):
         if cfg.path is None:
             raise UserError("data.kind is 'manifest' but data.path is not set; give the dataset folder")
-        unused = [f"data.{k} ({getattr(cfg, k)})" for k in SHAPES_ONLY if getattr(cfg, k) != DataConfig.model_fields[k].default]
-        if unused:  # a preset written for the Shapes World: say what has no effect here rather than drop it silently
-            _warn_unused(", ".join(unused))
         self.folder = Path(cfg.path)
         self.records = read_manifest(self.folder)
         self.size = size  # (H, W)
