@@ -7,7 +7,8 @@ its own) and reports wall time split into text encoding, denoising, VAE decoding
 MP4 encoding, the real-time factor (wall seconds per second of video), and the
 denoiser's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one forward).
 The same run measures the fp32 matrix-multiply peak, and the time and FLOPs of one
-denoising step of soragen's DiT and of a diffusers CogVideoXTransformer3DModel of the
+denoising step of soragen's DiT (and of its linear products alone, the most the step could
+reach were its other work free) and of a diffusers CogVideoXTransformer3DModel of the
 same width, depth and heads on the same number of video tokens, as the reference a user
 would otherwise reach for (the two blocks differ: soragen's do more work per token).
 """
@@ -125,6 +126,31 @@ def forward_cost(forward, reps: int = 10) -> tuple[float, float]:
     return statistics.median(times), counter.get_total_flops()
 
 
+def products_alone(model: torch.nn.Module, forward, reps: int = 10) -> tuple[float, float]:
+    """(seconds, FLOPs) of the linear layers' products of one call of forward(), each timed alone on an input
+    of the shape it got there (median of reps each, summed): what a step would cost if everything else were free."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        forward()
+    for hook in hooks:
+        hook.remove()
+    seconds = flops = 0.0
+    with torch.no_grad():
+        for mod, shape in calls:
+            x = torch.randn(shape)
+            mod(x)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                mod(x)
+                times.append(time.perf_counter() - t0)
+            seconds += statistics.median(times)
+            flops += 2 * x.numel() * mod.out_features  # 2 per multiply-add, as FlopCounterMode counts
+    return seconds, flops
+
+
 def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
     """(seconds, FLOPs, info) of one denoising step (one CFG-batched forward) of soragen's DiT on a full window,
     as the sampler makes it: the text conditioned once per window, the previous x0 estimate as input.
@@ -146,7 +172,8 @@ def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
     seconds, flops = forward_cost(lambda: pipe.dit(x, ts, cond, x_self=x))
     with plain_linear():  # the same model through torch's default GEMM, as the reference runs its layers
         plain_seconds, _ = forward_cost(lambda: pipe.dit(x, ts, cond, x_self=x))
-    info = {"plain_seconds": plain_seconds, "cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1],
+    products = products_alone(pipe.dit, lambda: pipe.dit(x, ts, cond, x_self=x))
+    info = {"plain_seconds": plain_seconds, "products": products, "cfg": cfg, "latent": tuple(x.shape), "text_len": text.shape[1],
             "text_dim": text.shape[2],
             "real_text_len": cond.keys_values[0][0].shape[2]}  # soragen attends to the prompt's tokens, not the padding
     return seconds, flops, info
@@ -212,10 +239,17 @@ def main() -> None:
                              (f"{reference}, {info['real_text_len']} text tokens", ref_short, ref_short_flops)):
         print(f"  {name}: {sec * 1000:.1f} ms, {flops / 1e9:.2f} GFLOP, {flops / sec / 1e9:.1f} GFLOP/s "
               f"({100 * flops / sec / 1e9 / peak:.1f}% peak)")
+    products_s, products_flops = info["products"]
+    products_s, products_flops = info["products"]
+    print(f"  its linear layers' products alone, each timed at its shape: {products_s * 1000:.1f} ms, "
+          f"{products_flops / 1e9:.2f} GFLOP, {products_flops / products_s / 1e9:.1f} GFLOP/s: were everything else "
+          f"in the step free, it would reach {100 * ours_flops / products_s / 1e9 / peak:.1f}% of peak")
     if args.json:
         args.json.write_text(json.dumps({"matmul_peak_gflops": peak, "runs": rows, "step_ms": ours * 1000,
                                          "step_gflop": ours_flops / 1e9,
                                          "step_default_gemm_ms": info["plain_seconds"] * 1000,
+                                         "step_products_alone_ms": info["products"][0] * 1000,
+                                         "step_products_gflop": info["products"][1] / 1e9,
                                          "matmul_peaks_gflops": peaks, "cogvideox_step_ms": ref * 1000,
                                          "cogvideox_step_gflop": ref_flops / 1e9,
                                          "cogvideox_short_text_step_ms": ref_short * 1000,
