@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from soragen.config import Config, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**sections) -> Config:

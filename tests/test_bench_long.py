@@ -1,21 +1,10 @@
 """scripts/bench_long.py's products-alone measure: every linear layer's product of one forward, at its shape."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_script
 from torch import nn
 
 from soragen.linear import Linear
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def bench_long():
-    spec = importlib.util.spec_from_file_location("bench_long", ROOT / "scripts" / "bench_long.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_products_alone_counts_each_call_of_each_linear_layer():
@@ -28,6 +17,6 @@ def test_products_alone_counts_each_call_of_each_linear_layer():
         h = model(x)
         return second(torch.randn(7, 16)) + h.sum()
 
-    seconds, flops = bench_long().products_alone(model, forward, reps=3)
+    seconds, flops = load_script("bench_long").products_alone(model, forward, reps=3)
     assert flops == 2 * 15 * 8 * 16 + 2 * 15 * 16 * 4 + 2 * 7 * 16 * 4
     assert 0 < seconds < 1

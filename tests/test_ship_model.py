@@ -1,19 +1,13 @@
 """scripts/ship_model.py's card for a model trained in phases: a line per run folder, from what the runs recorded."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 from soragen.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def ship_model():
-    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(folder: Path, overrides: list[str], steps: dict[str, int]) -> Path:
@@ -31,7 +25,7 @@ def fake_run(folder: Path, overrides: list[str], steps: dict[str, int]) -> Path:
 
 
 def test_phase_lines_name_the_steps_time_and_settings_beyond_the_recipe(tmp_path):
-    sm = ship_model()
+    sm = load_script("ship_model")
     recipe = sm.flat(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json"))
     base = fake_run(tmp_path / "base", ["train.vae.shape_separation=0.3", "train.vae.batch_size=12",
                                         "train.dit.lr=1e-4"], {"vae": 600, "dit": 3600})
