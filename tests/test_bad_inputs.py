@@ -37,6 +37,8 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
     "args, message",
     [
         (["--fps", "61"], "error: --fps must be between 1 and 60, got 61"),
+        (["--set", "video.model_fps=61"], "error: video.model_fps must be between 1 and 60, got 61"),
+        (["--set", "video.model_fps=0"], "error: config key 'video.model_fps': Input should be greater than or equal to 1"),
         (["--height", "8"], "error: --height 8 is not valid: it must be between 16 and 4096"),
         (["--width", "4112"], "error: --width 4112 is not valid: it must be between 16 and 4096"),
         (["--height", "100"], "error: --height 100 is not valid: it must be a multiple of 16; nearest: 96 or 112"),

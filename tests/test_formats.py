@@ -8,7 +8,7 @@ import pytest
 
 from soragen.config import load_config
 from soragen.errors import UserError
-from soragen.pipeline import Pipeline
+from soragen.pipeline import FrameResampler, Pipeline, VideoPlan
 from soragen.video_io import FORMATS, SUFFIXES, fit_frames, fit_size, open_writer
 
 from conftest import run_cli, tiny_config
@@ -63,6 +63,30 @@ def test_lossless_frames_match_the_mp4_source(tmp_path, models):
     mp4 = read_frames(tmp_path / "a.mp4")
     luma = lambda x: x.astype(float) @ [0.299, 0.587, 0.114]  # noqa: E731  (yuv420p keeps luma at full size)
     assert np.abs(luma(png) - luma(mp4)).mean() < 6
+
+
+def test_other_frame_rates_are_resampled_from_the_models_frames(tmp_path, models):
+    """An output rate above or below the model's writes the model frame current at each output frame's time
+    (held or skipped), so one second stays one second of the model's motion."""
+    generate(models, tmp_path / "own", format="frames", model_fps=8)
+    fast = generate(models, tmp_path / "fast", format="frames", fps=24, model_fps=8)
+    generate(models, tmp_path / "slow", format="frames", fps=4, model_fps=8)
+    own, x3, half = (read_frames(tmp_path / name) for name in ("own", "fast", "slow"))
+    assert len(own) == 8
+    np.testing.assert_array_equal(x3, np.repeat(own, 3, axis=0))  # each model frame held for three
+    np.testing.assert_array_equal(half, own[[0, 2, 4, 6]])
+    assert {k: fast["video"][k] for k in ("frames", "fps", "model_fps", "seconds")} == {
+        "frames": 24, "fps": 24, "model_fps": 8, "seconds": 1.0}
+
+
+def test_frame_resampler_across_chunks():
+    """Model frames arrive window by window; each output frame is given once, as soon as its frame has come."""
+    plan = VideoPlan(num_frames=10, latent_frames=3, latent_height=8, latent_width=8, model_frames=4, fps=20,
+                     model_fps=8)
+    resampler = FrameResampler(plan)
+    frames = np.arange(4)[:, None]  # (4, 1): frame k holds k
+    got = [resampler.push(frames[:1]), resampler.push(frames[1:3]), resampler.push(frames[3:])]
+    assert [g[:, 0].tolist() for g in got] == [[0, 0, 0], [1, 1, 2, 2, 2], [3, 3]]  # floor(j * 8 / 20)
 
 
 def test_mp4_is_the_default_and_byte_identical(tmp_path, models):

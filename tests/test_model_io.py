@@ -36,6 +36,17 @@ def test_model_folder_layout_and_round_trip(folder):
         torch.testing.assert_close(loaded.text_encoder(["hi"])[0], pipe.text_encoder(["hi"])[0])
 
 
+def test_a_model_folder_keeps_the_frame_rate_it_was_made_at(folder):
+    """--fps sets the output's rate; the model's own (video.model_fps) stays, in folders saved before it too."""
+    path, _ = folder
+    assert load_config(None, [f"model={path}", "video.fps=24"]).video.model_fps == 8
+    text = (path / "soragen.yaml").read_text()
+    assert "model_fps: 8" in text
+    (path / "soragen.yaml").write_text(text.replace("model_fps: 8", "model_fps: null").replace("fps: 8", "fps: 12"))
+    cfg = load_config(None, [f"model={path}", "video.fps=24"])
+    assert (cfg.video.fps, cfg.video.model_fps) == (24, 12)
+
+
 def test_mismatched_weights_name_tensor_and_shapes(folder):
     path, _ = folder
     with pytest.raises(UserError, match=r"tensor '.*' has shape \(.*\) but the config needs \(.*\)"):

@@ -211,7 +211,11 @@ class VideoConfig(_Frozen):
     """What to generate."""
 
     seconds: float = 2.0  # duration
-    fps: int = 8  # frames per second of the model and of the output
+    fps: int = 8  # frames per second of the output
+    # Frames per second the model makes (the rate of the clips it was trained on; a model folder records it).
+    # Output at another `fps` is resampled in time from the model's frames, each output frame showing the
+    # model frame current at its time (held or skipped), so that motion keeps its speed. None = fps.
+    model_fps: int | None = Field(None, ge=1)
     width: int = 64  # generated width in pixels (a multiple of vae.spatial_compression x dit.patch_size)
     height: int = 64  # generated height in pixels
     upscale: int = 1  # integer factor the frames are enlarged by for viewing (nearest neighbour)
@@ -609,6 +613,9 @@ def load_config(
             raise UserError(f"config key 'model' must be a folder path or 'builtin', got {model!r}")
         base = model_config_data(model)
         _check_keys(base, Config)
+        video = base.get("video")
+        if isinstance(video, dict) and video.get("model_fps") is None:  # a folder saved before video.model_fps:
+            video["model_fps"] = video.get("fps", VideoConfig.model_fields["fps"].default)  # its rate is its fps
         data = merge(base, data)
         data["model"] = model
     return build_config(data)

@@ -102,14 +102,16 @@ def load_weights(module: nn.Module, path: Path) -> None:
 def portable_config(cfg: Config) -> Config:
     """cfg as a model folder keeps it: without the paths of the run that trained it (its output folder, the
     model folders it started from) and with the default stages, so that a config layered on the folder
-    (generation, `soragen info`, a fine-tune) inherits the model's settings and not another machine's paths."""
+    (generation, `soragen info`, a fine-tune) inherits the model's settings and not another machine's paths;
+    with the frame rate it was trained at as `video.model_fps`, which a later `--fps` does not change."""
     t = cfg.train
     fields = type(t).model_fields
     train = t.model_copy(update={
         "output_dir": fields["output_dir"].default, "stages": fields["stages"].default, "vae_model": None,
         "vae": t.vae.model_copy(update={"init_model": None}), "dit": t.dit.model_copy(update={"init_model": None}),
     })
-    return cfg.model_copy(update={"model": None, "train": train})
+    video = cfg.video.model_copy(update={"model_fps": cfg.video.model_fps or cfg.video.fps})  # the rate it learned
+    return cfg.model_copy(update={"model": None, "train": train, "video": video})
 
 
 def save_model(folder: Path, cfg: Config, text_encoder, vae: nn.Module, dit: nn.Module, scheduler) -> None:

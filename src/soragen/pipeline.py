@@ -30,10 +30,17 @@ MAX_SIDE = 4096
 class VideoPlan:
     """Sizes of one generation, derived from the config and checked."""
 
-    num_frames: int  # frames written
-    latent_frames: int  # latent frames generated (covering num_frames, rounded up)
+    num_frames: int  # frames written (at video.fps)
+    latent_frames: int  # latent frames generated (covering model_frames, rounded up)
     latent_height: int
     latent_width: int
+    model_frames: int  # frames the model makes (at its own rate, video.model_fps)
+    fps: int  # the output's rate
+    model_fps: int  # the model's rate
+
+    def source_frame(self, j: int) -> int:
+        """The model frame written as output frame j: the one showing at its time (the last at or before it)."""
+        return j * self.model_fps // self.fps
 
 
 def _nearest_multiples(value: int, m: int) -> str:
@@ -58,6 +65,9 @@ def plan_video(cfg: Config) -> VideoPlan:
         raise UserError(f"--seconds {v.seconds:g} is above the maximum of {v.max_seconds:g} (video.max_seconds)")
     if not 1 <= v.fps <= MAX_FPS:
         raise UserError(f"--fps must be between 1 and {MAX_FPS}, got {v.fps}")
+    model_fps = v.model_fps or v.fps
+    if not 1 <= model_fps <= MAX_FPS:
+        raise UserError(f"video.model_fps must be between 1 and {MAX_FPS}, got {model_fps}")
     s = cfg.vae.spatial_compression
     _, ph, pw = cfg.dit.patch_size
     for name, value, m in (("width", v.width, s * pw), ("height", v.height, s * ph)):
@@ -75,11 +85,32 @@ def plan_video(cfg: Config) -> VideoPlan:
     num_frames = round(v.seconds * v.fps)
     if num_frames < 1:
         raise UserError(f"--seconds {v.seconds:g} at {v.fps} fps gives no frame; ask for at least {1 / v.fps:.3g} s")
+    # The model frames up to the one the last output frame shows (all of them when the rates agree).
+    model_frames = (num_frames - 1) * model_fps // v.fps + 1
     f = cfg.vae.temporal_compression
     pt = cfg.dit.patch_size[0]
-    latent_frames = 1 + math.ceil((num_frames - 1) / f)
+    latent_frames = 1 + math.ceil((model_frames - 1) / f)
     latent_frames = pt * math.ceil(latent_frames / pt)
-    return VideoPlan(num_frames, latent_frames, v.height // s, v.width // s)
+    return VideoPlan(num_frames, latent_frames, v.height // s, v.width // s, model_frames, v.fps, model_fps)
+
+
+class FrameResampler:
+    """The output frames of a stream of model frames: output frame j shows model frame plan.source_frame(j)
+    (each held for several output frames when the output's rate is higher, some skipped when it is lower)."""
+
+    def __init__(self, plan: VideoPlan):
+        self.plan = plan
+        self.received = 0  # model frames seen so far
+        self.written = 0  # output frames given so far
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        """Model frames [T_i, ...] in order -> the output frames [T_o, ...] they complete (T_o may be 0)."""
+        start, self.received = self.received, self.received + len(frames)
+        picks = []
+        while self.written < self.plan.num_frames and self.plan.source_frame(self.written) < self.received:
+            picks.append(self.plan.source_frame(self.written) - start)
+            self.written += 1
+        return frames[picks]
 
 
 # ---------------------------------------------------------------------------
@@ -169,13 +200,14 @@ class Pipeline:
         return plan_windows(self.cfg, plan)
 
     def window_starts(self, plan: VideoPlan) -> list[int]:
-        """Index of the first frame of each window after the first, within plan.num_frames."""
+        """Index of the first output frame of each window after the first, within plan.num_frames."""
         from soragen.vae import frames_for
 
         starts, done = [], 0
         for _, new in self.windows(plan)[:-1]:
-            done += new  # latent frames 0..done-1 decode to frames 0..frames_for(done)-1
-            starts.append(frames_for(done, self.cfg.vae.temporal_compression))
+            done += new  # latent frames 0..done-1 decode to model frames 0..frames_for(done)-1
+            first = frames_for(done, self.cfg.vae.temporal_compression)  # the window's first model frame
+            starts.append(next((j for j in range(plan.num_frames) if plan.source_frame(j) >= first), plan.num_frames))
         return [k for k in starts if k < plan.num_frames]
 
     def denoise_calls(self, plan: VideoPlan) -> int:
@@ -275,13 +307,16 @@ class Pipeline:
         # 5. Writing: upscale (nearest), fit into video.output_size, encode in video.format.
         # ("mp4_encoding" keeps its name for every format: the time spent in the writer.)
         width, height = v.output_size or (v.width * v.upscale, v.height * v.upscale)
+        resampler = FrameResampler(plan)  # the model's rate to the output's (the same frames when they agree)
         with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
-            for frames in self.decode_frames(timed_latents(), plan.num_frames):
+            for frames in self.decode_frames(timed_latents(), plan.model_frames):
                 lap("vae_decoding")
-                final = fit_frames(upscale(to_uint8(frames), v.upscale), v.output_size)  # (T_i, height, width, 3)
-                writer.write(final)
-                if on_frames is not None:
-                    on_frames(final)
+                chosen = resampler.push(to_uint8(frames))  # (T_o, h, w, 3)
+                if len(chosen):
+                    final = fit_frames(upscale(chosen, v.upscale), v.output_size)  # (T_o, height, width, 3)
+                    writer.write(final)
+                    if on_frames is not None:
+                        on_frames(final)
                 lap("mp4_encoding")
             clock["t"] = time.perf_counter()
         lap("mp4_encoding")
@@ -297,6 +332,7 @@ class Pipeline:
                 "format": v.format,
                 "frames": plan.num_frames,
                 "fps": v.fps,
+                "model_fps": plan.model_fps,
                 "seconds": plan.num_frames / v.fps,
                 "width": width,
                 "height": height,
