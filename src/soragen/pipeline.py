@@ -207,7 +207,7 @@ class Pipeline:
         for _, new in self.windows(plan)[:-1]:
             done += new  # latent frames 0..done-1 decode to model frames 0..frames_for(done)-1
             first = frames_for(done, self.cfg.vae.temporal_compression)  # the window's first model frame
-            starts.append(next((j for j in range(plan.num_frames) if plan.source_frame(j) >= first), plan.num_frames))
+            starts.append(-(-first * plan.fps // plan.model_fps))  # the first output frame that shows it
         return [k for k in starts if k < plan.num_frames]
 
     def denoise_calls(self, plan: VideoPlan) -> int:
