@@ -109,3 +109,16 @@ def test_broken_jsonl_line_names_its_line(tmp_path):
     assert [i.where for i in items] == ["line 1", "line 3", "line 4"]
     assert items[1].fields is None and items[1].error.startswith("invalid JSON: ")
     assert items[0].error is None and items[2].error is None
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("video.fps=24", "error: eval scores videos at the model's own frame rate; video.fps is 24, leave it at 8"),
+    ("video.format=gif", "error: eval writes and scores mp4 videos; video.format is 'gif', leave it at 'mp4'"),
+])
+def test_eval_refuses_videos_it_cannot_score(tmp_path, tiny_yaml, capsys, setting, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    code, _, err = run_cli(["eval", "--prompts", str(prompts), "-c", str(tiny_yaml), "--set", "video.model_fps=8",
+                            "--set", setting, "--out", str(tmp_path / "e")], capsys)
+    assert one_line_error(code, err).startswith(message)
+    assert not (tmp_path / "e").exists()

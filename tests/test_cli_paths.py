@@ -112,13 +112,19 @@ def test_train_output_dir_is_a_file(tmp_path, capsys):
 
 
 def test_train_starts_again_after_a_failed_start(tmp_path, capsys):
-    """A start that fails on its data leaves only config.yaml; running again (fixed) is not refused as a resume."""
+    """A start with no data writes nothing; one that fails before its first step (here: no trained VAE) leaves only
+    config.yaml, and running again (fixed) is not refused as a resume."""
     run = tmp_path / "run"
     args = ["train", "--set", f"train.output_dir={run}", "--set", "data.kind=manifest", "--set", "train.stages=[dit]"]
     code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'missing'}"], capsys)
-    assert code == 2 and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
-    code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'still-missing'}"], capsys)
-    assert code == 2 and "is not empty" not in err
+    assert code == 2 and "has no manifest.jsonl" in err and not run.exists()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text('{"path": "a.mp4", "caption": "a red circle moving left", "fps": 8}\n')
+    code, _, err = run_cli(args + ["--set", f"data.path={data}"], capsys)
+    assert code == 2 and "no trained VAE" in err and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    code, _, err = run_cli(args + ["--set", f"data.path={data}"], capsys)
+    assert code == 2 and "is not empty" not in err and "no trained VAE" in err
 
 
 def test_eval_seeds_past_the_largest_seed(tmp_path, tiny_yaml, capsys):

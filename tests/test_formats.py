@@ -8,7 +8,7 @@ import pytest
 
 from soragen.config import load_config
 from soragen.errors import UserError
-from soragen.pipeline import FrameResampler, Pipeline, VideoPlan
+from soragen.pipeline import FrameResampler, Pipeline, VideoPlan, frame_runs
 from soragen.video_io import FORMATS, SUFFIXES, fit_frames, fit_size, open_writer
 
 from conftest import run_cli, tiny_config
@@ -84,9 +84,10 @@ def test_frame_resampler_across_chunks():
     plan = VideoPlan(num_frames=10, latent_frames=3, latent_height=8, latent_width=8, model_frames=4, fps=20,
                      model_fps=8)
     resampler = FrameResampler(plan)
-    frames = np.arange(4)[:, None]  # (4, 1): frame k holds k
-    got = [resampler.push(frames[:1]), resampler.push(frames[1:3]), resampler.push(frames[3:])]
-    assert [g[:, 0].tolist() for g in got] == [[0, 0, 0], [1, 1, 2, 2, 2], [3, 3]]  # floor(j * 8 / 20)
+    got = [resampler.take(1), resampler.take(2), resampler.take(1)]  # model frames 0 | 1, 2 | 3
+    assert got == [[0, 0, 0], [0, 0, 1, 1, 1], [0, 0]]  # model frame floor(j * 8 / 20), within its chunk
+    assert frame_runs([0, 0, 1, 1, 1]) == [(0, 1), (0, 2), (1, 2), (1, 2)]
+    assert frame_runs([0, 1, 2, 4]) == [(0, 3), (4, 5)]
 
 
 def test_mp4_is_the_default_and_byte_identical(tmp_path, models):

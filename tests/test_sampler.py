@@ -266,7 +266,7 @@ def test_window_starts_are_where_decoded_windows_begin():
     pipe = Pipeline.from_config(cfg)
     plan = plan_video(cfg)
     text, mask = pipe.encode_text("a red ball", "")
-    sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.num_frames)]
+    sizes = [chunk.shape[2] for chunk in pipe.decode_frames(pipe.generate_latents(plan, text, mask), plan.model_frames)]
     assert len(sizes) == len(pipe.windows(plan)) >= 3
     assert pipe.window_starts(plan) == [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
 

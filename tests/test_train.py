@@ -51,6 +51,23 @@ def test_model_folder_keeps_no_paths_of_the_run(trained, tmp_path):
     assert load_config(None, [f"model={model}"]).train.output_dir == "runs/default"
 
 
+def test_model_folder_records_the_rate_of_its_training_clips(trained, tmp_path, caplog):
+    """The Shapes World is drawn at 8 fps whatever video.fps a training config gives; a manifest at its records' rate."""
+    from soragen.train import with_data_rate
+
+    _, _, model = trained
+    assert load_config(None, [f"model={model}", "video.fps=24"]).video.model_fps == 8
+    assert with_data_rate(train_config(["video.fps=24"])).video.model_fps == 8
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"path": "a.mp4", "caption": "x", "fps": 24}\n{"path": "b.mp4", "caption": "y", "fps": 24}\n')
+    data = ["data.kind=manifest", f"data.path={tmp_path}"]
+    assert with_data_rate(train_config(data)).video.model_fps == 24
+    manifest.write_text('{"path": "a.mp4", "caption": "x", "fps": 24}\n{"path": "b.mp4", "caption": "y", "fps": 30}\n')
+    with caplog.at_level("WARNING", logger="soragen"):
+        assert with_data_rate(train_config(data + ["video.fps=12"])).video.model_fps == 12
+    assert "no single frame rate" in caplog.text
+
+
 def test_run_writes_model_folder_and_checkpoints(trained):
     cfg, root, model = trained
     run = RunFolder(root)

@@ -119,7 +119,8 @@ OutputSizeOpt = Annotated[
 def generate(
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What the video shows.")],
     seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds.")] = None,
-    fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
+    fps: Annotated[Optional[int], typer.Option(
+        help="Frames per second of the output; the model makes its own (video.model_fps), held or skipped to it.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
     upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
@@ -184,7 +185,8 @@ def batch(
     prompts_file: Annotated[Path, typer.Argument(metavar="PROMPTS_FILE", help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the videos, manifest.jsonl and index.html.")],
     seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds (an item's own 'seconds' wins).")] = None,
-    fps: Annotated[Optional[int], typer.Option(help="Frames per second.")] = None,
+    fps: Annotated[Optional[int], typer.Option(
+        help="Frames per second of the output; the model makes its own (video.model_fps), held or skipped to it.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
     upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
@@ -350,6 +352,9 @@ def eval_(
     plan = plan_video(cfg)
     if cfg.video.format != "mp4":
         raise UserError(f"eval writes and scores mp4 videos; video.format is {cfg.video.format!r}, leave it at 'mp4'")
+    if plan.fps != plan.model_fps:
+        raise UserError(f"eval scores videos at the model's own frame rate; video.fps is {plan.fps}, leave it at "
+                        f"{plan.model_fps} (video.model_fps)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the videos and eval.json")
     if (out / "eval.json").exists() and not overwrite:

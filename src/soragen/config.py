@@ -453,8 +453,12 @@ class Config(_Frozen):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def digest(self) -> str:
-        """A short stable hash of the resolved config."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """A short stable hash of the resolved config (video.model_fps left out where it is the output's rate,
+        as before the setting existed: the same frames, the same hash)."""
+        data = self.to_dict()
+        if data["video"].get("model_fps") in (None, data["video"]["fps"]):
+            del data["video"]["model_fps"]
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

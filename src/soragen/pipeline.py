@@ -95,22 +95,34 @@ def plan_video(cfg: Config) -> VideoPlan:
 
 
 class FrameResampler:
-    """The output frames of a stream of model frames: output frame j shows model frame plan.source_frame(j)
-    (each held for several output frames when the output's rate is higher, some skipped when it is lower)."""
+    """Which model frames become output frames, chunk by chunk: output frame j shows model frame
+    plan.source_frame(j) (held for several output frames when the output's rate is higher, some
+    skipped when it is lower)."""
 
     def __init__(self, plan: VideoPlan):
         self.plan = plan
         self.received = 0  # model frames seen so far
         self.written = 0  # output frames given so far
 
-    def push(self, frames: np.ndarray) -> np.ndarray:
-        """Model frames [T_i, ...] in order -> the output frames [T_o, ...] they complete (T_o may be 0)."""
-        start, self.received = self.received, self.received + len(frames)
+    def take(self, count: int) -> list[int]:
+        """The next `count` model frames arrived -> the output frames they complete, as indices into them."""
+        start, self.received = self.received, self.received + count
         picks = []
         while self.written < self.plan.num_frames and self.plan.source_frame(self.written) < self.received:
             picks.append(self.plan.source_frame(self.written) - start)
             self.written += 1
-        return frames[picks]
+        return picks
+
+
+def frame_runs(order: list[int]) -> list[tuple[int, int]]:
+    """[a, b) runs of consecutive indices in `order`: one write for frames in sequence, one per held frame."""
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 # ---------------------------------------------------------------------------
@@ -311,12 +323,14 @@ class Pipeline:
         with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
             for frames in self.decode_frames(timed_latents(), plan.model_frames):
                 lap("vae_decoding")
-                chosen = resampler.push(to_uint8(frames))  # (T_o, h, w, 3)
-                if len(chosen):
-                    final = fit_frames(upscale(chosen, v.upscale), v.output_size)  # (T_o, height, width, 3)
-                    writer.write(final)
+                picks = resampler.take(frames.shape[2])  # output frames, as indices into this chunk
+                used = sorted(set(picks))  # each model frame written is enlarged once, however often it is held
+                final = fit_frames(upscale(to_uint8(frames)[used], v.upscale), v.output_size)  # (U, height, width, 3)
+                at = {k: i for i, k in enumerate(used)}
+                for a, b in frame_runs([at[k] for k in picks]):
+                    writer.write(final[a:b])
                     if on_frames is not None:
-                        on_frames(final)
+                        on_frames(final[a:b])
                 lap("mp4_encoding")
             clock["t"] = time.perf_counter()
         lap("mp4_encoding")

@@ -1133,6 +1133,24 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
 # ---------------------------------------------------------------------------
 
 
+def with_data_rate(cfg: Config) -> Config:
+    """cfg with video.model_fps set to the frame rate of its training clips, which its model folder records
+    (generation at another --fps resamples from it). A manifest whose records give no single rate keeps
+    video.model_fps (or video.fps), with a warning."""
+    from soragen.data.clips import data_fps
+
+    v = cfg.video
+    rate = data_fps(cfg.data)
+    if rate is None:
+        rate = v.model_fps or v.fps
+        log.warning("the manifest's records give no single frame rate ('fps'); the model is taken to make %d fps "
+                    "(set video.model_fps to its clips' rate)", rate)
+    elif v.model_fps is not None and v.model_fps != rate:
+        log.warning("video.model_fps (%d) is not the rate of the training clips (%d fps); the model records %d",
+                    v.model_fps, rate, rate)
+    return cfg.model_copy(update={"video": v.model_copy(update={"model_fps": rate})})
+
+
 def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     from accelerate import PartialState
@@ -1140,7 +1158,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
-    cfg = shapes_options_off(cfg)  # before config.yaml records what the run does
+    cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     if cfg.train.dit.text_binding > 0 and "dit" in cfg.train.stages and (
             cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
         raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: true "

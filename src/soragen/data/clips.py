@@ -95,6 +95,18 @@ def read_manifest(folder: Path) -> list[dict]:
     return records
 
 
+def data_fps(cfg: DataConfig) -> int | None:
+    """The frame rate of the clips a run trains on: the Shapes World's, or the one rate a manifest's records
+    give (None when they give none, or several)."""
+    from soragen.data import shapes
+
+    if cfg.kind == "shapes":
+        return shapes.FPS
+    rates = {rec.get("fps") for rec in read_manifest(Path(cfg.path))}
+    rate = rates.pop() if len(rates) == 1 else None
+    return rate if isinstance(rate, int) and rate >= 1 else None
+
+
 def read_frames(path: Path) -> np.ndarray:
     """All frames of a video file as uint8 [T, H, W, 3]."""
     import imageio.v2 as imageio
