@@ -240,7 +240,6 @@ def main() -> None:
         print(f"  {name}: {sec * 1000:.1f} ms, {flops / 1e9:.2f} GFLOP, {flops / sec / 1e9:.1f} GFLOP/s "
               f"({100 * flops / sec / 1e9 / peak:.1f}% peak)")
     products_s, products_flops = info["products"]
-    products_s, products_flops = info["products"]
     print(f"  its linear layers' products alone, each timed at its shape: {products_s * 1000:.1f} ms, "
           f"{products_flops / 1e9:.2f} GFLOP, {products_flops / products_s / 1e9:.1f} GFLOP/s: were everything else "
           f"in the step free, it would reach {100 * ours_flops / products_s / 1e9 / peak:.1f}% of peak")

@@ -79,6 +79,13 @@ def test_other_frame_rates_are_resampled_from_the_models_frames(tmp_path, models
         "frames": 24, "fps": 24, "model_fps": 8, "seconds": 1.0}
 
 
+def test_windows_that_give_no_output_frame(tmp_path, models):
+    """At 1 fps from a 30-fps model most decoded windows hold no output frame; the video is still whole."""
+    sidecar = generate(models, tmp_path / "sparse", format="frames", fps=1, model_fps=30, seconds=3,
+                       output_size="100x60")
+    assert len(read_frames(tmp_path / "sparse")) == 3 and sidecar["video"]["frames"] == 3
+
+
 def test_frame_resampler_across_chunks():
     """Model frames arrive window by window; each output frame is given once, as soon as its frame has come."""
     plan = VideoPlan(num_frames=10, latent_frames=3, latent_height=8, latent_width=8, model_frames=4, fps=20,

@@ -227,6 +227,11 @@ class VideoConfig(_Frozen):
     # centred on black bars (letterbox or pillarbox) when the aspect ratios differ.
     output_size: tuple[int, int] | None = None
 
+    @property
+    def model_rate(self) -> int:
+        """Frames per second the model makes: model_fps, or fps where it is not set."""
+        return self.model_fps or self.fps
+
     @field_validator("output_size", mode="before")
     @classmethod
     def _parse_size(cls, v: Any) -> Any:

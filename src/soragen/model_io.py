@@ -110,7 +110,7 @@ def portable_config(cfg: Config) -> Config:
         "output_dir": fields["output_dir"].default, "stages": fields["stages"].default, "vae_model": None,
         "vae": t.vae.model_copy(update={"init_model": None}), "dit": t.dit.model_copy(update={"init_model": None}),
     })
-    video = cfg.video.model_copy(update={"model_fps": cfg.video.model_fps or cfg.video.fps})  # the rate it learned
+    video = cfg.video.model_copy(update={"model_fps": cfg.video.model_rate})  # the rate it learned
     return cfg.model_copy(update={"model": None, "train": train, "video": video})
 
 

@@ -65,7 +65,7 @@ def plan_video(cfg: Config) -> VideoPlan:
         raise UserError(f"--seconds {v.seconds:g} is above the maximum of {v.max_seconds:g} (video.max_seconds)")
     if not 1 <= v.fps <= MAX_FPS:
         raise UserError(f"--fps must be between 1 and {MAX_FPS}, got {v.fps}")
-    model_fps = v.model_fps or v.fps
+    model_fps = v.model_rate
     if not 1 <= model_fps <= MAX_FPS:
         raise UserError(f"video.model_fps must be between 1 and {MAX_FPS}, got {model_fps}")
     s = cfg.vae.spatial_compression
@@ -323,14 +323,14 @@ class Pipeline:
         with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
             for frames in self.decode_frames(timed_latents(), plan.model_frames):
                 lap("vae_decoding")
-                picks = resampler.take(frames.shape[2])  # output frames, as indices into this chunk
-                used = sorted(set(picks))  # each model frame written is enlarged once, however often it is held
-                final = fit_frames(upscale(to_uint8(frames)[used], v.upscale), v.output_size)  # (U, height, width, 3)
-                at = {k: i for i, k in enumerate(used)}
-                for a, b in frame_runs([at[k] for k in picks]):
-                    writer.write(final[a:b])
-                    if on_frames is not None:
-                        on_frames(final[a:b])
+                picks = resampler.take(frames.shape[2])  # output frames, as indices into this chunk (maybe none)
+                if picks:  # each model frame written is enlarged once, however often it is held
+                    used, order = np.unique(picks, return_inverse=True)  # order: each pick's place in used
+                    final = fit_frames(upscale(to_uint8(frames)[used], v.upscale), v.output_size)  # (U, height, width, 3)
+                    for a, b in frame_runs(order.tolist()):
+                        writer.write(final[a:b])
+                        if on_frames is not None:
+                            on_frames(final[a:b])
                 lap("mp4_encoding")
             clock["t"] = time.perf_counter()
         lap("mp4_encoding")

@@ -1142,7 +1142,7 @@ def with_data_rate(cfg: Config) -> Config:
     v = cfg.video
     rate = data_fps(cfg.data)
     if rate is None:
-        rate = v.model_fps or v.fps
+        rate = v.model_rate
         log.warning("the manifest's records give no single frame rate ('fps'); the model is taken to make %d fps "
                     "(set video.model_fps to its clips' rate)", rate)
     elif v.model_fps is not None and v.model_fps != rate:
