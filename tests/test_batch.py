@@ -234,6 +234,7 @@ def test_twenty_prompts_render_from_each_file_format(tmp_path, suffix):
         frames = round(item.get("seconds", 1) * 4)
         assert rec["video"]["frames"] == frames == count_frames(out / rec["files"]["video"]["path"])
         sidecar = json.loads((out / rec["files"]["sidecar"]["path"]).read_text())
+        assert rec["video"]["model_fps"] == sidecar["video"]["model_fps"] == 4  # base_config's rate, nothing resampled
         assert sidecar["seed"] == rec["seed"]
         assert sidecar["config"]["sampler"]["steps"] == item.get("steps", 2)
         assert sidecar["config"]["sampler"]["guidance"] == item.get("guidance", 4.0)

@@ -66,6 +66,9 @@ def test_model_folder_records_the_rate_of_its_training_clips(trained, tmp_path, 
     with caplog.at_level("WARNING", logger="soragen"):
         assert with_data_rate(train_config(data + ["video.fps=12"])).video.model_fps == 12
     assert "no single frame rate" in caplog.text
+    manifest.write_text('{"path": "a.mp4", "caption": "x", "fps": 120}\n')
+    with pytest.raises(UserError, match="clips are 120 fps; soragen models make 1 to 60 fps"):
+        with_data_rate(train_config(data))
 
 
 def test_run_writes_model_folder_and_checkpoints(trained):

@@ -493,7 +493,7 @@ def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter)
         "model": pipe.model_name,
         "format": cfg.video.format,
         "files": {role: file_entry(folder, folder / name) for role, name in names.items()},
-        "video": {k: sidecar["video"][k] for k in ("seconds", "frames", "fps", "width", "height")},
+        "video": {k: sidecar["video"][k] for k in ("seconds", "frames", "fps", "model_fps", "width", "height")},
         "timings_seconds": timings,
         "status": "ok",
         "error": None,

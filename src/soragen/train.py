@@ -1136,8 +1136,9 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
 def with_data_rate(cfg: Config) -> Config:
     """cfg with video.model_fps set to the frame rate of its training clips, which its model folder records
     (generation at another --fps resamples from it). A manifest whose records give no single rate keeps
-    video.model_fps (or video.fps), with a warning."""
+    video.model_fps (or video.fps), with a warning; one above the rates generation makes is refused."""
     from soragen.data.clips import data_fps
+    from soragen.pipeline import MAX_FPS
 
     v = cfg.video
     rate = data_fps(cfg.data)
@@ -1145,6 +1146,9 @@ def with_data_rate(cfg: Config) -> Config:
         rate = v.model_rate
         log.warning("the manifest's records give no single frame rate ('fps'); the model is taken to make %d fps "
                     "(set video.model_fps to its clips' rate)", rate)
+    elif rate > MAX_FPS:
+        raise UserError(f"the manifest's clips are {rate} fps; soragen models make 1 to {MAX_FPS} fps: re-encode "
+                        f"the clips at {MAX_FPS} fps or less (ffmpeg -r) and give that rate as their records' 'fps'")
     elif v.model_fps is not None and v.model_fps != rate:
         log.warning("video.model_fps (%d) is not the rate of the training clips (%d fps); the model records %d",
                     v.model_fps, rate, rate)
