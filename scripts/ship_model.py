@@ -4,13 +4,15 @@
     python scripts/ship_model.py runs/default/{vae-base,base,tune1} --to DIR   # phases in order: the last holds the model
     python scripts/ship_model.py runs/mine --model runs/mine/samples/model --step 3000   # mid-run (one run only)
     python scripts/ship_model.py runs/mine --to models/candidate   # not the built-in model: a folder to fine-tune from
+    python scripts/ship_model.py runs/dec --after src/soragen/weights/shapes --replace   # a fine-tune of the shipped model
 
 
 1. copies RUN/model beside the target (DiT and VAE weights stored as float16; the config without
    the run's own paths),
 2. runs `soragen eval` on configs/prompts/shapes-eval.txt (4-second videos) with the copy,
 3. writes the model card (README.md; with several run folders, a line per phase: its steps, wall time and
-   settings beyond configs/default.yaml) and PROMPTS.txt into it, and only then renames it into place:
+   settings beyond configs/default.yaml; with --after MODEL, the phases and wall times of the model the runs
+   fine-tuned first, as its card lists them) and PROMPTS.txt into it, and only then renames it into place:
    src/soragen/weights/shapes (needs --replace when a built-in model is already there), or --to DIR.
 """
 
@@ -80,6 +82,16 @@ def beside(value: object, run: Path) -> object:
     return value
 
 
+def earlier_phases(card: str) -> tuple[list[str], dict[str, float]]:
+    """From the card of the model a run fine-tuned: its phase and history lines, and its wall time per stage (s)."""
+    import re
+
+    lines = [line for line in card.splitlines() if line.startswith(("- Phase `", "- History:", "- Decoder:"))]
+    wall = next((line for line in card.splitlines() if line.startswith("- Wall time on 2 CPU cores:")), "")
+    wall = wall.split("(total")[0]
+    return lines, {stage: float(minutes) * 60 for stage, minutes in re.findall(r"(\w+) (\d+) min", wall)}
+
+
 def phase_line(run: Path, recipe: dict[str, object]) -> str:
     """One phase of a multi-run history: the stages it trained, their wall time and its settings beyond the
     recipe (but those of stages it did not train)."""
@@ -90,7 +102,8 @@ def phase_line(run: Path, recipe: dict[str, object]) -> str:
     times = wall_time(run / "metrics.jsonl")
     trained = [f"{stage} {n:,} steps ({times.get(stage, 0) / 60:.0f} min)" for stage, n in steps.items()]
     untrained = tuple(f"train.{stage}." for stage in ("vae", "dit", "decoder") if stage not in steps)
-    skip = {"model", "train.output_dir", "train.stages", "vae.latent_mean", "vae.latent_std"}  # where, not how
+    skip = {"model", "train.output_dir", "train.stages", "vae.latent_mean", "vae.latent_std",
+            "video.model_fps"}  # where, not how; the rate is the training clips'
     changed = [f"{key.removeprefix('train.')}={beside(value, run)}" for key, value in settings.items()
                if key not in skip and not key.startswith(untrained) and recipe.get(key) != value]
     return f"- Phase `{run.name}`: {', '.join(trained)}; " + (", ".join(changed) or "configs/default.yaml as it is")
@@ -121,6 +134,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=ROOT / "configs/prompts/shapes-eval.txt", help="evaluation prompts")
     parser.add_argument("--to", type=Path, default=TARGET, help="where to install it (default: the package's built-in model)")
     parser.add_argument("--replace", action="store_true", help="replace the built-in model that the package ships")
+    parser.add_argument("--after", type=Path, metavar="MODEL",
+                        help="model folder the runs fine-tuned (e.g. the built-in one): its card's phases come first")
     parser.add_argument("--note", default="", help="a sentence for the card's first paragraph (e.g. what it falls short of)")
     args = parser.parse_args()
     args.run = args.runs[-1]
@@ -128,6 +143,8 @@ def main() -> None:
         for name in ("config.yaml", "metrics.jsonl"):
             if not (run / name).is_file():
                 fail(f"{run} is not a run folder of `soragen train` ({name} is missing)")
+    if args.after is not None and not (args.after / "README.md").is_file():
+        fail(f"--after {args.after}: no model card (README.md) there to take the earlier phases from")
     if args.step is not None and len(args.runs) > 1:
         fail("--step describes a model taken from the middle of one run; give that run alone")
     target = args.to.resolve()
@@ -157,6 +174,7 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     from soragen.evaluation.run import format_table
     from soragen.model_io import WEIGHTS, portable_config
 
+    earlier, times = earlier_phases((args.after / "README.md").read_text(encoding="utf-8")) if args.after else ([], {})
     shutil.copytree(model, tmp)
     for sub in ("transformer", "vae"):
         to_half(tmp / sub / WEIGHTS)
@@ -172,7 +190,6 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
 
     # 3. Model card.
     cfg = load_config(None, [f"model={tmp}"])
-    times: dict[str, float] = {}
     for run in args.runs:
         for stage, seconds in wall_time(run / "metrics.jsonl").items():
             times[stage] = times.get(stage, 0.0) + seconds
@@ -181,9 +198,10 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     gate = json.loads(gate_path.read_text()) if gate_path is not None and gate_path.is_file() else {}
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*.safetensors")}
     history = ""
-    if len(args.runs) > 1:
+    phased = len(args.runs) > 1 or args.after is not None
+    if phased:
         recipe = flat(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json"))
-        history = "\n" + "\n".join(phase_line(run, recipe) for run in args.runs)
+        history = "\n" + "\n".join(earlier + [phase_line(run, recipe) for run in args.runs])
     history += f"\n- History: {args.history}." if args.history else ""
     source = "builtin" if builtin else str(args.to)
     role = ('It is soragen\'s default model: `soragen generate "a large red circle moving right"`.' if builtin
@@ -194,7 +212,9 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     decoder_path = tmp / "vae" / "decoder_finetune.json"
     decoder = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
     if decoder:
-        history += (f"\n- Decoder: fine-tuned for {decoder['steps']} steps on the DiT's own latents (train stage 'decoder', "
+        gate = decoder.get("gate") or gate  # the reconstructions now come from the fine-tuned decoder
+        steps_text = "" if phased else f" for {decoder['steps']} steps"  # phased: the phase lines give the steps
+        history += (f"\n- Decoder: fine-tuned{steps_text} on the DiT's own latents (train stage 'decoder', "
                     f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
                     f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
     d = cfg.train.dit
@@ -202,7 +222,7 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
                f"1-{d.max_context} context frames; caption dropout {d.caption_dropout:.0%}")
     timesteps = (f"timesteps drawn as 1000 * u**(1/{d.timestep_power:g}); {d.frame_noise:.0%} of windows with a "
                  "timestep per frame")
-    if len(args.runs) > 1:  # the phases' lines below say what each trained
+    if phased:  # the phases' lines below say what each trained
         steps = (f"- DiT + T5: {windows};\n  {timesteps}. In phases, each from the one before, with the settings of "
                  "configs/default.yaml but those named (for the stages each trained):")
     else:

@@ -19,7 +19,10 @@
 #   tune2     1,200 more steps as tune1 (~30 min)
 #   cool1     600 steps at lr 8e-5, EMA 0.995 (~16 min)
 #   cool2     800 steps at lr 5e-5 (~21 min)
-# About 3.5 h in all.
+#   decoder   the VAE decoder fine-tuned on latents cool2's model denoised from real clips noised to one of the
+#             sampler's last 10 steps (train stage 'decoder'), 1,000 steps of 8 clips (~55 min): its squares'
+#             sides come out straighter (docs/training-log.md, session 30)
+# About 4.5 h in all.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 run=runs/default
@@ -74,4 +77,14 @@ tune cool1 tune2 --set train.dit.steps=600 --set train.dit.lr=8e-5 --set train.d
   --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
 tune cool2 cool1 --set train.dit.steps=800 --set train.dit.lr=5e-5 --set train.dit.text_lr=1.2e-4 \
   --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
-python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2} --to "$run/candidate"
+# The decoder phase works on a copy of cool2's model folder (copied under a temporary name, then renamed).
+if [ ! -f "$run/decoder/model/vae/decoder_finetune.json" ]; then
+  mkdir -p "$run/decoder"
+  if [ ! -d "$run/decoder/model" ]; then
+    rm -rf "$run/decoder/model.part"
+    cp -r "$run/cool2/model" "$run/decoder/model.part" && mv "$run/decoder/model.part" "$run/decoder/model"
+  fi
+  train decoder --set 'train.stages=[decoder]' --set train.decoder.steps=1000 --set train.decoder.batch_size=8 \
+    --set train.decoder.last_steps=10 --set train.decoder.clean_fraction=0.2
+fi
+python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder} --to "$run/candidate"

@@ -39,3 +39,14 @@ def test_phase_lines_name_the_steps_time_and_settings_beyond_the_recipe(tmp_path
     assert line.startswith("- Phase `tune1`: dit 600 steps (1 min); ") and "dit.twin_rows=4" in line
     assert "vae.lr" not in line  # a setting of a stage the phase did not train is not named
     assert sm.phase_line(fake_run(tmp_path / "plain", [], {"vae": 50}), recipe).endswith("configs/default.yaml as it is")
+
+
+def test_a_fine_tune_of_a_shipped_model_keeps_its_phases_and_wall_time():
+    """--after MODEL: the card of the model the runs fine-tuned gives its phase lines and its wall time per stage."""
+    sm = load_script("ship_model")
+    card = (ROOT / "src" / "soragen" / "weights" / "shapes" / "README.md").read_text(encoding="utf-8")
+    lines, times = sm.earlier_phases(card)
+    assert lines and all(line.startswith(("- Phase `", "- History:", "- Decoder:")) for line in lines)
+    assert lines[0].startswith("- Phase `") and any(line.startswith("- History:") for line in lines)
+    assert set(times) >= {"vae", "dit"} and all(t > 0 for t in times.values())
+    assert sm.earlier_phases("# a card\n- Wall time on 2 CPU cores: dit 5 min (total 5 min)") == ([], {"dit": 300.0})
