@@ -6,8 +6,8 @@ kernels for the CPU it finds. On the project's 2-core AMD EPYC machines, a 2048^
 ran at 190-195 GFLOP/s through `torch.matmul` and at 358-435 through oneDNN; one denoising step of
 the built-in DiT took 32-36 ms instead of 55-60 (the same outputs to 5e-6), and a training forward
 and backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
-Anywhere else (no oneDNN, not x86-64, not fp32 on CPU, under autocast, empty input) `Linear` is
-plain `nn.Linear`.
+Anywhere else (no oneDNN, a CPU without AVX-512, not x86-64, not fp32 on CPU, under autocast, empty
+input) `Linear` is plain `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def onednn_takes(x: torch.Tensor) -> bool:
             and on_x86_with_onednn())
 
 
-# torch's oneDNN linear (y = x W^T + b with an optional fused activation), or None.
-_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if on_x86_with_onednn() else None
+# torch's oneDNN linear (y = x W^T + b with an optional fused activation), or None. Only on CPUs with AVX-512:
+# on an AMD EPYC without it (session 30) oneDNN's GEMM was the slower one, 120 against torch.matmul's 157
+# GFLOP/s at 2048^3, and a denoising step took 158 ms through it against 92 ms through F.linear.
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if on_x86_with_onednn() and _AVX512 else None
 _plain = contextvars.ContextVar("soragen_plain_linear", default=False)
 
 
