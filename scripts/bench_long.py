@@ -32,7 +32,7 @@ def matmul_peak(n: int = 2048, reps: int = 10, rounds: int = 5) -> dict[str, flo
     """Measured fp32 matrix-multiply GFLOP/s on this machine, per GEMM torch can run: the best of a few timed rounds.
 
     "matmul" is torch.matmul (MKL on x86); "onednn" is the oneDNN GEMM that soragen's DiT uses
-    where torch has it (soragen.linear; on AMD CPUs MKL runs AVX2 code and oneDNN AVX-512).
+    where torch has it and the CPU has AVX-512 (soragen.linear; there MKL runs AVX2 code and oneDNN AVX-512).
     The first round after start-up can run well below the cores' rate (280 against 390
     GFLOP/s, session 13), which would overstate the denoiser's share of the peak.
     """

@@ -83,10 +83,11 @@ def beside(value: object, run: Path) -> object:
 
 
 def earlier_phases(card: str) -> tuple[list[str], dict[str, float]]:
-    """From the card of the model a run fine-tuned: its phase and history lines, and its wall time per stage (s)."""
+    """From the card of the model a run fine-tuned: its phase and history lines, and its wall time per stage (s).
+    Not its "- Decoder:" line: the new card writes that again from the decoder_finetune.json its model folder holds."""
     import re
 
-    lines = [line for line in card.splitlines() if line.startswith(("- Phase `", "- History:", "- Decoder:"))]
+    lines = [line for line in card.splitlines() if line.startswith(("- Phase `", "- History:"))]
     wall = next((line for line in card.splitlines() if line.startswith("- Wall time on 2 CPU cores:")), "")
     wall = wall.split("(total")[0]
     return lines, {stage: float(minutes) * 60 for stage, minutes in re.findall(r"(\w+) (\d+) min", wall)}

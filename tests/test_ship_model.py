@@ -47,6 +47,7 @@ def test_a_fine_tune_of_a_shipped_model_keeps_its_phases_and_wall_time():
     card = (ROOT / "src" / "soragen" / "weights" / "shapes" / "README.md").read_text(encoding="utf-8")
     lines, times = sm.earlier_phases(card)
     assert lines and all(line.startswith(("- Phase `", "- History:", "- Decoder:")) for line in lines)
+    assert not any(line.startswith("- Decoder:") for line in lines)  # written again from the model folder
     assert lines[0].startswith("- Phase `") and any(line.startswith("- History:") for line in lines)
     assert set(times) >= {"vae", "dit"} and all(t > 0 for t in times.values())
     assert sm.earlier_phases("# a card\n- Wall time on 2 CPU cores: dit 5 min (total 5 min)") == ([], {"dit": 300.0})
