@@ -216,8 +216,7 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
         gate = decoder.get("gate") or gate  # the reconstructions now come from the fine-tuned decoder
         steps_text = "" if phased else f" for {decoder['steps']} steps"  # phased: the phase lines give the steps
         history += (f"\n- Decoder: fine-tuned{steps_text} on the DiT's own latents (train stage 'decoder', "
-                    f"the sampler's last {decoder['last_steps']} steps); its reconstructions scored by the detector: "
-                    f"{json.dumps({k: round(v, 3) for k, v in decoder.get('gate', {}).items()})}")
+                    f"the sampler's last {decoder['last_steps']} steps).")
     d = cfg.train.dit
     windows = (f"{d.batch_size} windows of {d.window} latent frames; {d.context_fraction:.0%} of windows with "
                f"1-{d.max_context} context frames; caption dropout {d.caption_dropout:.0%}")
@@ -256,7 +255,7 @@ World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`)
   held-out combinations never rendered.
 {steps}{history}
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
-- VAE reconstructions scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
+- VAE reconstructions{" (by the fine-tuned decoder)" if decoder else ""} scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
 ## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance})
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from soragen.config import load_config
+from soragen.config import load_config, read_yaml
 from soragen.errors import UserError
 from soragen.pipeline import Pipeline
 from soragen.train import RunFolder, sample_windows, train
@@ -328,6 +328,9 @@ def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
     assert changed and all(k.startswith("decoder.") for k in changed)
     info = json.loads((run / "model" / "vae" / "decoder_finetune.json").read_text())
     assert info["steps"] == 3 and "gate" in info
+    recorded = read_yaml(run / "model" / "soragen.yaml")  # the folder's config tells this stage's settings
+    assert recorded["train"]["decoder"]["steps"] == 3 and recorded["train"]["decoder"]["last_steps"] == 2
+    assert recorded["model"] is None and recorded["dit"] == read_yaml(model / "soragen.yaml")["dit"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [2, 3]
     assert all(m["sampler_steps"] >= 1 for m in lines if m["stage"] == "decoder" and "loss" in m)

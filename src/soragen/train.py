@@ -105,6 +105,18 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace path's text all at once: written under a temporary name beside it, then renamed."""
+    from soragen.video_io import temporary_path
+
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _cpu_only() -> bool:
     """No GPU or other accelerator: processes started by `accelerate launch` then train together over gloo."""
     try:
@@ -1057,7 +1069,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     """
     from soragen.config import load_config
     from soragen.data.clips import make_source
-    from soragen.model_io import WEIGHTS, save_file_atomic
+    from soragen.model_io import WEIGHTS, portable_config, save_file_atomic
     from soragen.pipeline import Pipeline
     from soragen.sampler import denoise, draw_noise, make_scheduler
 
@@ -1120,6 +1132,9 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
         vae.decoder = acc.unwrap_model(decoder)
         vae.eval()
         save_file_atomic(vae.state_dict(), run.model / "vae" / WEIGHTS)
+        # The folder's config records this stage's settings, not those of the run that trained the DiT.
+        model_cfg = model_cfg.model_copy(update={"train": model_cfg.train.model_copy(update={"decoder": t})})
+        _write_text_atomic(run.model / "soragen.yaml", portable_config(model_cfg).to_yaml())
         info: dict[str, Any] = {"steps": t.steps, "last_steps": t.last_steps, "clean_fraction": t.clean_fraction}
         if cfg.data.kind == "shapes" and cfg.train.vae_gate_clips:
             info["gate"] = vae_gate(model_cfg, vae, clips=cfg.train.vae_gate_clips)
