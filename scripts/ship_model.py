@@ -113,8 +113,11 @@ def phase_line(run: Path, recipe: dict[str, object]) -> str:
 def to_half(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    from soragen.video_io import follow_umask
+
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path))
+    follow_umask(path)  # readable as the user's other files are, like the rest of the model folder
 
 
 def fail(message: str) -> None:
@@ -208,7 +211,8 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     role = ('It is soragen\'s default model: `soragen generate "a large red circle moving right"`.' if builtin
             else "It is not the built-in model.")
     role += f" {args.note}" if args.note else ""
-    role += (f" Continue training from it with `soragen train --config configs/default.yaml --set 'train.stages=[dit]' "
+    role += (f" Continue training from it with `soragen train --config configs/default.yaml --set train.output_dir=runs/continue "
+             f"--set 'train.stages=[dit]' "
              f"--set train.vae_model={source} --set train.dit.init_model={source}`.")
     decoder_path = tmp / "vae" / "decoder_finetune.json"
     decoder = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
@@ -257,7 +261,7 @@ World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`)
 - Wall time on 2 CPU cores: {", ".join(f"{k} {v / 60:.0f} min" for k, v in times.items())} (total {sum(times.values()) / 60:.0f} min).
 - VAE reconstructions{" (by the fine-tuned decoder)" if decoder else ""} scored by the detector (the ceiling of the model): {json.dumps({k: round(v, 3) for k, v in gate.items()})}
 
-## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance})
+## Evaluation (`soragen eval --prompts {shown_prompts} --seconds 4 --seeds {report["seeds"]}`, {report["seeds"]} seed{"s" * (report["seeds"] > 1)} per prompt; default sampler, {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance})
 
 ```
 {format_table(report["table"])}

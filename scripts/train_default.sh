@@ -87,4 +87,4 @@ if [ ! -f "$run/decoder/model/vae/decoder_finetune.json" ]; then
   train decoder --set 'train.stages=[decoder]' --set train.decoder.steps=1000 --set train.decoder.batch_size=8 \
     --set train.decoder.last_steps=10 --set train.decoder.clean_fraction=0.2
 fi
-python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder} --to "$run/candidate"
+python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder} --seeds 2 --to "$run/candidate"

@@ -22,8 +22,9 @@ def current_umask() -> int:
 
 def test_folder_where_the_video_goes_and_file_where_frames_go(tmp_path, tiny_yaml, capsys):
     (tmp_path / "d.mp4").mkdir()
-    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(tmp_path / "d.mp4"), "--overwrite"], capsys)
-    assert code == 2 and "is a folder, not the file this format writes" in one_error_line(err)
+    for overwrite in ([], ["--overwrite"]):  # without --overwrite too: passing it would not help
+        code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "-o", str(tmp_path / "d.mp4")] + overwrite, capsys)
+        assert code == 2 and "is a folder, not the file this format writes" in one_error_line(err)
     (tmp_path / "f").write_text("keep me")
     code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--format", "frames", "-o", str(tmp_path / "f"),
                             "--overwrite"], capsys)

@@ -838,3 +838,24 @@ def test_model_folder_and_cache_follow_the_umask(trained):
     for path in [root / "latents.safetensors", model, *model.rglob("*")]:
         expected = (0o777 if path.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_a_manifest_of_videos_shorter_than_the_clips_warns(tmp_path, caplog):
+    """Videos shorter than the clips a stage cuts are filled by holding their last frame: training says so."""
+    from soragen.train import warn_short_clips
+    from soragen.vae import frames_for
+
+    cfg = train_config(TINY + ["data.kind=manifest", f"data.path={tmp_path}", "data.clip_latent_frames=20",
+                               "vae.temporal_compression=2", "train.stages=[vae,dit]"])
+    need = frames_for(20, 2)  # 39 frames: the DiT's cached clips are the longest the run cuts
+    records = [{"path": f"{i}.mp4", "caption": "a red circle moving left", "fps": 8, "frames": n}
+               for i, n in enumerate([32, need, 40])]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level("WARNING", logger="soragen"):
+        warn_short_clips(cfg)
+    assert "1 of the manifest's 3 videos have fewer than the 39 frames" in caplog.text
+    assert "data.clip_latent_frames" in caplog.text and "--seconds 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soragen"):
+        warn_short_clips(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stages": ["vae"]})}))
+    assert not caplog.text  # the VAE's 5-frame clips fit every video

@@ -1148,6 +1148,28 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
 # ---------------------------------------------------------------------------
 
 
+def warn_short_clips(cfg: Config) -> None:
+    """Warn when a manifest's videos (by their records' 'frames') are shorter than the clips the run's stages
+    cut: each such clip is filled by holding its last frame, and the model learns scenes that stop."""
+    from soragen.data.clips import read_manifest
+    from soragen.vae import frames_for
+
+    if cfg.data.kind != "manifest":
+        return
+    t = cfg.train
+    wants = {"vae": (t.vae.clip_frames, "train.vae.clip_frames"),
+             "dit": (frames_for(cfg.data.clip_latent_frames, cfg.vae.temporal_compression), "data.clip_latent_frames"),
+             "decoder": (t.decoder.clip_frames, "train.decoder.clip_frames")}
+    need, setting = max(wants[s] for s in t.stages)
+    frames = [rec.get("frames") for rec in read_manifest(Path(cfg.data.path))]
+    short = sum(isinstance(f, int) and f < need for f in frames)
+    if short:
+        seconds = math.ceil(need / cfg.video.model_rate)
+        log.warning("%d of the manifest's %d videos have fewer than the %d frames a training clip takes (%s); their "
+                    "last frame is held to fill the clip: give longer videos (e.g. soragen dataset shapes --seconds %d) "
+                    "or lower %s", short, len(frames), need, setting, seconds, setting)
+
+
 def with_data_rate(cfg: Config) -> Config:
     """cfg with video.model_fps set to the frame rate of its training clips, which its model folder records
     (generation at another --fps resamples from it). A manifest whose records give no single rate keeps
@@ -1178,6 +1200,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         torch.set_num_threads(cfg.train.threads)
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
+    warn_short_clips(cfg)
     if cfg.train.dit.text_binding > 0 and "dit" in cfg.train.stages and (
             cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
         raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: true "

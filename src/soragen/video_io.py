@@ -167,6 +167,9 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
     other way round (`folder_output`: the frames format), or its folder cannot be written.
     `sidecar_of`: the video whose JSON sidecar `path` is (named in the message)."""
     kind = "folder" if folder_output else "file"
+    if path.exists() and path.is_dir() != folder_output:  # --overwrite would not help: say so first
+        other = "a file" if folder_output else "a folder"
+        raise UserError(f"output {path} is {other}, not the {kind} this format writes; choose another --output")
     if path.exists() and not overwrite:
         what, hint = f"output {kind} {path}", ""
         if sidecar_of is not None:  # a.mp4 and a.webm share a.json: name the video it belongs to
@@ -174,9 +177,6 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
             owners = [p.name for p in map(sidecar_of.with_suffix, SUFFIXES.values()) if p != sidecar_of and p.exists()]
             hint = f" (written for {', '.join(owners)})" if owners else ""
         raise UserError(f"{what} already exists{hint}; pass --overwrite to replace it or choose another --output")
-    if path.exists() and path.is_dir() != folder_output:
-        other = "a file" if folder_output else "a folder"
-        raise UserError(f"output {path} is {other}, not the {kind} this format writes; choose another --output")
     folder = path.parent
     check_can_hold(folder, path, "--output")
     if not folder.exists():
