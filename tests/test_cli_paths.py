@@ -78,6 +78,33 @@ def test_eval_keeps_an_earlier_evaluation(tmp_path, tiny_yaml, capsys):
     assert code == 2 and "eval writes and scores mp4 videos" in one_error_line(err)
 
 
+def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """Without eval.json (interrupted), a rerun scores the videos finished for the same prompt, seed and config
+    instead of making them again; other settings, or --overwrite, make every video."""
+    import json
+
+    from soragen.pipeline import Pipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue box moving up\n")
+    ev = tmp_path / "ev"
+    args = ["eval", "--prompts", str(prompts), "--out", str(ev), "-c", str(tiny_yaml), "--seconds", "1"]
+    assert run_cli(args, capsys)[0] == 0
+    first = json.loads((ev / "eval.json").read_text())
+    (ev / "eval.json").unlink()  # interrupted: during the second video, after the first was finished
+    (ev / "001_seed0.json").unlink()
+    made = []
+    generate = Pipeline.generate
+    monkeypatch.setattr(Pipeline, "generate", lambda self, prompt, *a, **k: made.append(prompt) or generate(self, prompt, *a, **k))
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and made == ["a blue box moving up"] and "1 of 2 videos were finished" in out
+    again = json.loads((ev / "eval.json").read_text())
+    assert again["reused"] == 1 and again["results"][0]["score"] == first["results"][0]["score"]
+    (ev / "eval.json").unlink()
+    assert run_cli(args + ["--steps", "2"], capsys)[0] == 0 and len(made) == 3  # another config: both made
+    assert run_cli(args + ["--steps", "2", "--overwrite"], capsys)[0] == 0 and len(made) == 5
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seconds", "0"], "--seconds must be above 0 and at most 600"),
     (["--seconds", "100000"], "--seconds must be above 0 and at most 600"),

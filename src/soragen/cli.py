@@ -335,7 +335,8 @@ def eval_(
     model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --out, and make every video "
+                                                 "again (without it, videos an interrupted one finished are reused).")] = False,
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import MAX_SEED, load_config
@@ -369,8 +370,11 @@ def eval_(
             if n < total:
                 progress.reset(step, total=calls)
 
-        report = evaluate(cfg, items, out, seeds=seeds, on_video=on_video,
+        report = evaluate(cfg, items, out, seeds=seeds, reuse=not overwrite, on_video=on_video,
                           on_step=lambda i: progress.update(step, completed=i + 1))
+    if report["reused"]:
+        typer.echo(f"{report['reused']} of {len(items) * seeds} videos were finished by an earlier, interrupted "
+                   f"evaluation in {out} with the same settings: scored, not made again (--overwrite makes all)")
     typer.echo(format_table(report["table"]))
     if report["long_table"] is not None:
         typer.echo(format_long_table(report["long_table"]))

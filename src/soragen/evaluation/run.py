@@ -81,11 +81,29 @@ def tabulate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def made_before(path: Path, prompt: str, model: str, cfg: Config) -> dict[str, Any] | None:
+    """The sidecar of video `path` if an earlier (interrupted) evaluation finished it for this prompt, model and
+    config, else None. A video file is complete once it exists (written under a temporary name, then renamed),
+    and its sidecar is written after it."""
+    from soragen.video_io import sidecar_path
+
+    try:
+        sidecar = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(sidecar, dict) and sidecar.get("prompt") == prompt and sidecar.get("model") == model
+            and sidecar.get("config") == cfg.to_dict())
+    return sidecar if same and path.is_file() else None
+
+
 def evaluate(
-    cfg: Config, prompts: list[str], out: Path, *, seeds: int = 1,
+    cfg: Config, prompts: list[str], out: Path, *, seeds: int = 1, reuse: bool = False,
     on_video: Callable[[int, int], None] | None = None, on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate and score every prompt (x seeds); writes out/eval.json and returns it."""
+    """Generate and score every prompt (x seeds); writes out/eval.json and returns it.
+
+    With `reuse`, videos that an interrupted evaluation in `out` finished with the same prompt, seed, model and
+    config are scored again instead of made again (report["reused"] counts them)."""
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
     from soragen.pipeline import Pipeline, plan_video
@@ -95,13 +113,18 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_config(cfg)
     results = []
+    reused = 0
     total = len(prompts) * seeds
     for i, prompt in enumerate(prompts):
         for s in range(seeds):
             seed = cfg.seed + s
             pipe.cfg = update(cfg, seed=seed)
             path = out / f"{i:03d}_seed{seed}.mp4"
-            sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step)
+            sidecar = made_before(path, prompt, pipe.model_name, pipe.cfg) if reuse else None
+            if sidecar is None:
+                sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step)
+            else:
+                reused += 1
             frames = read_frames(path)
             score = score_video(frames, prompt, fps=cfg.video.fps)
             record = {"prompt": prompt, "seed": seed, "category": category(prompt), "video": path.name,
@@ -115,7 +138,8 @@ def evaluate(
             results.append(record)
             if on_video is not None:
                 on_video(len(results), total)
-    report = {"model": pipe.model_name, "seconds": cfg.video.seconds, "seeds": seeds, "table": tabulate(results),
+    report = {"model": pipe.model_name, "seconds": cfg.video.seconds, "seeds": seeds, "reused": reused,
+              "table": tabulate(results),
               "long_table": tabulate_long(results), "results": results, "config": cfg.to_dict()}
     write_json(out / "eval.json", report)
     return report
