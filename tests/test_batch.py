@@ -141,6 +141,7 @@ def test_csv_cells_are_typed_and_empty_cells_unset(tmp_path):
         ("p.csv", "text\nx\n", "include 'prompt'"),
         ("p.yaml", "prompt: x\n", "must hold a YAML list"),
         ("p.yaml", "- [unclosed\n", "malformed YAML"),
+        ("p.csv", "prompt,steps\na red ball,2\n\"a blue ball, bouncing,2\nx,1\ny,1\n", "a cell that opens a quote must close it"),
     ],
 )
 def test_bad_prompt_files_are_user_errors(tmp_path, name, text, fragment):
@@ -290,6 +291,43 @@ def test_resume_checks_files_and_config(tmp_path, tiny_yaml, capsys):
     assert code == 0 and "4 rendered" in stdout
     assert not list(out.glob("*.mp4")) and len(list(out.glob("*.webm"))) == 4
     assert {p.name for p in out.iterdir()} == expected_files(manifest(out)) | {"manifest.shard-0-of-1.jsonl"}
+
+
+def test_resume_survives_edited_records_and_renamed_items(tmp_path, tiny_yaml, capsys):
+    """A manifest is data: a record pointing at the folder itself, or of the wrong shape, is re-rendered and
+    deletes nothing else; an item that takes over another's name never has its new files removed; a prompt with
+    U+2028 is done once."""
+    out = tmp_path / "out"
+    prompts = write_prompt_file(tmp_path / "p.jsonl", [{"prompt": "a blue ball", "name": "clip"},
+                                                       {"prompt": "a red ball\u2028a blue ball"}])
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    assert run_cli(args, capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    records = manifest(out)
+    records[0]["files"]["poster"]["path"] = "."
+    records[1]["video"] = None
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "manifest.shard-0-of-1.jsonl").unlink()
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "2 rendered, 0 already done" in stdout and (out / "notes.txt").read_text() == "mine"
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "0 rendered, 2 already done" in stdout  # the U+2028 prompt's record reads back whole
+
+    write_prompt_file(prompts, [{"prompt": "a red cube", "name": "clip"}, {"prompt": "a blue ball", "name": "clip"}])
+    code, stdout, _ = run_cli(args, capsys)
+    records = manifest(out)
+    assert code == 0 and [r["name"] for r in records] == ["clip", "clip-2"]
+    assert all(r["status"] == "ok" and files_intact(out, r) for r in records)
+    assert records[0]["prompt"] == "a red cube" and (out / "notes.txt").exists()
+
+
+def test_the_prompt_file_is_not_the_manifest_batch_writes(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = write_prompt_file(out / MANIFEST, [{"prompt": "a red ball"}])
+    before = prompts.read_bytes()
+    code, _, err = run_cli(["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)], capsys)
+    assert code == 2 and "is the manifest.jsonl batch writes" in err and prompts.read_bytes() == before
 
 
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):

@@ -111,7 +111,8 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     (["--seconds", "nan"], "--seconds must be above 0 and at most 600"),
     (["--chinese", "2"], "--chinese is a share of the captions, between 0 and 1"),
     (["--two-objects", "-0.5"], "--two-objects is a share of the scenes, between 0 and 1"),
-    (["--num", "0"], "--num must be >= 1"),
+    (["--num", "0"], "--num must be between 1 and 10,000,000, got 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 9223372036854775807, got -1"),
 ])
 def test_dataset_request_checked_first(tmp_path, capsys, extra, message):
     args = ["dataset", "shapes", "--out", str(tmp_path / "ds"), "--num", "2"] + extra

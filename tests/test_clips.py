@@ -74,3 +74,9 @@ def test_dataset_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["dataset", "shapes", "--out", str(tmp_path / "d"), "--num", "2"])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "mine.mp4").write_bytes(b"keep")
+    with pytest.raises(SystemExit) as e:
+        main(["dataset", "shapes", "--out", str(tmp_path / "e"), "--num", "1"])
+    assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["mine.mp4"]

@@ -113,7 +113,7 @@ def _item(index: int, where: str, data: Any, raw: str) -> RawItem:
 
 def _read_txt(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and the like stay inside a prompt
         line = line.strip()
         if line and not line.startswith("#"):
             items.append(_item(len(items), f"line {n}", line, line))
@@ -122,7 +122,7 @@ def _read_txt(text: str) -> list[RawItem]:
 
 def _read_jsonl(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 raw; only \n ends a line
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -136,7 +136,14 @@ def _read_jsonl(text: str) -> list[RawItem]:
 
 
 def _read_csv(text: str, path: Path) -> list[RawItem]:
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), strict=True)  # strict: an unclosed quote is an error, not the rest of the file
+    try:
+        return _csv_items(reader, path)
+    except csv.Error as e:
+        raise UserError(f"{path} line {reader.line_num}: malformed CSV ({e}); a cell that opens a quote must close it") from None
+
+
+def _csv_items(reader: csv.DictReader, path: Path) -> list[RawItem]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     if "prompt" not in header:
         raise UserError(f"{path}: the first row must name the columns and include 'prompt' (valid: {', '.join(FIELDS)}), got {header}")
@@ -286,14 +293,23 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except (FileNotFoundError, UnicodeDecodeError):
         return []
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # records are written with raw U+2028 and the like (ensure_ascii=False)
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and _well_formed(rec):
             out.append(rec)
     return out
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    """Whether a record has the fields the gallery and the resume read, of the right types (a manifest is data:
+    an edited or damaged record counts as not there, and its item is rendered again)."""
+    text = all(isinstance(rec.get(k, ""), str) for k in ("name", "prompt", "where", "status", "finished_at"))
+    if rec.get("status") != "ok":
+        return text
+    return text and all(isinstance(rec.get(k), dict) for k in ("files", "video", "timings_seconds"))
 
 
 def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
@@ -327,7 +343,7 @@ def file_entry(folder: Path, path: Path) -> dict[str, Any]:
 
 def _inside(folder: Path, rel: Any) -> Path | None:
     """folder/rel if rel is a plain relative path inside folder, else None (a manifest is data, not trusted paths)."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+    if not isinstance(rel, str) or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
         return None
     return folder / rel
 
@@ -500,17 +516,18 @@ def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter)
     }
 
 
-def _remove_replaced(folder: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
-    """Delete files an item's earlier record listed that its new outputs no longer use (e.g. after --format changed)."""
+def _remove_replaced(folder: Path, old: dict[str, Any] | None, new: dict[str, Any], taken: set[str]) -> None:
+    """Delete files an item's earlier record listed that its new outputs no longer use (e.g. after --format changed),
+    but none that another item of the prompt file is now named for (`taken`: after a rename, its files)."""
     import shutil
 
     if not old or not isinstance(old.get("files"), dict):
         return
-    keep = {e["path"] for e in new.get("files", {}).values()}
+    keep = {e["path"] for e in new.get("files", {}).values()} | taken
     for entry in old["files"].values():
         rel = entry.get("path") if isinstance(entry, dict) else None
         path = _inside(folder, rel)
-        if path is not None and rel not in keep and path.exists():
+        if path is not None and "/" not in rel and rel not in keep and path.exists():  # outputs sit in the folder itself
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -524,7 +541,7 @@ def run_batch(
 ) -> BatchResult:
     """Render the prompt file's items of this shard into folder; resume where an earlier run stopped."""
     from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import write_text
+    from soragen.video_io import SUFFIXES, write_text
 
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
@@ -533,6 +550,11 @@ def run_batch(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder")
+    given = Path(prompt_file).resolve()
+    if given.parent == folder.resolve() and (given.name in (MANIFEST, "index.html")
+                                             or re.fullmatch(r"manifest\.shard-\d+-of-\d+\.jsonl", given.name)):
+        raise UserError(f"the prompt file {prompt_file} is the {given.name} batch writes in --out {folder}; "
+                        "copy it elsewhere or choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -545,6 +567,7 @@ def run_batch(
     # Only this process writes this shard's files, so their leftovers are safe to delete.
     fmt = cfg.video.format
     own_names = [own_manifest.name] + [n for it in mine for n in output_names(it, fmt).values()]
+    owner = {n: it.key for it in items if it.error is None for f in SUFFIXES for n in output_names(it, f).values()}
     remove_stale_temporaries(folder, own_names)
     own = {r["key"]: r for r in read_records(own_manifest)}
     known = latest_records(folder)
@@ -561,7 +584,7 @@ def run_batch(
                 item_cfg = item_config(cfg, item)
                 old = known.get(item.key)
                 if (old is not None and old.get("status") == "ok" and old.get("config_hash") == item_cfg.digest()
-                        and files_intact(folder, old)):
+                        and old.get("name") == item.stem and files_intact(folder, old)):
                     result.skipped.append(item)
                     reporter.item_end(item, "skipped", old)
                     continue
@@ -572,7 +595,7 @@ def run_batch(
                 if pipe is None:
                     pipe = Pipeline.from_config(cfg)
                 rec = render_item(pipe, item_cfg, item, folder, reporter)
-                _remove_replaced(folder, old, rec)
+                _remove_replaced(folder, old, rec, {n for n, key in owner.items() if key != item.key})
                 result.rendered.append(item)
                 status = "ok"
             except Exception as e:  # noqa: BLE001  an item's failure never stops the others (Ctrl-C still does)

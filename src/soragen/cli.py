@@ -399,18 +399,20 @@ def dataset_shapes(
     from soragen.data.clips import MANIFEST, check_dataset_request, write_shapes_dataset
     from soragen.video_io import check_can_hold
 
-    check_dataset_request(num, seconds, chinese, two_objects)
+    check_dataset_request(num, seconds, chinese, two_objects, seed)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for videos/ and manifest.jsonl")
     check_can_hold(out, out, "--out")
     if (out / MANIFEST).exists():
         raise UserError(f"{out / MANIFEST} already exists; choose an empty --out folder")
+    if out.exists() and any(out.iterdir()):  # its videos/ would be overwritten, or mixed with files no manifest lists
+        raise UserError(f"--out {out} is not empty; choose an empty or new folder for the dataset")
     with _progress() as progress:
         task = progress.add_task("rendering", total=num)
         manifest = write_shapes_dataset(out, num, seconds, seed, held_out=held_out, chinese_fraction=chinese,
                                         two_objects=two_objects,
                                         on_item=lambda i: progress.update(task, completed=i + 1))
-    typer.echo(f"wrote {num} clips and {manifest}")
+    typer.echo(f"wrote {num} clip{'s' * (num != 1)} and {manifest}")
 
 
 # ---------------------------------------------------------------------------

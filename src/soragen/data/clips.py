@@ -183,12 +183,18 @@ def write_lossless(path: Path, frames: np.ndarray, fps: int) -> None:
 
 
 MAX_CLIP_SECONDS = 600.0  # a clip is rendered whole in memory: 10 min of 64x64 frames is 59 MB
+MAX_CLIPS = 10_000_000  # a dataset of 4-s clips this size is about 2 TB
 
 
-def check_dataset_request(num: int, seconds: float, chinese_fraction: float, two_objects: float = 0.5) -> None:
+def check_dataset_request(num: int, seconds: float, chinese_fraction: float, two_objects: float = 0.5,
+                          seed: int = 0) -> None:
     """Raise a UserError for a dataset request that cannot be rendered."""
-    if num < 1:
-        raise UserError(f"--num must be >= 1, got {num}")
+    from soragen.config import MAX_SEED
+
+    if not 1 <= num <= MAX_CLIPS:
+        raise UserError(f"--num must be between 1 and {MAX_CLIPS:,}, got {num}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
     if not (0 < seconds <= MAX_CLIP_SECONDS):  # also false for nan
         raise UserError(f"--seconds must be above 0 and at most {MAX_CLIP_SECONDS:g}, got {seconds}")
     if not 0 <= chinese_fraction <= 1:
@@ -205,7 +211,7 @@ def write_shapes_dataset(
     from soragen.data import shapes
     from soragen.video_io import temporary_path
 
-    check_dataset_request(num, seconds, chinese_fraction, two_objects)
+    check_dataset_request(num, seconds, chinese_fraction, two_objects, seed)
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
