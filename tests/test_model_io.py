@@ -72,6 +72,33 @@ def test_broken_weights_are_clear_errors(folder, damage):
     assert str(file) in str(err.value)
 
 
+@pytest.mark.parametrize("part", ["text_encoder/config.json", "tokenizer", f"transformer/{WEIGHTS}"])
+def test_an_incomplete_model_folder_names_what_is_missing(tmp_path, folder, part):
+    import shutil
+
+    path, _ = folder
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    target = broken / part
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(UserError, match=f"model folder {broken} is incomplete: {part} missing"):
+        Pipeline.from_config(load_config(None, [f"model={broken}"]))
+
+
+def test_a_batch_on_a_broken_model_is_one_command_error(tmp_path, folder, capsys):
+    """Not a failure per item: no item can render, so the command stops with one line and exit code 2."""
+    from conftest import run_cli
+
+    path, _ = folder
+    (path / "transformer" / WEIGHTS).unlink()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\na blue ball\n")
+    code, _, err = run_cli(["batch", str(prompts), "--out", str(tmp_path / "out"), "--model", str(path),
+                            "--seconds", "1"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is incomplete: transformer/" in lines[0]
+
+
 def test_missing_tensor_named(tmp_path, folder):
     _, pipe = folder
     state = dict(pipe.vae.state_dict())

@@ -531,6 +531,10 @@ def _remove_replaced(folder: Path, old: dict[str, Any] | None, new: dict[str, An
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+class ModelError(UserError):
+    """The model named for the whole batch cannot be loaded: no item can render."""
+
+
 def run_batch(
     cfg: Config,
     prompt_file: Path,
@@ -593,11 +597,16 @@ def run_batch(
                 except UserError as e:
                     raise UserError(re.sub(r"^--(\w+)", r"\1", str(e))) from None  # name the item's field, not the flag
                 if pipe is None:
-                    pipe = Pipeline.from_config(cfg)
+                    try:
+                        pipe = Pipeline.from_config(cfg)
+                    except UserError as e:  # the command's model, not this item: stop with one line, exit 2
+                        raise ModelError(str(e)) from None
                 rec = render_item(pipe, item_cfg, item, folder, reporter)
                 _remove_replaced(folder, old, rec, {n for n, key in owner.items() if key != item.key})
                 result.rendered.append(item)
                 status = "ok"
+            except ModelError:
+                raise
             except Exception as e:  # noqa: BLE001  an item's failure never stops the others (Ctrl-C still does)
                 message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                 rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,

@@ -208,6 +208,7 @@ def batch(
 ) -> None:
     """Render every prompt of a file into a folder (resumable): videos, previews, manifest.jsonl, index.html."""
     from soragen.batch import parse_shard, run_batch, shard_from_environment
+    from soragen.model_io import check_model_folder
     from soragen.config import load_config
     from soragen.pipeline import plan_video
 
@@ -219,6 +220,8 @@ def batch(
     cfg = load_config(config, set_ or [], values)
     plan_video(cfg)
     which = parse_shard(shard) if shard is not None else (shard_from_environment() or (0, 1))
+    if cfg.model is not None:
+        check_model_folder(cfg)  # a broken model fails the command at once, before the progress bars
     with _progress() as progress:
         result = run_batch(cfg, prompts_file, out, shard=which, reporter=_BatchBars(progress))
     ok = sum(r.get("status") == "ok" for r in result.manifest)

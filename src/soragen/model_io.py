@@ -99,6 +99,19 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def check_model_folder(cfg: Config) -> Path:
+    """The model folder cfg names, with a UserError naming what is missing if it lacks a part generation loads."""
+    folder = resolve_model(cfg.model)
+    needed = ["vae/" + WEIGHTS, "transformer/" + WEIGHTS]
+    if cfg.text_encoder.pretrained is None:
+        needed = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer"] + needed
+    missing = [name for name in needed if not (folder / name).exists()]
+    if missing:
+        raise UserError(f"model folder {folder} is incomplete: {', '.join(missing)} missing (a model folder holds "
+                        "soragen.yaml, text_encoder/, tokenizer/, vae/ and transformer/, as training writes it)")
+    return folder
+
+
 def portable_config(cfg: Config) -> Config:
     """cfg as a model folder keeps it: without the paths of the run that trained it (its output folder, the
     model folders it started from) and with the default stages, so that a config layered on the folder

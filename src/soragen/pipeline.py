@@ -166,7 +166,7 @@ class Pipeline:
     def from_config(cls, cfg: Config) -> "Pipeline":
         """Build the models of `cfg`: from its model folder, or with random weights when `model` is unset."""
         from soragen.dit import DiT
-        from soragen.model_io import WEIGHTS, load_weights, resolve_model
+        from soragen.model_io import WEIGHTS, check_model_folder, load_weights
         from soragen.text_encoder import TextEncoder
         from soragen.vae import VideoVAE
 
@@ -181,7 +181,7 @@ class Pipeline:
             vae = VideoVAE(cfg.vae)
             dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
             return cls(cfg, text_encoder, vae, dit, "random weights (untrained: the config names no model)")
-        folder = resolve_model(cfg.model)
+        folder = check_model_folder(cfg)
         if cfg.text_encoder.pretrained is not None:
             text_encoder = TextEncoder.from_pretrained(cfg.text_encoder.pretrained, cfg.text_encoder.max_length)
         else:
