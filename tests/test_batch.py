@@ -141,6 +141,7 @@ def test_csv_cells_are_typed_and_empty_cells_unset(tmp_path):
         ("p.csv", "text\nx\n", "include 'prompt'"),
         ("p.yaml", "prompt: x\n", "must hold a YAML list"),
         ("p.yaml", "- [unclosed\n", "malformed YAML"),
+        ("p.csv", "prompt,prompt\na,b\n", "column 'prompt' is named twice"),
         ("p.csv", "prompt,steps\na red ball,2\n\"a blue ball, bouncing,2\nx,1\ny,1\n", "a cell that opens a quote must close it"),
     ],
 )

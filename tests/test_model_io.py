@@ -85,6 +85,13 @@ def test_an_incomplete_model_folder_names_what_is_missing(tmp_path, folder, part
         Pipeline.from_config(load_config(None, [f"model={broken}"]))
 
 
+def test_an_empty_soragen_yaml_is_named(folder):
+    path, _ = folder
+    (path / "soragen.yaml").write_text("")
+    with pytest.raises(UserError, match="soragen.yaml is empty"):
+        load_config(None, [f"model={path}"])
+
+
 def test_a_batch_on_a_broken_model_is_one_command_error(tmp_path, folder, capsys):
     """Not a failure per item: no item can render, so the command stops with one line and exit code 2."""
     from conftest import run_cli

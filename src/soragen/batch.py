@@ -145,6 +145,9 @@ def _read_csv(text: str, path: Path) -> list[RawItem]:
 
 def _csv_items(reader: csv.DictReader, path: Path) -> list[RawItem]:
     header = [h.strip() for h in (reader.fieldnames or [])]
+    doubled = sorted({h for h in header if header.count(h) > 1})
+    if doubled:
+        raise UserError(f"{path}: column '{doubled[0]}' is named twice; name each column once")
     if "prompt" not in header:
         raise UserError(f"{path}: the first row must name the columns and include 'prompt' (valid: {', '.join(FIELDS)}), got {header}")
     for h in header:

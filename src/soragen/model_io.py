@@ -50,7 +50,11 @@ def resolve_model(name: str) -> Path:
 
 def model_config_data(name: str) -> dict[str, Any]:
     """The config mapping stored in a model folder (its architecture and recommended settings)."""
-    return read_yaml(resolve_model(name) / "soragen.yaml")
+    path = resolve_model(name) / "soragen.yaml"
+    data = read_yaml(path)
+    if not data:  # the schema's defaults would describe another architecture than the weights'
+        raise UserError(f"{path} is empty; a model folder's soragen.yaml records the config its weights were trained with")
+    return data
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
