@@ -111,9 +111,15 @@ def _item(index: int, where: str, data: Any, raw: str) -> RawItem:
         return RawItem(index, where, None, str(e), raw)
 
 
+def _lines(text: str) -> list[str]:
+    """Lines ended by \n, \r\n or \r only: unlike str.splitlines, U+2028 and the like stay inside a prompt (JSON
+    strings, and the manifests batch writes with ensure_ascii=False, may hold them raw)."""
+    return re.split(r"\r\n?|\n", text)
+
+
 def _read_txt(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and the like stay inside a prompt
+    for n, line in enumerate(_lines(text), 1):
         line = line.strip()
         if line and not line.startswith("#"):
             items.append(_item(len(items), f"line {n}", line, line))
@@ -122,7 +128,7 @@ def _read_txt(text: str) -> list[RawItem]:
 
 def _read_jsonl(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 raw; only \n ends a line
+    for n, line in enumerate(_lines(text), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -296,7 +302,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except (FileNotFoundError, UnicodeDecodeError):
         return []
     out = []
-    for line in text.split("\n"):  # records are written with raw U+2028 and the like (ensure_ascii=False)
+    for line in _lines(text):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
