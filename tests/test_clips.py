@@ -80,3 +80,20 @@ def test_dataset_cli(tmp_path, capsys):
         main(["dataset", "shapes", "--out", str(tmp_path / "e"), "--num", "1"])
     assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "e").iterdir()] == ["mine.mp4"]
+
+
+def test_manifest_videos_that_cannot_be_read(tmp_path):
+    """A record's video missing, empty or not a video: one line naming the file and its manifest."""
+    from soragen.config import load_config
+    from soragen.data.clips import data_fps
+
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\xff" * 64)
+    for name, fragment in [("gone.mp4", "not found"), ("empty.mp4", "cannot be decoded as a video"),
+                           ("junk.mp4", "cannot be decoded as a video")]:
+        (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": name, "caption": "a red ball", "fps": 8}) + "\n")
+        cfg = load_config(None, ["data.kind=manifest", f"data.path={tmp_path}"])
+        with pytest.raises(UserError, match=f"{name} \\(in .*manifest.jsonl\\) {fragment}"):
+            ManifestSource(cfg.data, (64, 64)).sample(np.random.default_rng(0), 5)
+    with pytest.raises(UserError, match="data.path is not set"):
+        data_fps(load_config(None, ["data.kind=manifest"]).data)

@@ -95,3 +95,19 @@ def test_valid_keys_lists_sections_and_fields():
 def test_every_shipped_preset_validates(preset):
     cfg = load_config(preset)
     assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.keep_checkpoints=-1", "'train.keep_checkpoints': Input should be greater than or equal to 1"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every': Input should be greater than or equal to 1"),
+    ("train.log_every=0", "'train.log_every': Input should be greater than or equal to 1"),
+    ("train.dit.batch_size=0", "'train.dit.batch_size': Input should be greater than or equal to 1"),
+    ("train.vae.steps=-5", "'train.vae.steps': Input should be greater than or equal to 0"),
+    ("train.vae.lr=-1", "'train.vae.lr': Input should be greater than or equal to 0"),
+    ("train.threads=-1", "'train.threads': Input should be greater than or equal to 0"),
+    ("train.dit.ema_decay=1.5", "'train.dit.ema_decay': Input should be less than or equal to 1"),
+])
+def test_training_settings_are_bounded(override, fragment):
+    """Out of range, they crashed mid-run (a zero interval) or lost work (keep_checkpoints=-1 deleted them all)."""
+    with pytest.raises(UserError, match=fragment):
+        load_config(None, [override])

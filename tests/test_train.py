@@ -125,6 +125,22 @@ def test_resume_with_settings_its_checkpoint_cannot_hold_names_the_checkpoint(tm
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000002"
 
 
+@pytest.mark.parametrize("damage", ["state/model.safetensors", "meta.json", "ema.safetensors"])
+def test_resume_from_a_damaged_checkpoint_names_it(tmp_path, damage):
+    """A checkpoint file cut short (a disk filled, a copy interrupted): one line naming the checkpoint, not a
+    traceback; deleting it resumes from the one before."""
+    train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=4"]))
+    ckpt = RunFolder(tmp_path).latest("dit")
+    target = ckpt / damage
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    more = train_config(TINY + [f"train.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"checkpoint .*dit-0000004 is damaged") as err:
+        train(more, resume=True)
+    assert "\n" not in str(err.value) and "delete it to resume from the one before" in str(err.value)
+    shutil.rmtree(ckpt)
+    assert train(more, resume=True) == tmp_path / "model"
+
+
 def test_non_empty_run_folder_needs_resume(trained):
     cfg, root, _ = trained
     with pytest.raises(UserError, match="--resume"):
@@ -859,3 +875,22 @@ def test_a_manifest_of_videos_shorter_than_the_clips_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="soragen"):
         warn_short_clips(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stages": ["vae"]})}))
     assert not caplog.text  # the VAE's 5-frame clips fit every video
+
+
+def test_a_folder_of_someone_elses_files_is_not_a_run(tmp_path):
+    """Without a run's config.yaml, a folder holding other files is refused, --resume or not (the run's export
+    would replace them); a model folder copied in as `model` and latent caches are what a fine-tune starts from."""
+    (tmp_path / "u" / "model").mkdir(parents=True)
+    (tmp_path / "u" / "model" / "notes.txt").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(UserError, match=r"holds model/, which no soragen run wrote"):
+            train(train_config(TINY + [f"train.output_dir={tmp_path / 'u'}"]), resume=resume)
+    assert (tmp_path / "u" / "model" / "notes.txt").read_text() == "mine"
+    (tmp_path / "f" / "model").mkdir(parents=True)
+    (tmp_path / "f" / "model" / "soragen.yaml").write_text("seed: 0\n")
+    (tmp_path / "f" / "latents.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="inside the model folder"):  # a run inside a model folder
+        train(train_config(TINY + [f"train.output_dir={tmp_path / 'f' / 'model' / 'ft'}"]), resume=True)
+    from soragen.train import _not_a_run
+
+    assert _not_a_run(RunFolder(tmp_path / "f")) is None  # a fine-tune's set-up is not refused

@@ -284,10 +284,10 @@ class DataConfig(_Frozen):
 class VAETrainConfig(_Frozen):
     """Stage 1 of training: the video VAE."""
 
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 8  # clips per step
-    clip_frames: int = 9  # frames per training clip (1 + f*k)
-    lr: float = 1e-3  # AdamW learning rate (cosine decay to 10%)
+    steps: int = Field(2000, ge=0)  # optimizer steps
+    batch_size: int = Field(8, ge=1)  # clips per step
+    clip_frames: int = Field(9, ge=1)  # frames per training clip (1 + f*k)
+    lr: float = Field(1e-3, ge=0)  # AdamW learning rate (cosine decay to 10%)
     kl_weight: float = 1e-6  # weight of the KL term: small, so the posterior is near-deterministic
     edge_weight: float = 1.0  # weight of the image-gradient (edge) loss
     object_weight: float = 4.0  # extra weight of pixels that belong to objects (off the background)
@@ -316,13 +316,13 @@ class VAETrainConfig(_Frozen):
 class DiTTrainConfig(_Frozen):
     """Stage 2 of training: the DiT together with the small T5."""
 
-    steps: int = 4000  # optimizer steps
-    batch_size: int = 32  # windows per step
-    window: int = 9  # latent frames per training window
-    lr: float = 4e-4  # AdamW learning rate of the DiT (cosine decay to 10%, after warm-up)
-    text_lr: float = 1e-3  # learning rate of the small T5
-    warmup: int = 200  # linear warm-up steps
-    ema_decay: float = 0.999  # EMA of the weights used for sampling and shipping
+    steps: int = Field(4000, ge=0)  # optimizer steps (0: a fine-tune exports its init_model as trained)
+    batch_size: int = Field(32, ge=1)  # windows per step
+    window: int = Field(9, ge=1)  # latent frames per training window
+    lr: float = Field(4e-4, ge=0)  # AdamW learning rate of the DiT (cosine decay to 10%, after warm-up)
+    text_lr: float = Field(1e-3, ge=0)  # learning rate of the small T5
+    warmup: int = Field(200, ge=0)  # linear warm-up steps
+    ema_decay: float = Field(0.999, ge=0, le=1)  # EMA of the weights used for sampling and shipping
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     context_fraction: float = 0.5  # share of windows given clean leading context frames (no loss on them)
     max_context: int = 4  # most context latent frames
@@ -403,10 +403,10 @@ class DecoderTrainConfig(_Frozen):
     real frames. The encoder and so the latent space stay fixed: the DiT stays valid.
     """
 
-    steps: int = 300  # optimizer steps
-    batch_size: int = 4  # clips per step
-    clip_frames: int = 17  # frames per clip (1 + f*k)
-    lr: float = 2e-4  # AdamW learning rate of the decoder (cosine decay to 10%)
+    steps: int = Field(300, ge=0)  # optimizer steps
+    batch_size: int = Field(4, ge=1)  # clips per step
+    clip_frames: int = Field(17, ge=1)  # frames per clip (1 + f*k)
+    lr: float = Field(2e-4, ge=0)  # AdamW learning rate of the decoder (cosine decay to 10%)
     last_steps: int = Field(4, ge=1)  # clips start at one of the sampler's last N timesteps
     clean_fraction: float = Field(0.25, ge=0, le=1)  # share of steps decoding the encoder's own latents
 
@@ -418,12 +418,12 @@ class TrainConfig(_Frozen):
     # Which stages this run trains, in order; "decoder" (after "dit") fine-tunes the VAE decoder on the DiT's latents.
     stages: tuple[Literal["vae", "dit", "decoder"], ...] = ("vae", "dit")
     vae_model: str | None = None  # reuse the VAE of this model folder instead of training one
-    checkpoint_every: int = 250  # optimizer steps between checkpoints
-    sample_every: int = 500  # steps between sample videos (and detector scores)
-    log_every: int = 25  # steps between metric lines
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    vae_gate_clips: int = 96  # Shapes World clips the detector scores the VAE's reconstructions on (0 = skip)
-    threads: int = 0  # torch threads (0 = all cores)
+    checkpoint_every: int = Field(250, ge=1)  # optimizer steps between checkpoints
+    sample_every: int = Field(500, ge=1)  # steps between sample videos (and detector scores)
+    log_every: int = Field(25, ge=1)  # steps between metric lines
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept
+    vae_gate_clips: int = Field(96, ge=0)  # Shapes World clips the detector scores the VAE's reconstructions on (0 = skip)
+    threads: int = Field(0, ge=0)  # torch threads (0 = all cores)
     vae: VAETrainConfig = VAETrainConfig()
     dit: DiTTrainConfig = DiTTrainConfig()
     decoder: DecoderTrainConfig = DecoderTrainConfig()

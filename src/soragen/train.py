@@ -57,6 +57,13 @@ Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, to
 # ---------------------------------------------------------------------------
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's first non-empty line, with the next one when it ends in a colon (at most 200 characters),
+    or its type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]
+
+
 class RunFolder:
     """Paths of a run, checkpoints written atomically and found again on resume."""
 
@@ -168,17 +175,28 @@ class _StageLog:
         """Load the stage's newest checkpoint, if any; returns its step (0 without one)."""
         step = 0
         if (ckpt := self.run.latest(self.stage)) is not None:
+            from safetensors import SafetensorError
+
+            def damaged(e: Exception) -> CheckpointMismatch:
+                return CheckpointMismatch(
+                    f"checkpoint {ckpt} is damaged ({_first_line(e)}); delete it to resume from the one before it, "
+                    f"or train the {self.stage} stage anew in another train.output_dir")
+
             try:
                 self.acc.load_state(str(ckpt / "state"))
+            except SafetensorError as e:  # a weights file cut short or overwritten
+                raise damaged(e) from None
             except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # other model sizes, parts or groups
-                first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
                 raise CheckpointMismatch(
-                    f"checkpoint {ckpt} does not fit this run's settings ({first[:200]}); resume with the settings "
+                    f"checkpoint {ckpt} does not fit this run's settings ({_first_line(e)}); resume with the settings "
                     f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
-            meta = json.loads((ckpt / "meta.json").read_text())
-            step = meta["step"]
-            if self.load_extra is not None:
-                self.load_extra(ckpt, meta)
+            try:
+                meta = json.loads((ckpt / "meta.json").read_text())
+                step = meta["step"]
+                if self.load_extra is not None:
+                    self.load_extra(ckpt, meta)
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise damaged(e) from None
             log.info("resumed the %s stage from %s (step %d)", self.stage, ckpt, step)
         self.t_last, self.n_last = time.perf_counter(), step
         return step
@@ -1192,6 +1210,22 @@ def with_data_rate(cfg: Config) -> Config:
     return cfg.model_copy(update={"video": v.model_copy(update={"model_fps": rate})})
 
 
+def _not_a_run(run: RunFolder) -> str | None:
+    """The first entry of a folder without a run's config.yaml that a run would not have put there, or None.
+
+    A run begins with its config.yaml. Before that, a folder may already hold what a fine-tune is set up
+    with (a model folder as `model`, as scripts/train_default.sh copies for its decoder phase, and latent
+    caches); anything else is someone's files, which the run's exports could replace."""
+    if not run.root.is_dir() or (run.root / "config.yaml").is_file():
+        return None
+    allowed = {run.latents.name, run.latents.with_suffix(".json").name, run.twin_latents.name, run.shape_cues.name, "tb"}
+    for p in sorted(run.root.iterdir()):
+        if p.name.startswith(".") or p.name in allowed or (p == run.model and (p / "soragen.yaml").is_file()):
+            continue
+        return p.name + ("/" if p.is_dir() else "")
+    return None
+
+
 def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     from accelerate import PartialState
@@ -1213,6 +1247,13 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         raise UserError(f"train.output_dir {run.root} is a file; give a folder for the run")
     # A run that failed before its first step leaves only config.yaml (and TensorBoard's folder): starting
     # again is not resuming anything.
+    inside = next((p for p in run.root.resolve().parents if (p / "soragen.yaml").is_file()), None)
+    if inside is not None:  # its run would replace that folder, and this run with it, when it exports
+        raise UserError(f"train.output_dir {run.root} is inside the model folder {inside}; choose a folder outside it")
+    foreign = _not_a_run(run)
+    if foreign:
+        raise UserError(f"train.output_dir {run.root} holds {foreign}, which no soragen run wrote; choose an empty "
+                        "folder or a run folder")
     if run.root.exists() and any(p.name not in ("config.yaml", "tb") for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
     if resume and not (run.root.exists() and any(run.root.iterdir())):

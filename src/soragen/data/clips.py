@@ -102,6 +102,8 @@ def data_fps(cfg: DataConfig) -> int | None:
 
     if cfg.kind == "shapes":
         return shapes.FPS
+    if cfg.path is None:
+        raise UserError("data.kind is 'manifest' but data.path is not set; give the dataset folder (--set data.path=DIR)")
     rates = {rec.get("fps") for rec in read_manifest(Path(cfg.path))}
     rate = rates.pop() if len(rates) == 1 else None
     return rate if isinstance(rate, int) and rate >= 1 else None
@@ -133,7 +135,17 @@ class ManifestSource:
         import torch.nn.functional as F
 
         rec = self.records[int(rng.integers(len(self.records)))]
-        frames = read_frames(self.folder / rec["path"])
+        path = self.folder / rec["path"]
+        try:
+            frames = read_frames(path)
+        except FileNotFoundError:
+            raise UserError(f"{path} (in {self.folder / MANIFEST}) not found; fix the record's 'path' or remove it") from None
+        except (OSError, RuntimeError, ValueError) as e:  # imageio/ffmpeg: not a video it can decode
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path} (in {self.folder / MANIFEST}) cannot be decoded as a video ({first}); "
+                            "re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove its record") from None
+        if len(frames) == 0:
+            raise UserError(f"{path} (in {self.folder / MANIFEST}) holds no frames; remove its record")
         start = int(rng.integers(0, max(1, len(frames) - num_frames + 1)))
         frames = frames[start : start + num_frames]
         if len(frames) < num_frames:  # short video: hold the last frame
