@@ -888,6 +888,7 @@ def test_a_folder_of_someone_elses_files_is_not_a_run(tmp_path):
     assert (tmp_path / "u" / "model" / "notes.txt").read_text() == "mine"
     (tmp_path / "f" / "model").mkdir(parents=True)
     (tmp_path / "f" / "model" / "soragen.yaml").write_text("seed: 0\n")
+    (tmp_path / "f" / "model" / "model_index.json").write_text("{}\n")
     (tmp_path / "f" / "latents.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="inside the model folder"):  # a run inside a model folder
         train(train_config(TINY + [f"train.output_dir={tmp_path / 'f' / 'model' / 'ft'}"]), resume=True)

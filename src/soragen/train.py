@@ -1245,15 +1245,16 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"train.output_dir {run.root} is a file; give a folder for the run")
-    # A run that failed before its first step leaves only config.yaml (and TensorBoard's folder): starting
-    # again is not resuming anything.
-    inside = next((p for p in run.root.resolve().parents if (p / "soragen.yaml").is_file()), None)
+    inside = next((p for p in run.root.resolve().parents
+                   if (p / "soragen.yaml").is_file() and (p / "model_index.json").is_file()), None)
     if inside is not None:  # its run would replace that folder, and this run with it, when it exports
         raise UserError(f"train.output_dir {run.root} is inside the model folder {inside}; choose a folder outside it")
     foreign = _not_a_run(run)
     if foreign:
         raise UserError(f"train.output_dir {run.root} holds {foreign}, which no soragen run wrote; choose an empty "
                         "folder or a run folder")
+    # A run that failed before its first step leaves only config.yaml (and TensorBoard's folder): starting
+    # again is not resuming anything.
     if run.root.exists() and any(p.name not in ("config.yaml", "tb") for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
     if resume and not (run.root.exists() and any(run.root.iterdir())):
