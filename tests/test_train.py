@@ -141,6 +141,16 @@ def test_resume_from_a_damaged_checkpoint_names_it(tmp_path, damage):
     assert train(more, resume=True) == tmp_path / "model"
 
 
+def test_a_resume_refused_by_the_vae_stage_keeps_the_run_described(tmp_path):
+    """--resume with a VAE that the finished VAE stage's weights do not fit: one line, and config.yaml still
+    describes what the folder holds (as for a DiT checkpoint that does not fit)."""
+    train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]"]))
+    written = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(UserError, match="vae.*has shape"):
+        train(train_config(TINY + [f"train.output_dir={tmp_path}", "vae.latent_channels=8"]), resume=True)
+    assert (tmp_path / "config.yaml").read_text() == written
+
+
 def test_non_empty_run_folder_needs_resume(trained):
     cfg, root, _ = trained
     with pytest.raises(UserError, match="--resume"):

@@ -1210,6 +1210,12 @@ def with_data_rate(cfg: Config) -> Config:
     return cfg.model_copy(update={"video": v.model_copy(update={"model_fps": rate})})
 
 
+def _written(run: RunFolder) -> set[tuple[str, int]]:
+    """What a run has written that config.yaml describes: its checkpoints and its stages' weights, with their times."""
+    paths = [*run.checkpoints.glob("*/meta.json"), *run.root.glob("vae/*.safetensors"), *run.model.glob("**/*.safetensors")]
+    return {(str(p), p.stat().st_mtime_ns) for p in paths if p.is_file()}
+
+
 def _not_a_run(run: RunFolder) -> str | None:
     """The first entry of a folder without a run's config.yaml that a run would not have put there, or None.
 
@@ -1267,12 +1273,13 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         config_file.write_text(cfg.to_yaml(), encoding="utf-8")
     else:
         log.setLevel(logging.WARNING)  # the main process tells what the run does
+    written = _written(run)
     try:
         finished = _run_stages(cfg, run, resume, progress)
         state.wait_for_everyone()  # the main process has written the model folder
-    except CheckpointMismatch:
-        if state.is_main_process and previous is not None:  # the run folder still describes its checkpoints
-            config_file.write_text(previous, encoding="utf-8")
+    except UserError:  # e.g. a checkpoint or a stage's weights that do not fit the new settings
+        if state.is_main_process and previous is not None and _written(run) == written:
+            config_file.write_text(previous, encoding="utf-8")  # nothing new: the folder still describes its checkpoints
         raise
     finally:
         state.destroy_process_group()  # once, after the last stage (each stage's accelerator shares the group)
