@@ -100,13 +100,16 @@ def test_resume_continues_from_checkpoint(trained):
 
 
 def test_stop_after_then_resume_with_other_settings(tmp_path):
-    """train.dit.stop_after stops with a checkpoint and no model; --resume (here with frame noise) finishes."""
+    """train.dit.stop_after stops with a checkpoint and no model; --resume (here with frame noise) finishes, and
+    clears a checkpoint left half-written by a killed process (SIGKILL leaves its temporary folder)."""
     cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"])
     assert train(cfg) == tmp_path
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000002" and not (tmp_path / "model").exists()
+    (tmp_path / "checkpoints" / ".dit-0000003.killed" / "state").mkdir(parents=True)
     more = train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.frame_noise=0.5"])
     assert train(more, resume=True) == tmp_path / "model"
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000004" and (tmp_path / "model" / "soragen.yaml").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".*"))
 
 
 @pytest.mark.parametrize("first, then", [

@@ -88,6 +88,8 @@ class RunFolder:
         from soragen.video_io import temporary_folder
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in self.checkpoints.glob(f".{stage}-*"):  # a checkpoint being written when its process was killed
+            shutil.rmtree(stale, ignore_errors=True)
         final = self.checkpoints / f"{stage}-{step:07d}"
         tmp = temporary_folder(final)
         try:
