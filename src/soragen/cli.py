@@ -208,8 +208,8 @@ def batch(
 ) -> None:
     """Render every prompt of a file into a folder (resumable): videos, previews, manifest.jsonl, index.html."""
     from soragen.batch import parse_shard, run_batch, shard_from_environment
-    from soragen.model_io import check_model_folder
     from soragen.config import load_config
+    from soragen.model_io import check_model_folder
     from soragen.pipeline import plan_video
 
     values = _flag_values(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from soragen.config import TextEncoderConfig
-from soragen.errors import UserError
+from soragen.errors import UserError, first_line
 
 log = logging.getLogger("soragen")
 
@@ -151,9 +151,8 @@ class TextEncoder(nn.Module):
         except UserError:
             raise
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"cannot load the T5 text encoder from '{path}': {first} "
+                f"cannot load the T5 text encoder from '{path}': {first_line(e)} "
                 "(expected a folder with config.json and model.safetensors, as written by save_pretrained)"
             ) from None
         return cls(t5, tokenizer, max_length, trainable=trainable)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from soragen.config import Config, update
-from soragen.errors import UserError
+from soragen.errors import UserError, first_line
 from soragen.heap import hold_heap, trim_heap
 
 log = logging.getLogger("soragen")
@@ -55,13 +55,6 @@ Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, to
 # ---------------------------------------------------------------------------
 # Run folder, checkpoints, metrics
 # ---------------------------------------------------------------------------
-
-
-def _first_line(e: Exception) -> str:
-    """An exception's first non-empty line, with the next one when it ends in a colon (at most 200 characters),
-    or its type's name."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]
 
 
 class RunFolder:
@@ -181,7 +174,7 @@ class _StageLog:
 
             def damaged(e: Exception) -> CheckpointMismatch:
                 return CheckpointMismatch(
-                    f"checkpoint {ckpt} is damaged ({_first_line(e)}); delete it to resume from the one before it, "
+                    f"checkpoint {ckpt} is damaged ({first_line(e)}); delete it to resume from the one before it, "
                     f"or train the {self.stage} stage anew in another train.output_dir")
 
             try:
@@ -190,7 +183,7 @@ class _StageLog:
                 raise damaged(e) from None
             except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # other model sizes, parts or groups
                 raise CheckpointMismatch(
-                    f"checkpoint {ckpt} does not fit this run's settings ({_first_line(e)}); resume with the settings "
+                    f"checkpoint {ckpt} does not fit this run's settings ({first_line(e)}); resume with the settings "
                     f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
             try:
                 meta = json.loads((ckpt / "meta.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from soragen.config import DataConfig
-from soragen.errors import UserError
+from soragen.errors import UserError, first_line
 
 MANIFEST = "manifest.jsonl"
 CAPTION_VARIANTS = 4  # shapes: captions drawn per clip (synonyms, sizes named or not, languages)
@@ -141,8 +141,7 @@ class ManifestSource:
         except FileNotFoundError:
             raise UserError(f"{path} (in {self.folder / MANIFEST}) not found; fix the record's 'path' or remove it") from None
         except (OSError, RuntimeError, ValueError) as e:  # imageio/ffmpeg: not a video it can decode
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path} (in {self.folder / MANIFEST}) cannot be decoded as a video ({first}); "
+            raise UserError(f"{path} (in {self.folder / MANIFEST}) cannot be decoded as a video ({first_line(e)}); "
                             "re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove its record") from None
         if len(frames) == 0:
             raise UserError(f"{path} (in {self.folder / MANIFEST}) holds no frames; remove its record")
