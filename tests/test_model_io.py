@@ -119,3 +119,24 @@ def test_missing_tensor_named(tmp_path, folder):
 def test_unknown_model_folder():
     with pytest.raises(UserError, match="model folder not found"):
         load_config(None, ["model=/nonexistent/model"])
+
+
+def test_a_training_run_folder_stands_for_its_model(tmp_path, folder, capsys):
+    """`--model RUN` uses RUN/model, as a user who trained into RUN would expect; before the DiT stage has
+    written it, the error says so instead of calling the run 'not a model folder'."""
+    import shutil
+
+    from conftest import run_cli
+
+    path, _ = folder
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="training run that has not written its model yet"):
+        load_config(None, [f"model={run}"])
+    shutil.copytree(path, run / "model")
+    assert load_config(None, [f"model={run}"]).dit.width == 32
+    code, _, err = run_cli(["generate", "a red ball", "--model", str(run), "--seconds", "1",
+                            "--output", str(tmp_path / "a.mp4")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "a.mp4").stat().st_size > 0

@@ -38,12 +38,20 @@ def builtin_installed() -> bool:
 
 
 def resolve_model(name: str) -> Path:
-    """A model name ('builtin') or folder -> the folder, checked to look like a soragen model."""
+    """A model name ('builtin') or folder -> the folder, checked to look like a soragen model.
+
+    A training run's folder stands for the model folder it writes (RUN/model).
+    """
     path = builtin_path() if name == BUILTIN_NAME else Path(name).expanduser()
     if not path.is_dir():
         hint = " (the built-in model is not installed in this package)" if name == BUILTIN_NAME else ""
         raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")
     if not (path / "soragen.yaml").is_file():
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a training run: its model folder
+            if (path / "model" / "soragen.yaml").is_file():
+                return path / "model"
+            raise UserError(f"{path} is a training run that has not written its model yet "
+                            f"(the DiT stage writes {path / 'model'}); finish or resume the run with `soragen train`")
         raise UserError(f"{path} is not a soragen model folder: soragen.yaml is missing")
     return path
 
