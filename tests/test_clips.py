@@ -97,3 +97,15 @@ def test_manifest_videos_that_cannot_be_read(tmp_path):
             ManifestSource(cfg.data, (64, 64)).sample(np.random.default_rng(0), 5)
     with pytest.raises(UserError, match="data.path is not set"):
         data_fps(load_config(None, ["data.kind=manifest"]).data)
+
+
+@pytest.mark.parametrize("rates, expected", [([8, 8.0], 8), ([12.0], 12), ([29.97], None), ([8, 12], None),
+                                             (["8"], None), ([True], None), ([None], None)])
+def test_a_manifests_frame_rate(tmp_path, rates, expected):
+    """Records written by another tool often give the rate as a float; 8.0 is 8 fps, 29.97 is no whole rate."""
+    from soragen.config import load_config
+    from soragen.data.clips import data_fps
+
+    records = [{"path": f"{i}.mp4", "caption": "a red ball"} | ({} if r is None else {"fps": r}) for i, r in enumerate(rates)]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert data_fps(load_config(None, ["data.kind=manifest", f"data.path={tmp_path}"]).data) == expected

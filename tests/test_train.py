@@ -878,11 +878,11 @@ def test_a_manifest_of_videos_shorter_than_the_clips_warns(tmp_path, caplog):
                                "vae.temporal_compression=2", "train.stages=[vae,dit]"])
     need = frames_for(20, 2)  # 39 frames: the DiT's cached clips are the longest the run cuts
     records = [{"path": f"{i}.mp4", "caption": "a red circle moving left", "fps": 8, "frames": n}
-               for i, n in enumerate([32, need, 40])]
+               for i, n in enumerate([32, need, 40, 30.0])]  # 30.0: a float count from another tool counts too
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with caplog.at_level("WARNING", logger="soragen"):
         warn_short_clips(cfg)
-    assert "1 of the manifest's 3 videos have fewer than the 39 frames" in caplog.text
+    assert "2 of the manifest's 4 videos have fewer than the 39 frames" in caplog.text
     assert "data.clip_latent_frames" in caplog.text and "--seconds 5" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="soragen"):

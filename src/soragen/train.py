@@ -1164,7 +1164,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
 def warn_short_clips(cfg: Config) -> None:
     """Warn when a manifest's videos (by their records' 'frames') are shorter than the clips the run's stages
     cut: each such clip is filled by holding its last frame, and the model learns scenes that stop."""
-    from soragen.data.clips import read_manifest
+    from soragen.data.clips import read_manifest, whole_number
     from soragen.vae import frames_for
 
     if cfg.data.kind != "manifest":
@@ -1174,8 +1174,8 @@ def warn_short_clips(cfg: Config) -> None:
              "dit": (frames_for(cfg.data.clip_latent_frames, cfg.vae.temporal_compression), "data.clip_latent_frames"),
              "decoder": (t.decoder.clip_frames, "train.decoder.clip_frames")}
     need, setting = max(wants[s] for s in t.stages)
-    frames = [rec.get("frames") for rec in read_manifest(Path(cfg.data.path))]
-    short = sum(isinstance(f, int) and f < need for f in frames)
+    frames = [whole_number(rec.get("frames")) for rec in read_manifest(Path(cfg.data.path))]
+    short = sum(f is not None and f < need for f in frames)
     if short:
         seconds = math.ceil(need / cfg.video.model_rate)
         log.warning("%d of the manifest's %d videos have fewer than the %d frames a training clip takes (%s); their "
@@ -1194,7 +1194,7 @@ def with_data_rate(cfg: Config) -> Config:
     rate = data_fps(cfg.data)
     if rate is None:
         rate = v.model_rate
-        log.warning("the manifest's records give no single frame rate ('fps'); the model is taken to make %d fps "
+        log.warning("the manifest's records give no single whole-number frame rate ('fps'); the model is taken to make %d fps "
                     "(set video.model_fps to its clips' rate)", rate)
     elif rate > MAX_FPS:
         raise UserError(f"the manifest's clips are {rate} fps; soragen models make 1 to {MAX_FPS} fps: re-encode "

@@ -104,9 +104,20 @@ def data_fps(cfg: DataConfig) -> int | None:
         return shapes.FPS
     if cfg.path is None:
         raise UserError("data.kind is 'manifest' but data.path is not set; give the dataset folder (--set data.path=DIR)")
-    rates = {rec.get("fps") for rec in read_manifest(Path(cfg.path))}
+    rates = {whole_number(rec.get("fps")) for rec in read_manifest(Path(cfg.path))}
     rate = rates.pop() if len(rates) == 1 else None
-    return rate if isinstance(rate, int) and rate >= 1 else None
+    return rate if rate is not None and rate >= 1 else None
+
+
+def whole_number(value) -> int | None:
+    """A record's count or rate as an int: 8 and 8.0 are 8; 29.97, "8", true and a missing field are None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def read_frames(path: Path) -> np.ndarray:
