@@ -65,7 +65,7 @@ def test_model_folder_records_the_rate_of_its_training_clips(trained, tmp_path, 
     manifest.write_text('{"path": "a.mp4", "caption": "x", "fps": 24}\n{"path": "b.mp4", "caption": "y", "fps": 30}\n')
     with caplog.at_level("WARNING", logger="soragen"):
         assert with_data_rate(train_config(data + ["video.fps=12"])).video.model_fps == 12
-    assert "no single frame rate" in caplog.text
+    assert "no single whole-number frame rate" in caplog.text
     manifest.write_text('{"path": "a.mp4", "caption": "x", "fps": 120}\n')
     with pytest.raises(UserError, match="clips are 120 fps; soragen models make 1 to 60 fps"):
         with_data_rate(train_config(data))
