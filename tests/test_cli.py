@@ -74,6 +74,7 @@ def test_same_seed_same_frames(tmp_path, tiny_yaml, capsys):
         (["generate", "x", "--sampler", "euler"], "'ddim' or 'ddpm'"),
         (["generate", "x", "--seconds", "abc"], "--seconds"),
         (["generate", "x", "--no-such-flag"], "No such option"),
+        (["dataset", "shapes", "--out", "d", "--num", "x"], "(see 'soragen dataset shapes --help')"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, fragment, capsys, tmp_path, monkeypatch):

@@ -527,7 +527,7 @@ def _main(argv: list[str] | None) -> None:
         print(e.format_message() if hasattr(e, "format_message") else str(e), file=sys.stderr)
         sys.exit(2)
     except click_exc.UsageError as e:
-        hint = f" (see 'soragen {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.info_name != "soragen" else ""
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
         _fail(f"{e.format_message()}{hint}")
     except typer.Exit as e:
         sys.exit(e.exit_code)
