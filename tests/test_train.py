@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -335,6 +336,11 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
                                f"train.dit.init_model={model}", "dit.width=64"])
     with pytest.raises(UserError, match="init_model"):
         train(bad)
+    other_text = train_config(TINY + [f"train.output_dir={tmp_path / 'bad2'}", f"train.vae_model={model}",
+                                      f"train.dit.init_model={model}", "text_encoder.num_layers=2"])
+    with pytest.raises(UserError, match="text_encoder.num_layers is 2 but train.dit.init_model .* has 1: a fine-tune keeps"):
+        train(other_text)  # the model it would write would record a text encoder it does not have
+    assert not (tmp_path / "bad2").exists()
 
 
 def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
@@ -908,3 +914,57 @@ def test_a_folder_of_someone_elses_files_is_not_a_run(tmp_path):
     from soragen.train import _not_a_run
 
     assert _not_a_run(RunFolder(tmp_path / "f")) is None  # a fine-tune's set-up is not refused
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (["train.dit.init_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
+    (["train.vae.init_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
+    (["train.vae_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
+    (["train.dit.window=5"], "train.dit.window 5 is longer than data.clip_latent_frames 4"),
+    (["train.stages=[vae,dit,decoder]", "train.decoder.last_steps=30"], "last_steps 30 is more than sampler.steps 20"),
+])
+def test_settings_a_later_stage_refuses_are_refused_before_the_first(tmp_path, settings, fragment):
+    """A missing folder a stage starts from, or windows that do not fit the clips, fail before the VAE stage's hour."""
+    run = tmp_path / "run"
+    cfg = train_config(TINY + [f"train.output_dir={run}", "sampler.steps=20"] + settings)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        train(cfg)
+    assert not run.exists()
+
+
+def test_a_manifest_latent_cache_follows_the_dataset(tmp_path):
+    """A dataset edited in place (a caption, a re-encoded video) makes its latent cache stale; the same one does not."""
+    from soragen.train import _cache_digest
+
+    (tmp_path / "a.mp4").write_bytes(b"x" * 10)
+    cfg = train_config(TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
+
+    def digest(caption: str) -> str:
+        (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": caption, "fps": 8}) + "\n")
+        return _cache_digest(cfg)
+
+    first = digest("a red ball")
+    assert digest("a red ball") == first
+    assert digest("a blue ball") != first
+    digest("a red ball")
+    (tmp_path / "a.mp4").write_bytes(b"x" * 11)
+    assert _cache_digest(cfg) != first
+
+
+def test_a_resumed_run_keeps_its_word_ids(tmp_path):
+    """The word vocabulary is saved in the run folder: a run resumed after its dataset's captions changed (a new
+    word; the latent cache is rebuilt) keeps the ids its checkpoints were trained with, the new word unknown."""
+    from transformers import AutoTokenizer
+
+    from soragen.data.clips import write_shapes_dataset
+
+    manifest = write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
+    data, run = manifest.parent, tmp_path / "run"
+    settings = TINY + ["data.kind=manifest", f"data.path={data}", f"train.output_dir={run}"]
+    train(train_config(settings + ["train.dit.stop_after=2"]))
+    vocab = AutoTokenizer.from_pretrained(str(run / "tokenizer")).get_vocab()
+    assert "purple" not in vocab
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(r | {"caption": "a purple " + r["caption"]}) + "\n" for r in records))
+    out = train(train_config(settings), resume=True)
+    assert AutoTokenizer.from_pretrained(str(out / "tokenizer")).get_vocab() == vocab

@@ -84,11 +84,13 @@ class TextEncoder(nn.Module):
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: TextEncoderConfig, corpus: Iterable[str] | None = None) -> "TextEncoder":
+    def from_config(cls, cfg: TextEncoderConfig, corpus: Iterable[str] | None = None,
+                    vocabulary: Path | None = None) -> "TextEncoder":
         """A randomly initialised small T5 (or the pretrained one if named).
 
         Its tokenizer is ByT5's bytes, or, with `tokenizer: words`, a word-level
-        vocabulary built from `corpus` (the training captions).
+        vocabulary built from `corpus` (the training captions), or the one saved
+        in folder `vocabulary` when given (a resumed run keeps its word ids).
         """
         if cfg.pretrained is not None:
             if cfg.pretrained.startswith((".", "/", "~")) and not Path(cfg.pretrained).expanduser().is_dir():
@@ -100,6 +102,10 @@ class TextEncoder(nn.Module):
         match cfg.tokenizer:
             case "byt5":
                 tokenizer = ByT5Tokenizer()
+            case "words" if vocabulary is not None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(vocabulary), local_files_only=True)
             case "words":
                 if corpus is None:
                     raise UserError("text_encoder.tokenizer 'words' builds its vocabulary from training captions: "

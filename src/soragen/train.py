@@ -70,6 +70,7 @@ class RunFolder:
         self.samples = self.root / "samples"
         self.metrics = self.root / "metrics.jsonl"
         self.model = self.root / "model"
+        self.vocabulary = self.root / "tokenizer"  # the word tokenizer a DiT stage built (text_encoder.tokenizer: words)
 
     def latest(self, stage: str) -> Path | None:
         """Newest complete checkpoint of a stage (complete = renamed into place)."""
@@ -553,6 +554,13 @@ def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     data = cfg.data.model_dump(exclude={"two_object_fraction"} if cfg.data.two_object_fraction == 0.5 else set())
     key = json.dumps({"data": data, "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed}, sort_keys=True, default=str)
+    if cfg.data.kind == "manifest":  # the dataset itself: its records, and each video's size
+        from soragen.data.clips import MANIFEST, read_manifest
+
+        folder = Path(cfg.data.path)
+        sizes = [(folder / rec["path"]).stat().st_size if (folder / rec["path"]).is_file() else -1
+                 for rec in read_manifest(folder)]
+        key += hashlib.sha256((folder / MANIFEST).read_bytes() + json.dumps(sizes).encode()).hexdigest()
     if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are
         from safetensors import safe_open
 
@@ -897,7 +905,12 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
         corpus += shapes.vocabulary_corpus()
     if t.init_model is None:
-        text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus)
+        kept = resume and (run.vocabulary / "tokenizer.json").is_file()
+        text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus, vocabulary=run.vocabulary if kept else None)
+        if cfg.text_encoder.tokenizer == "words" and cfg.text_encoder.pretrained is None and not kept:
+            with acc.main_process_first():  # its word ids are the checkpoints': a resumed run reads them back
+                if acc.is_main_process:
+                    text_encoder.tokenizer.save_pretrained(run.vocabulary)
         dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
     else:
         text_encoder, dit = _init_from_model(cfg, t.init_model)
@@ -1205,6 +1218,50 @@ def with_data_rate(cfg: Config) -> Config:
     return cfg.model_copy(update={"video": v.model_copy(update={"model_fps": rate})})
 
 
+def check_before_stages(cfg: Config) -> None:
+    """Settings a later stage would refuse, refused before the first stage spends its hour: the folders
+    the stages start from, and windows that fit the clips."""
+    from soragen.model_io import WEIGHTS, resolve_model
+
+    t = cfg.train
+    if "vae" in t.stages and t.vae_model is None and t.vae.init_model is not None:
+        _finished_vae(t.vae.init_model)
+    if t.vae_model is not None and {"vae", "dit"} & set(t.stages):
+        path = resolve_model(t.vae_model) / "vae" / WEIGHTS
+        if not path.is_file():
+            raise UserError(f"train.vae_model: {path} is missing; give a model folder with a trained VAE")
+    if "dit" in t.stages:
+        if t.dit.window > cfg.data.clip_latent_frames:
+            raise UserError(f"train.dit.window {t.dit.window} is longer than data.clip_latent_frames "
+                            f"{cfg.data.clip_latent_frames}; lower the window or cache longer clips")
+        if t.dit.init_model is not None:
+            folder = resolve_model(t.dit.init_model)
+            missing = [n for n in ("transformer/" + WEIGHTS, "text_encoder/model.safetensors", "tokenizer")
+                       if not (folder / n).exists()]
+            if missing:
+                raise UserError(f"train.dit.init_model {folder} is incomplete: {', '.join(missing)} missing")
+            _check_same_text_encoder(cfg, folder)
+    if {"dit", "decoder"} <= set(t.stages) and t.decoder.last_steps > cfg.sampler.steps:  # the model gets cfg.sampler
+        raise UserError(f"train.decoder.last_steps {t.decoder.last_steps} is more than sampler.steps {cfg.sampler.steps}")
+
+
+def _check_same_text_encoder(cfg: Config, folder: Path) -> None:
+    """A fine-tune continues its init model's text encoder, so cfg must describe that encoder (the model folder
+    it writes records cfg): a different one is refused rather than silently ignored."""
+    from soragen.config import TextEncoderConfig
+    from soragen.model_io import model_config_data
+
+    theirs = TextEncoderConfig.model_validate(model_config_data(str(folder)).get("text_encoder") or {})
+    ours = cfg.text_encoder
+    fields = ["pretrained"] if ours.pretrained or theirs.pretrained else ["tokenizer", "d_model", "num_layers",
+                                                                          "num_heads", "d_kv", "d_ff"]
+    for name in fields:
+        if getattr(ours, name) != getattr(theirs, name):
+            raise UserError(f"text_encoder.{name} is {getattr(ours, name)!r} but train.dit.init_model {folder} has "
+                            f"{getattr(theirs, name)!r}: a fine-tune keeps its model's text encoder; leave "
+                            f"text_encoder.{name} at {getattr(theirs, name)!r}")
+
+
 def _written(run: RunFolder) -> set[tuple[str, int]]:
     """What a run has written that config.yaml describes: its checkpoints and its stages' weights, with their times."""
     paths = [*run.checkpoints.glob("*/meta.json"), *run.root.glob("vae/*.safetensors"), *run.model.glob("**/*.safetensors")]
@@ -1236,6 +1293,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     warn_short_clips(cfg)
+    check_before_stages(cfg)
     if cfg.train.dit.text_binding > 0 and "dit" in cfg.train.stages and (
             cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
         raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: true "
