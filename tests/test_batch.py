@@ -331,6 +331,29 @@ def test_the_prompt_file_is_not_the_manifest_batch_writes(tmp_path, tiny_yaml, c
     assert code == 2 and "is the manifest.jsonl batch writes" in err and prompts.read_bytes() == before
 
 
+def test_a_second_run_of_the_same_shard_is_refused(tmp_path, tiny_yaml, capsys):
+    """Two runs of one shard into one folder would render the same items and rewrite one manifest: while one
+    holds the shard (a real flock, as another process's would be), the second stops with one line; another
+    shard goes on beside it, and a finished run leaves no lock file behind."""
+    from soragen.batch import shard_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": "a red ball"}, {"prompt": "a blue ball"}])
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    with shard_lock(out, (0, 1)):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and err.strip() == (f"error: another soragen batch is rendering into {out}; wait for it to "
+                                             "finish or stop it, then run this again (it goes on where that one stopped)")
+        assert not (out / MANIFEST).exists()
+    with shard_lock(out, (0, 2)):
+        assert run_cli(args + ["--shard", "0/2"], capsys)[0] == 2
+        assert run_cli(args + ["--shard", "1/2"], capsys)[0] == 0
+    assert run_cli(args, capsys)[0] == 0
+    assert all(r["status"] == "ok" for r in manifest(out))
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]
+
+
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):
     prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:6]])
     out = tmp_path / "out"

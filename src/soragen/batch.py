@@ -393,6 +393,33 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextmanager
+def shard_lock(folder: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """Refuse a second run of the same shard into folder while one runs: both would render the same items
+    and rewrite one manifest. The lock is a hidden file held with flock, removed at the end (a killed run's
+    is unlocked by the kernel and taken over)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path = folder / f".{shard_manifest_name(shard)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            which = "" if shard == (0, 1) else f"shard {shard[0]}/{shard[1]} "
+            raise UserError(f"another soragen batch is rendering {which}into {folder}; wait for it to finish or stop "
+                            "it, then run this again (it goes on where that one stopped)") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(folder: Path, names: list[str]) -> int:
     """Delete temporary files (.NAME.*.partial) left by a killed run for these final names; returns how many."""
     from soragen.video_io import remove_path, temporaries
@@ -553,8 +580,7 @@ def run_batch(
     reporter: Reporter | None = None,
 ) -> BatchResult:
     """Render the prompt file's items of this shard into folder; resume where an earlier run stopped."""
-    from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import SUFFIXES, write_text
+    from soragen.pipeline import plan_video
 
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
@@ -575,6 +601,16 @@ def run_batch(
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"output folder {folder} is not writable; choose another --out")
 
+    with shard_lock(folder, shard):
+        return _render_shard(cfg, items, folder, shard, reporter, f"soragen batch: {Path(prompt_file).name}", t_start)
+
+
+def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int, int], reporter: Reporter,
+                  title: str, t_start: float) -> BatchResult:
+    """run_batch's work once its checks passed and it holds the shard's lock."""
+    from soragen.pipeline import Pipeline, plan_video
+    from soragen.video_io import SUFFIXES, write_text
+
     mine = shard_items(items, shard)
     own_manifest = folder / shard_manifest_name(shard)
     # Only this process writes this shard's files, so their leftovers are safe to delete.
@@ -584,7 +620,6 @@ def run_batch(
     remove_stale_temporaries(folder, own_names)
     own = {r["key"]: r for r in read_records(own_manifest)}
     known = latest_records(folder)
-    title = f"soragen batch: {Path(prompt_file).name}"
     result = BatchResult(shard)
     pipe = None
     last_merge = time.perf_counter()
