@@ -141,6 +141,26 @@ def test_interrupted_generate_stops_fast_and_leaves_nothing(tmp_path, tiny_yaml,
     assert list(out.iterdir()) == []  # no partial file, nothing under the final name
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.02, 0.06])
+def test_a_second_stop_signal_does_not_break_the_first(tmp_path, tiny_yaml, gap):
+    """`kill` sent twice, or to the process group and the process: the second signal comes while the first one's
+    stop is removing partial files and exiting; it must not interrupt that with a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = soragen("generate", "a red ball", "-c", str(tiny_yaml), "--seconds", "60", "--steps", "20",
+                   "-o", str(out / "a.mp4"))
+    wait_for(lambda: leftovers(out), proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
+
+
 def vae_run(root: Path, steps: int) -> list[str]:
     """Overrides of a tiny VAE-only training run that checkpoints every 2 steps."""
     return TINY + [f"train.output_dir={root}", "train.stages=[vae]", f"train.vae.steps={steps}",

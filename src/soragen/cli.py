@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -34,7 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False, "stopped": False}
+_state = {"debug": False, "stopped": False, "stopped_at": 0.0}
+STOP_GRACE_SECONDS = 2.0  # a second stop signal within this time of the first is the same stop
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset to start from.")]
 SetOpt = Annotated[
@@ -487,8 +489,13 @@ def _on_stop_signal(signum, frame) -> None:
     Python runs this handler between bytecodes, and an exception raised where Python
     cannot pass it on (an at-fork hook as a subprocess starts, a __del__) is printed
     and dropped. The flag survives that: the next progress update raises again.
+    The same stop asked twice within STOP_GRACE_SECONDS (`kill` to the process group and to the
+    process, a double Ctrl-C) is one stop: the second would interrupt the first's clean-up.
     """
-    _state["stopped"] = True
+    now = time.monotonic()
+    if _state["stopped"] and now - _state["stopped_at"] < STOP_GRACE_SECONDS:
+        return
+    _state.update(stopped=True, stopped_at=now)
     raise KeyboardInterrupt
 
 
@@ -506,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     finally:
+        if argv is None and _state["stopped"]:  # stopping: a signal during the interpreter's exit would kill it
+            for sig in (signal.SIGTERM, signal.SIGINT):  # (Python resets its handlers there) or break an atexit hook
+                signal.signal(sig, signal.SIG_IGN)
         if argv is None:  # the process ends here: spare it the last full garbage collection
             # With torch, transformers and diffusers imported, the interpreter's final collection
             # walks millions of objects: 2.7 s between "interrupted" and the exit on a 2-core machine.
