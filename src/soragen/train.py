@@ -1231,6 +1231,9 @@ def check_before_stages(cfg: Config) -> None:
         if not path.is_file():
             raise UserError(f"train.vae_model: {path} is missing; give a model folder with a trained VAE")
     if "dit" in t.stages:
+        if t.dit.text_binding > 0 and (cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
+            raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: "
+                            "true and no text_encoder.pretrained (or set train.dit.text_binding=0)")
         if t.dit.window > cfg.data.clip_latent_frames:
             raise UserError(f"train.dit.window {t.dit.window} is longer than data.clip_latent_frames "
                             f"{cfg.data.clip_latent_frames}; lower the window or cache longer clips")
@@ -1294,10 +1297,6 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     warn_short_clips(cfg)
     check_before_stages(cfg)
-    if cfg.train.dit.text_binding > 0 and "dit" in cfg.train.stages and (
-            cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
-        raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: true "
-                        "and no text_encoder.pretrained (or set train.dit.text_binding=0)")
     run = RunFolder(Path(cfg.train.output_dir))
     # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
     # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.
