@@ -178,6 +178,19 @@ def assert_resumable(root: Path) -> None:
     assert RunFolder(root).latest("vae").name == f"vae-{step + 2:07d}"
 
 
+def test_training_into_a_log_file_prints_a_line_per_metric_line(tmp_path):
+    """Under nohup (stderr a file), a progress bar shows nothing until the stage ends: each metric line
+    (train.log_every) is also a plain progress line, with the time spent and the time left."""
+    args = ["train"]
+    for override in vae_run(tmp_path / "run", 4) + ["train.log_every=2"]:
+        args += ["--set", override]
+    proc = subprocess.run([sys.executable, "-m", "soragen", *args], capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("vae step ")]
+    assert len(lines) == 1 and lines[0].startswith("vae step 2/4 loss ") and "clips_per_s" in lines[0], proc.stderr
+    assert lines[0].endswith(" left)")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_interrupted_training_resumes_from_its_newest_checkpoint(tmp_path, sig):
     root = tmp_path / "run"

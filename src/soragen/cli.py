@@ -95,6 +95,13 @@ def _progress():
     )
 
 
+def _duration(seconds: float) -> str:
+    """1:02:03 for hours, 2:03 for minutes."""
+    seconds = int(seconds)
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 def default_output(prompt: str, seed: int, fmt: str = "mp4") -> Path:
     """outputs/<prompt slug>_seed<seed>.mp4 (.webm, .gif, or a folder for frames), numbered if that name is taken."""
     from soragen.naming import slugify
@@ -322,6 +329,12 @@ def train(
                 tasks[stage] = progress.add_task(stage, total=total)
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "psnr", "samples_per_s", "clips_per_s") if k in metrics)
             progress.update(tasks[stage], completed=step, description=f"{stage} {shown}")
+            logged = "samples_per_s" in metrics or "clips_per_s" in metrics  # a metric line (every train.log_every)
+            if not progress.console.is_terminal and logged and step < total:  # a log file: a line it can show
+                task = progress.tasks[tasks[stage]]
+                left = "" if task.time_remaining is None else f", about {_duration(task.time_remaining)} left"
+                progress.console.print(f"{stage} step {step}/{total} {shown} ({_duration(task.elapsed or 0)}{left})",
+                                       highlight=False, soft_wrap=True)
 
         out = run_training(cfg, resume=resume, progress=report)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process speaks for all
