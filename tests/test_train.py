@@ -968,3 +968,18 @@ def test_a_resumed_run_keeps_its_word_ids(tmp_path):
     manifest.write_text("".join(json.dumps(r | {"caption": "a purple " + r["caption"]}) + "\n" for r in records))
     out = train(train_config(settings), resume=True)
     assert AutoTokenizer.from_pretrained(str(out / "tokenizer")).get_vocab() == vocab
+
+
+def test_a_run_loads_all_of_its_code_when_it_starts():
+    """A later stage must not import a module edited since the run began (an editable install): all of soragen
+    is imported by the time training starts."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from soragen.train import import_package; import_package(); "
+             "print(sorted(m for m in sys.modules if m.startswith('soragen')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for name in ("soragen.pipeline", "soragen.text_encoder", "soragen.dit", "soragen.sampler", "soragen.gallery",
+                 "soragen.evaluation.detector", "soragen.evaluation.run", "soragen.data.shapes", "soragen.batch"):
+        assert f"'{name}'" in loaded
+    assert "soragen.__main__" not in loaded

@@ -1287,12 +1287,27 @@ def _not_a_run(run: RunFolder) -> str | None:
     return None
 
 
+def import_package() -> None:
+    """Import every module of soragen now. A run lasts hours: under an editable install (pip install -e .),
+    a module first imported by a later stage would be the file as edited by then, which need not fit the
+    modules loaded at the start (a run of session 31 stopped at its DiT stage on such an ImportError)."""
+    import importlib
+    import pkgutil
+
+    import soragen
+
+    for module in pkgutil.walk_packages(soragen.__path__, "soragen."):
+        if module.name != "soragen.__main__":  # it runs the CLI
+            importlib.import_module(module.name)
+
+
 def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None) -> Path:
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     from accelerate import PartialState
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    import_package()
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     warn_short_clips(cfg)
