@@ -142,7 +142,8 @@ def test_csv_cells_are_typed_and_empty_cells_unset(tmp_path):
         ("p.yaml", "prompt: x\n", "must hold a YAML list"),
         ("p.yaml", "- [unclosed\n", "malformed YAML"),
         ("p.csv", "prompt,prompt\na,b\n", "column 'prompt' is named twice"),
-        ("p.csv", "prompt,steps\na red ball,2\n\"a blue ball, bouncing,2\nx,1\ny,1\n", "a cell that opens a quote must close it"),
+        ("p.csv", "prompt,steps\na red ball,2\n\"a blue ball, bouncing,2\nx,1\ny,1\n",
+         "p.csv line 3: malformed CSV (unexpected end of data); a cell that opens a quote must close it"),
     ],
 )
 def test_bad_prompt_files_are_user_errors(tmp_path, name, text, fragment):
@@ -151,6 +152,15 @@ def test_bad_prompt_files_are_user_errors(tmp_path, name, text, fragment):
     with pytest.raises(UserError) as err:
         read_prompt_file(path)
     assert fragment in str(err.value)
+
+
+def test_a_csv_record_is_placed_at_its_first_line(tmp_path):
+    """A quoted cell may span lines and blank lines may sit between records: `where` is the line a record starts on."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'prompt,steps\r\n\r\n"two\nlines",1\r\n\r\n\r\nz,x\r\n')
+    items = read_prompt_file(path)
+    assert [(i.where, i.error) for i in items] == [("line 3", None), ("line 7", "steps must be an integer, got 'x'")]
+    assert items[0].fields["prompt"] == "two\nlines"
 
 
 def test_missing_prompt_file(tmp_path):

@@ -57,13 +57,15 @@ def test_index_escapes_prompts_and_uses_relative_links():
         "video": {"seconds": 1.0, "fps": 8, "width": 64, "height": 64}, "timings_seconds": {"denoising": 0.5},
     }
     failed = {"key": "f", "prompt": "<b>bad</b>", "seed": 1, "status": "failed", "error": "steps: <0>", "where": "line 2"}
-    page = render_index([rec, failed], "t <1>")
+    unreadable = {"key": "u", "prompt": "", "seed": None, "status": "failed", "error": "invalid JSON", "where": "line 3"}
+    page = render_index([rec, failed, unreadable], "t <1>")
+    assert "line 2 · seed 1" in page and "line 3</div>" in page and "seed None" not in page
     assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "<b>bad</b>" not in page and "steps: &lt;0&gt;" in page
     assert 'src="a%20b%231.mp4"' in page and 'poster="a%20b%231.poster.png"' in page
     links = re.findall(r'(?:src|href|poster)="([^"]*)"', page)
     assert links and all(not re.match(r"^[a-z]+:|^/", link) for link in links)  # relative only, no scheme, no server
-    assert "1 rendered, 1 failed, 0 pending" in page
+    assert "1 rendered, 2 failed, 0 pending" in page
 
 
 def find_chromium():

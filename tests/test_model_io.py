@@ -130,8 +130,11 @@ def test_a_training_run_folder_stands_for_its_model(tmp_path, folder, capsys):
 
     path, _ = folder
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text("seed: 0\n")
+    run.mkdir()
+    (run / "config.yaml").write_text("dit: {depth: 1}\n")  # someone's config.yaml: not a run
+    with pytest.raises(UserError, match="is not a soragen model folder: soragen.yaml is missing"):
+        load_config(None, [f"model={run}"])
+    (run / "config.yaml").write_text(tiny_config().to_yaml())  # a run before its first checkpoint
     with pytest.raises(UserError, match="training run that has not written its model yet"):
         load_config(None, [f"model={run}"])
     shutil.copytree(path, run / "model")

@@ -51,7 +51,7 @@ class RawItem:
     """One entry of a prompt file, before checking: its fields, or why it could not be read."""
 
     index: int  # position among the file's items (0-based)
-    where: str  # "line 7", "row 3" or "item 4", for messages
+    where: str  # "line 7" (text, JSONL, CSV: where the record begins) or "item 4" (YAML), for messages
     fields: dict[str, Any] | None  # as given (CSV cells already typed)
     error: str | None = None  # set when the entry is unreadable
     raw: str = ""  # the entry's text, for the key of an unreadable entry
@@ -141,15 +141,41 @@ def _read_jsonl(text: str) -> list[RawItem]:
     return items
 
 
+class _LineSource:
+    """The lines of a text for csv, remembering which it has handed out since `start()`: a record's first line
+    (a quoted cell may span several, and blank lines between records are skipped)."""
+
+    def __init__(self, text: str):
+        self._lines = enumerate(io.StringIO(text, newline=""), 1)
+        self._read: list[tuple[int, str]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        n, line = next(self._lines)
+        self._read.append((n, line))
+        return line
+
+    def start(self) -> None:
+        self._read.clear()
+
+    def first_line(self) -> int:
+        """Number of the first non-blank line read since start() (the last line read if all were blank)."""
+        return next((n for n, line in self._read if line.strip()), self._read[-1][0] if self._read else 1)
+
+
 def _read_csv(text: str, path: Path) -> list[RawItem]:
-    reader = csv.DictReader(io.StringIO(text), strict=True)  # strict: an unclosed quote is an error, not the rest of the file
+    source = _LineSource(text)
+    reader = csv.DictReader(source, strict=True)  # strict: an unclosed quote is an error, not the rest of the file
     try:
-        return _csv_items(reader, path)
+        return _csv_items(reader, source, path)
     except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num}: malformed CSV ({e}); a cell that opens a quote must close it") from None
+        raise UserError(f"{path} line {source.first_line()}: malformed CSV ({e}); a cell that opens a quote must "
+                        "close it") from None
 
 
-def _csv_items(reader: csv.DictReader, path: Path) -> list[RawItem]:
+def _csv_items(reader: csv.DictReader, source: _LineSource, path: Path) -> list[RawItem]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     doubled = sorted({h for h in header if header.count(h) > 1})
     if doubled:
@@ -163,8 +189,10 @@ def _csv_items(reader: csv.DictReader, path: Path) -> list[RawItem]:
             raise UserError(f"{path}: unknown column '{h}'; {hint}valid columns: {', '.join(FIELDS)}")
     reader.fieldnames = header
     items = []
+    source.start()
     for row in reader:
-        where = f"line {reader.line_num}"
+        where = f"line {source.first_line()}"  # where the record begins
+        source.start()
         if None in row:  # more cells than columns
             items.append(RawItem(len(items), where, None, f"{len(header) + len(row[None])} cells but {len(header)} columns", str(row)))
             continue

@@ -145,7 +145,8 @@ def _card(rec: dict[str, Any]) -> str:
             body = f'<div class="error">failed: {_e(rec.get("error") or "unknown error")}</div>'
         else:
             body = '<div class="meta">not rendered yet</div>'
-        return f'<div class="card {_e(status)}">{head}<div class="meta">{where} · seed {_e(seed)}</div>{body}</div>'
+        meta = where if seed is None else f"{where} · seed {_e(seed)}"  # an unreadable item has no seed
+        return f'<div class="card {_e(status)}">{head}<div class="meta">{meta}</div>{body}</div>'
     files = rec["files"]
     video, fmt = files["video"]["path"], rec.get("format", "mp4")
     poster = files.get("poster", {}).get("path")

@@ -47,13 +47,22 @@ def resolve_model(name: str) -> Path:
         hint = " (the built-in model is not installed in this package)" if name == BUILTIN_NAME else ""
         raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")
     if not (path / "soragen.yaml").is_file():
-        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a training run: its model folder
+        if _is_run(path):  # a training run stands for its model folder
             if (path / "model" / "soragen.yaml").is_file():
                 return path / "model"
             raise UserError(f"{path} is a training run that has not written its model yet "
                             f"(the DiT stage writes {path / 'model'}); finish or resume the run with `soragen train`")
         raise UserError(f"{path} is not a soragen model folder: soragen.yaml is missing")
     return path
+
+
+def _is_run(path: Path) -> bool:
+    """Whether folder `path` is a training run's: its config.yaml records a whole config, training included."""
+    try:
+        data = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    except UserError:
+        return False
+    return {"train", "dit", "vae"} <= data.keys()
 
 
 def model_config_data(name: str) -> dict[str, Any]:
