@@ -338,7 +338,8 @@ def test_init_model_fine_tunes_and_can_add_self_conditioning(trained, tmp_path):
         train(bad)
     other_text = train_config(TINY + [f"train.output_dir={tmp_path / 'bad2'}", f"train.vae_model={model}",
                                       f"train.dit.init_model={model}", "text_encoder.num_layers=2"])
-    with pytest.raises(UserError, match="text_encoder.num_layers is 2 but train.dit.init_model .* has 1: a fine-tune keeps"):
+    with pytest.raises(UserError, match="has another text encoder than this config: a fine-tune keeps its model's, so set "
+                                         "text_encoder.num_layers=1 \\(or start from --config .*soragen.yaml\\)"):
         train(other_text)  # the model it would write would record a text encoder it does not have
     assert not (tmp_path / "bad2").exists()
 
@@ -921,7 +922,8 @@ def test_a_folder_of_someone_elses_files_is_not_a_run(tmp_path):
     (["train.vae.init_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
     (["train.vae_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
     (["train.dit.window=5"], "train.dit.window 5 is longer than data.clip_latent_frames 4"),
-    (["train.stages=[vae,dit,decoder]", "train.decoder.last_steps=30"], "last_steps 30 is more than sampler.steps 20"),
+    (["train.stages=[vae,dit,decoder]", "train.decoder.last_steps=30"],
+     "last_steps 30 is more than sampler.steps 20; lower train.decoder.last_steps or raise sampler.steps"),
 ])
 def test_settings_a_later_stage_refuses_are_refused_before_the_first(tmp_path, settings, fragment):
     """A missing folder a stage starts from, or windows that do not fit the clips, fail before the VAE stage's hour."""
@@ -934,21 +936,28 @@ def test_settings_a_later_stage_refuses_are_refused_before_the_first(tmp_path, s
 
 def test_a_manifest_latent_cache_follows_the_dataset(tmp_path):
     """A dataset edited in place (a caption, a re-encoded video) makes its latent cache stale; the same one does not."""
-    from soragen.train import _cache_digest
+    import os
 
-    (tmp_path / "a.mp4").write_bytes(b"x" * 10)
+    from soragen.train import _dataset_digest
+
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"x" * 10)
     cfg = train_config(TINY + ["data.kind=manifest", f"data.path={tmp_path}"])
 
     def digest(caption: str) -> str:
         (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": caption, "fps": 8}) + "\n")
-        return _cache_digest(cfg)
+        return _dataset_digest(cfg)
 
     first = digest("a red ball")
     assert digest("a red ball") == first
     assert digest("a blue ball") != first
     digest("a red ball")
-    (tmp_path / "a.mp4").write_bytes(b"x" * 11)
-    assert _cache_digest(cfg) != first
+    stat = video.stat()
+    video.write_bytes(b"y" * 10)  # re-encoded, same size
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert _dataset_digest(cfg) != first
+    assert _dataset_digest(train_config(TINY)) is None  # the Shapes World: its seed and settings are the config's
+
 
 
 def test_a_resumed_run_keeps_its_word_ids(tmp_path):
@@ -976,10 +985,42 @@ def test_a_run_loads_all_of_its_code_when_it_starts():
     import subprocess
     import sys
 
-    probe = ("import sys; from soragen.train import import_package; import_package(); "
-             "print(sorted(m for m in sys.modules if m.startswith('soragen')))")
+    probe = ("import sys\n"
+             "from soragen.config import load_config\n"
+             "from soragen.errors import UserError\n"
+             "from soragen.train import train\n"
+             "try:\n"
+             "    train(load_config(None, ['train.dit.window=99'], builtin_default=False))\n"  # refused before any stage
+             "except UserError:\n"
+             "    print(sorted(m for m in sys.modules if m.startswith('soragen')))\n")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     for name in ("soragen.pipeline", "soragen.text_encoder", "soragen.dit", "soragen.sampler", "soragen.gallery",
                  "soragen.evaluation.detector", "soragen.evaluation.run", "soragen.data.shapes", "soragen.batch"):
         assert f"'{name}'" in loaded
     assert "soragen.__main__" not in loaded
+
+
+def test_checks_before_the_stages_follow_what_the_run_will_do(trained, tmp_path):
+    """A resumed run whose VAE is trained does not need train.vae.init_model any more; an incomplete init model
+    is named with what it lacks; train.vae_model may be a run folder (its model's VAE)."""
+    import shutil
+
+    from soragen.train import check_before_stages
+
+    cfg, root, model = trained
+    run = RunFolder(root)
+    gone = train_config(TINY + [f"train.output_dir={root}", "train.vae.init_model=/nonexistent/m"])
+    check_before_stages(gone, run, resume=True)  # stage 1 is skipped: the folder it started from is not needed
+    with pytest.raises(UserError, match="model folder not found: /nonexistent/m"):
+        check_before_stages(gone, run, resume=False)
+    partial = tmp_path / "partial"
+    shutil.copytree(model, partial)
+    shutil.rmtree(partial / "tokenizer")
+    with pytest.raises(UserError, match="train.dit.init_model .*partial is incomplete: tokenizer missing; give a model folder"):
+        check_before_stages(train_config(TINY + [f"train.dit.init_model={partial}"]), RunFolder(tmp_path / "r"), False)
+    check_before_stages(train_config(TINY + [f"train.vae_model={root}", "train.stages=[dit]"]), RunFolder(tmp_path / "r"),
+                        False)
+    from soragen.train import vae_weights
+
+    assert vae_weights(train_config(TINY + [f"train.vae_model={root}"]), RunFolder(tmp_path / "r")) == (
+        model / "vae" / "diffusion_pytorch_model.safetensors")

@@ -31,6 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows: no flock; shards should not finish at the same moment there)
+    fcntl = None
+
 from soragen import __version__
 from soragen.config import MAX_SEED, Config, read_text, update
 from soragen.errors import UserError
@@ -404,13 +409,8 @@ def files_intact(folder: Path, rec: dict[str, Any]) -> bool:
 
 @contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder itself (flock on its descriptor: no lock file to leave behind).
-
-    POSIX only; where flock is missing (Windows) shards should not finish at the same moment.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
+    """Hold an exclusive lock on the folder itself (flock on its descriptor: no lock file to leave behind)."""
+    if fcntl is None:  # pragma: no cover
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -426,25 +426,29 @@ def shard_lock(folder: Path, shard: tuple[int, int]) -> Iterator[None]:
     """Refuse a second run of the same shard into folder while one runs: both would render the same items
     and rewrite one manifest. The lock is a hidden file held with flock, removed at the end (a killed run's
     is unlocked by the kernel and taken over)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
+    if fcntl is None:  # pragma: no cover
         yield
         return
     path = folder / f".{shard_manifest_name(shard)}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             which = "" if shard == (0, 1) else f"shard {shard[0]}/{shard[1]} "
             raise UserError(f"another soragen batch is rendering {which}into {folder}; wait for it to finish or stop "
                             "it, then run this again (it goes on where that one stopped)") from None
         try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the lock file of a run that removed it as it ended: take a fresh one
+    try:
+        yield
     finally:
+        path.unlink(missing_ok=True)
         os.close(fd)
 
 

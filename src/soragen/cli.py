@@ -503,11 +503,16 @@ def _on_stop_signal(signum, frame) -> None:
     cannot pass it on (an at-fork hook as a subprocess starts, a __del__) is printed
     and dropped. The flag survives that: the next progress update raises again.
     The same stop asked twice within STOP_GRACE_SECONDS (`kill` to the process group and to the
-    process, a double Ctrl-C) is one stop: the second would interrupt the first's clean-up.
+    process, a double Ctrl-C) is one stop: the second would interrupt the first's clean-up. Asked
+    again later, the process ends at once (a final name is never half-written; the temporary files
+    a stop would have removed are removed by the next run).
     """
     now = time.monotonic()
-    if _state["stopped"] and now - _state["stopped_at"] < STOP_GRACE_SECONDS:
-        return
+    if _state["stopped"]:
+        if now - _state["stopped_at"] < STOP_GRACE_SECONDS:
+            return
+        print("interrupted again: exiting at once", file=sys.stderr, flush=True)
+        os._exit(130)
     _state.update(stopped=True, stopped_at=now)
     raise KeyboardInterrupt
 
@@ -526,9 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     finally:
-        if argv is None and _state["stopped"]:  # stopping: a signal during the interpreter's exit would kill it
-            for sig in (signal.SIGTERM, signal.SIGINT):  # (Python resets its handlers there) or break an atexit hook
-                signal.signal(sig, signal.SIG_IGN)
+        if argv is None and _state["stopped"]:  # stopping: another SIGTERM (a process manager's) would break an
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # atexit hook, or kill the exit once Python resets handlers
         if argv is None:  # the process ends here: spare it the last full garbage collection
             # With torch, transformers and diffusers imported, the interpreter's final collection
             # walks millions of objects: 2.7 s between "interrupted" and the exit on a 2-core machine.

@@ -417,7 +417,7 @@ class TrainConfig(_Frozen):
     output_dir: str = "runs/default"  # checkpoints, logs, samples and the final model folder
     # Which stages this run trains, in order; "decoder" (after "dit") fine-tunes the VAE decoder on the DiT's latents.
     stages: tuple[Literal["vae", "dit", "decoder"], ...] = ("vae", "dit")
-    vae_model: str | None = None  # reuse the VAE of this model folder instead of training one
+    vae_model: str | None = None  # reuse the VAE of this model folder (or run folder) instead of training one
     checkpoint_every: int = Field(250, ge=1)  # optimizer steps between checkpoints
     sample_every: int = Field(500, ge=1)  # steps between sample videos (and detector scores)
     log_every: int = Field(25, ge=1)  # steps between metric lines

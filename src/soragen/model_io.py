@@ -47,16 +47,16 @@ def resolve_model(name: str) -> Path:
         hint = " (the built-in model is not installed in this package)" if name == BUILTIN_NAME else ""
         raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")
     if not (path / "soragen.yaml").is_file():
-        if _is_run(path):  # a training run stands for its model folder
+        if is_run_folder(path):  # a training run stands for its model folder
             if (path / "model" / "soragen.yaml").is_file():
                 return path / "model"
-            raise UserError(f"{path} is a training run that has not written its model yet "
-                            f"(the DiT stage writes {path / 'model'}); finish or resume the run with `soragen train`")
+            raise UserError(f"{path} is a training run that has not written its model yet (its DiT stage writes "
+                            f"{path / 'model'}); resume it with the command that started it and --resume")
         raise UserError(f"{path} is not a soragen model folder: soragen.yaml is missing")
     return path
 
 
-def _is_run(path: Path) -> bool:
+def is_run_folder(path: Path) -> bool:
     """Whether folder `path` is a training run's: its config.yaml records a whole config, training included."""
     try:
         data = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
@@ -120,13 +120,19 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def missing_parts(folder: Path, own_text_encoder: bool = True) -> list[str]:
+    """The parts of model folder `folder` that loading it needs and it lacks (the text encoder's only if it
+    is the folder's own, not a pretrained T5 named by the config)."""
+    needed = ["vae/" + WEIGHTS, "transformer/" + WEIGHTS]
+    if own_text_encoder:
+        needed = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer"] + needed
+    return [name for name in needed if not (folder / name).exists()]
+
+
 def check_model_folder(cfg: Config) -> Path:
     """The model folder cfg names, with a UserError naming what is missing if it lacks a part generation loads."""
     folder = resolve_model(cfg.model)
-    needed = ["vae/" + WEIGHTS, "transformer/" + WEIGHTS]
-    if cfg.text_encoder.pretrained is None:
-        needed = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer"] + needed
-    missing = [name for name in needed if not (folder / name).exists()]
+    missing = missing_parts(folder, own_text_encoder=cfg.text_encoder.pretrained is None)
     if missing:
         raise UserError(f"model folder {folder} is incomplete: {', '.join(missing)} missing (a model folder holds "
                         "soragen.yaml, text_encoder/, tokenizer/, vae/ and transformer/, as training writes it)")

@@ -68,6 +68,17 @@ def word_tokenizer(corpus: Iterable[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def saved_tokenizer(folder: Path):
+    """The tokenizer saved in `folder` (save_pretrained), as a UserError naming the folder if it cannot be read."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the tokenizer in {folder}: {first_line(e)}") from None
+
+
 class TextEncoder(nn.Module):
     """A T5 encoder and its tokenizer behind one call: list of prompts -> (tokens, mask)."""
 
@@ -103,9 +114,7 @@ class TextEncoder(nn.Module):
             case "byt5":
                 tokenizer = ByT5Tokenizer()
             case "words" if vocabulary is not None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(vocabulary), local_files_only=True)
+                tokenizer = saved_tokenizer(vocabulary)
             case "words":
                 if corpus is None:
                     raise UserError("text_encoder.tokenizer 'words' builds its vocabulary from training captions: "

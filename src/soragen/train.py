@@ -333,7 +333,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
     if t.init_model is not None:
-        load_weights(vae, _finished_vae(t.init_model))
+        load_weights(vae, _finished_vae(t.init_model, "train.vae.init_model"))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=t.lr, weight_decay=0.0)
     scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
     vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
@@ -394,17 +394,22 @@ def vae_gate(cfg: Config, vae, clips: int = 96, seconds: float = 4.0) -> dict[st
     return {key: float(np.mean(v)) for key, v in tally.items()} | {"clips": clips}
 
 
-def _finished_vae(name: str) -> Path:
-    """train.vae.init_model's weights: a model folder's VAE, or the VAE stage of another run folder."""
-    from soragen.model_io import WEIGHTS, resolve_model
+def _finished_vae(name: str, setting: str) -> Path:
+    """The VAE weights a setting names: a model folder's, or a run folder's (its model's VAE when it has
+    written one, else its VAE stage's)."""
+    from soragen.model_io import WEIGHTS, is_run_folder, resolve_model
 
     folder = Path(name).expanduser()
-    if (folder / "config.yaml").is_file() and not (folder / "soragen.yaml").is_file():  # a run folder
-        path = RunFolder(folder).vae / WEIGHTS
-        if not path.is_file():
-            raise UserError(f"train.vae.init_model: the run {folder} has no finished VAE stage ({path} is missing)")
+    if is_run_folder(folder):
+        stage = RunFolder(folder).vae / WEIGHTS
+        path = next((p for p in (folder / "model" / "vae" / WEIGHTS, stage) if p.is_file()), None)
+        if path is None:
+            raise UserError(f"{setting}: the run {folder} has no finished VAE stage ({stage} is missing)")
         return path
-    return resolve_model(name) / "vae" / WEIGHTS
+    path = resolve_model(name) / "vae" / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{setting}: {path} is missing; give a model folder or a run folder with a trained VAE")
+    return path
 
 
 def load_trained_vae(cfg: Config, run: RunFolder):
@@ -419,10 +424,10 @@ def load_trained_vae(cfg: Config, run: RunFolder):
 
 def vae_weights(cfg: Config, run: RunFolder) -> Path:
     """The weights file of the VAE the DiT stage encodes with: run/vae or `train.vae_model`'s."""
-    from soragen.model_io import WEIGHTS, resolve_model
+    from soragen.model_io import WEIGHTS
 
     if cfg.train.vae_model is not None:
-        return resolve_model(cfg.train.vae_model) / "vae" / WEIGHTS
+        return _finished_vae(cfg.train.vae_model, "train.vae_model")
     path = run.vae / WEIGHTS
     if not path.is_file():
         raise UserError(f"no trained VAE in {run.vae}; run the 'vae' stage first (train.stages) or set train.vae_model")
@@ -441,16 +446,17 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     from soragen.model_io import save_file_atomic
 
     captions_path = run.latents.with_suffix(".json")
-    digest = _cache_digest(cfg, vae_weights(cfg, run))
+    digest, dataset = _cache_digest(cfg, vae_weights(cfg, run)), _dataset_digest(cfg)
     if run.latents.is_file() and captions_path.is_file():
         meta = json.loads(captions_path.read_text(encoding="utf-8"))
-        if meta["config_digest"] == digest:
+        # A cache written before caches recorded their dataset has no "dataset" to compare: it stays valid.
+        if meta["config_digest"] == digest and meta.get("dataset", dataset) == dataset:
             tensors = load_file(str(run.latents))
             return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
-        log.warning("latent cache %s was built for another config; rebuilding it", run.latents)
+        log.warning("latent cache %s was built for another config or dataset; rebuilding it", run.latents)
     z, captions, continues = _encode_cache_clips(cfg, vae, progress, "encode")  # (N, C, K, h, w)
     save_file_atomic({"latents": z}, run.latents)
-    _write_json(captions_path, {"config_digest": digest, "captions": captions, "continues": continues})
+    _write_json(captions_path, {"config_digest": digest, "dataset": dataset, "captions": captions, "continues": continues})
     return {"latents": z, "captions": captions, "continues": continues}
 
 
@@ -544,6 +550,23 @@ def build_twin_latents(cfg: Config, run: RunFolder, vae, progress: Progress | No
     return z
 
 
+def _dataset_digest(cfg: Config) -> str | None:
+    """What a manifest's latent cache depends on beyond the config: the records, and each video's size and
+    time (a dataset edited in place); None for the Shapes World, drawn from the config's seed alone."""
+    import hashlib
+
+    from soragen.data.clips import MANIFEST, read_manifest
+
+    if cfg.data.kind != "manifest":
+        return None
+    folder = Path(cfg.data.path)
+    stats = []
+    for rec in read_manifest(folder):
+        path = folder / rec["path"]
+        stats.append([path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None)
+    return hashlib.sha256((folder / MANIFEST).read_bytes() + json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
     VAE encoder's weights, wherever they are read from (a VAE retrained in the same run folder makes
@@ -554,13 +577,6 @@ def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
     data = cfg.data.model_dump(exclude={"two_object_fraction"} if cfg.data.two_object_fraction == 0.5 else set())
     key = json.dumps({"data": data, "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed}, sort_keys=True, default=str)
-    if cfg.data.kind == "manifest":  # the dataset itself: its records, and each video's size
-        from soragen.data.clips import MANIFEST, read_manifest
-
-        folder = Path(cfg.data.path)
-        sizes = [(folder / rec["path"]).stat().st_size if (folder / rec["path"]).is_file() else -1
-                 for rec in read_manifest(folder)]
-        key += hashlib.sha256((folder / MANIFEST).read_bytes() + json.dumps(sizes).encode()).hexdigest()
     if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are
         from safetensors import safe_open
 
@@ -808,6 +824,20 @@ def dit_loss(
     return loss if swapped is None else (loss, contrast, gap)
 
 
+def _save_vocabulary(tokenizer, folder: Path) -> None:
+    """Write a tokenizer to `folder` whole or not at all: assembled in a temporary folder, renamed into place."""
+    from soragen.video_io import temporary_folder
+
+    tmp = temporary_folder(folder)
+    try:
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # one saved before the run's first checkpoint
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _init_from_model(cfg: Config, name: str):
     """The text encoder and DiT of model folder `name`, for fine-tuning with `cfg`.
 
@@ -876,6 +906,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if t.contrast_from >= t.steps and (t.direction_contrast > 0 or t.shape_contrast > 0):
         log.warning("train.dit.contrast_from %d is not below train.dit.steps %d: the contrasts never start "
                     "(a fine-tune counts its own steps; set train.dit.contrast_from=0)", t.contrast_from, t.steps)
+    # A resume keeps the word vocabulary its checkpoints were trained with; decided by every process before
+    # the main one may write it below.
+    kept = resume and run.latest("dit") is not None and (run.vocabulary / "tokenizer.json").is_file()
     acc = _make_accelerator(run.root)
     vae = load_trained_vae(cfg, run)
     with acc.main_process_first():  # one process encodes the clips; the others read its cache
@@ -905,12 +938,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
         corpus += shapes.vocabulary_corpus()
     if t.init_model is None:
-        kept = resume and (run.vocabulary / "tokenizer.json").is_file()
         text_encoder = TextEncoder.from_config(cfg.text_encoder, corpus=corpus, vocabulary=run.vocabulary if kept else None)
-        if cfg.text_encoder.tokenizer == "words" and cfg.text_encoder.pretrained is None and not kept:
-            with acc.main_process_first():  # its word ids are the checkpoints': a resumed run reads them back
-                if acc.is_main_process:
-                    text_encoder.tokenizer.save_pretrained(run.vocabulary)
+        if cfg.text_encoder.tokenizer == "words" and cfg.text_encoder.pretrained is None and not kept and acc.is_main_process:
+            _save_vocabulary(text_encoder.tokenizer, run.vocabulary)  # the checkpoints' word ids, for a resume
         dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
     else:
         text_encoder, dit = _init_from_model(cfg, t.init_model)
@@ -1110,7 +1140,8 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     pipe = Pipeline.from_config(model_cfg)
     s = model_cfg.sampler
     if t.last_steps > s.steps:
-        raise UserError(f"train.decoder.last_steps {t.last_steps} is more than sampler.steps {s.steps}")
+        raise UserError(f"train.decoder.last_steps {t.last_steps} is more than sampler.steps {s.steps}; "
+                        "lower train.decoder.last_steps or raise sampler.steps")
     vae, dit, text_encoder = pipe.vae, pipe.dit.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
     decoder = vae.decoder.requires_grad_(True)
@@ -1218,18 +1249,17 @@ def with_data_rate(cfg: Config) -> Config:
     return cfg.model_copy(update={"video": v.model_copy(update={"model_fps": rate})})
 
 
-def check_before_stages(cfg: Config) -> None:
+def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     """Settings a later stage would refuse, refused before the first stage spends its hour: the folders
     the stages start from, and windows that fit the clips."""
-    from soragen.model_io import WEIGHTS, resolve_model
+    from soragen.model_io import WEIGHTS, missing_parts, resolve_model
 
     t = cfg.train
-    if "vae" in t.stages and t.vae_model is None and t.vae.init_model is not None:
-        _finished_vae(t.vae.init_model)
+    if "vae" in t.stages and t.vae_model is None and t.vae.init_model is not None and not (
+            resume and (run.vae / WEIGHTS).is_file()):  # (a resumed run whose VAE is trained does not start from it)
+        _finished_vae(t.vae.init_model, "train.vae.init_model")
     if t.vae_model is not None and {"vae", "dit"} & set(t.stages):
-        path = resolve_model(t.vae_model) / "vae" / WEIGHTS
-        if not path.is_file():
-            raise UserError(f"train.vae_model: {path} is missing; give a model folder with a trained VAE")
+        _finished_vae(t.vae_model, "train.vae_model")
     if "dit" in t.stages:
         if t.dit.text_binding > 0 and (cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
             raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: "
@@ -1239,13 +1269,14 @@ def check_before_stages(cfg: Config) -> None:
                             f"{cfg.data.clip_latent_frames}; lower the window or cache longer clips")
         if t.dit.init_model is not None:
             folder = resolve_model(t.dit.init_model)
-            missing = [n for n in ("transformer/" + WEIGHTS, "text_encoder/model.safetensors", "tokenizer")
-                       if not (folder / n).exists()]
+            missing = missing_parts(folder)
             if missing:
-                raise UserError(f"train.dit.init_model {folder} is incomplete: {', '.join(missing)} missing")
+                raise UserError(f"train.dit.init_model {folder} is incomplete: {', '.join(missing)} missing; give a "
+                                "model folder as training writes it")
             _check_same_text_encoder(cfg, folder)
     if {"dit", "decoder"} <= set(t.stages) and t.decoder.last_steps > cfg.sampler.steps:  # the model gets cfg.sampler
-        raise UserError(f"train.decoder.last_steps {t.decoder.last_steps} is more than sampler.steps {cfg.sampler.steps}")
+        raise UserError(f"train.decoder.last_steps {t.decoder.last_steps} is more than sampler.steps {cfg.sampler.steps}; "
+                        "lower train.decoder.last_steps or raise sampler.steps")
 
 
 def _check_same_text_encoder(cfg: Config, folder: Path) -> None:
@@ -1258,11 +1289,11 @@ def _check_same_text_encoder(cfg: Config, folder: Path) -> None:
     ours = cfg.text_encoder
     fields = ["pretrained"] if ours.pretrained or theirs.pretrained else ["tokenizer", "d_model", "num_layers",
                                                                           "num_heads", "d_kv", "d_ff"]
-    for name in fields:
-        if getattr(ours, name) != getattr(theirs, name):
-            raise UserError(f"text_encoder.{name} is {getattr(ours, name)!r} but train.dit.init_model {folder} has "
-                            f"{getattr(theirs, name)!r}: a fine-tune keeps its model's text encoder; leave "
-                            f"text_encoder.{name} at {getattr(theirs, name)!r}")
+    differ = [name for name in fields if getattr(ours, name) != getattr(theirs, name)]
+    if differ:
+        raise UserError(f"train.dit.init_model {folder} has another text encoder than this config: a fine-tune keeps "
+                        "its model's, so set " + ", ".join(f"text_encoder.{n}={getattr(theirs, n)}" for n in differ)
+                        + f" (or start from --config {folder / 'soragen.yaml'})")
 
 
 def _written(run: RunFolder) -> set[tuple[str, int]]:
@@ -1311,8 +1342,8 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     warn_short_clips(cfg)
-    check_before_stages(cfg)
     run = RunFolder(Path(cfg.train.output_dir))
+    check_before_stages(cfg, run, resume)
     # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
     # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.
     state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
