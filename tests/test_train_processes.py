@@ -43,6 +43,7 @@ def test_two_processes_write_one_run(two_processes):
     assert first.stdout.count("done: ") == 1 and first.stdout.strip().endswith(f"done: {run / 'model'}")
     assert first.stderr.count("VAE reconstructions scored") == 1  # the main process speaks for both
     assert (run / "model" / "soragen.yaml").is_file() and (run / "latents.safetensors").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()  # the word vocabulary, written once, for a resume
     assert (run / "model" / "vae" / "decoder_finetune.json").is_file()  # the stage after dit read dit's model folder
     assert sorted(p.name for p in (run / "checkpoints").glob("dit-*")) == ["dit-0000002", "dit-0000004"]
 
