@@ -49,7 +49,9 @@ class CheckpointMismatch(UserError):
 
 PROCESS_GROUP_TIMEOUT_HOURS = 6  # how long processes of a multi-process run wait for each other
 
-Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, total, metrics)
+# (stage, step, total, metrics); on the steps that write a metric line (train.log_every) the metrics hold
+# the stage's rate, samples_per_s or clips_per_s.
+Progress = Callable[[str, int, int, dict[str, float]], None]
 
 
 # ---------------------------------------------------------------------------
