@@ -364,6 +364,27 @@ def test_a_second_run_of_the_same_shard_is_refused(tmp_path, tiny_yaml, capsys):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]
 
 
+def test_files_batch_did_not_write_are_never_overwritten(tmp_path, tiny_yaml, capsys):
+    """A file of the user's named like an item's output fails that item, untouched; batch's own files (listed in a
+    manifest, claimed before rendering, or with a soragen sidecar after the manifests were deleted) are replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "red.mp4").write_bytes(b"mine")
+    prompts = write_prompt_file(tmp_path / "p.jsonl", [{"prompt": "a red ball", "name": "red"}, {"prompt": "a blue ball"}])
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and (out / "red.mp4").read_bytes() == b"mine"
+    failed = {r["name"]: r for r in manifest(out)}["red"]
+    assert failed["status"] == "failed" and failed["error"] == (
+        f"{out / 'red.mp4'} is in the way: no batch manifest lists it; move it away or give the item another name")
+    (out / "red.mp4").unlink()
+    assert run_cli(args, capsys)[0] == 0
+    for name in [MANIFEST, *(p.name for p in out.glob("manifest.shard-*"))]:
+        (out / name).unlink()
+    assert run_cli(args, capsys)[0] == 0  # its own files, known by their sidecars: rendered again
+    assert all(r["status"] == "ok" for r in manifest(out))
+
+
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):
     prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:6]])
     out = tmp_path / "out"

@@ -368,6 +368,32 @@ def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
     return best
 
 
+def listed_names(folder: Path) -> set[str]:
+    """Every file path (relative to folder) that a record of a manifest in folder lists: what batch wrote there,
+    or claimed before writing."""
+    names: set[str] = set()
+    for path in [folder / MANIFEST, *folder.glob("manifest.shard-*-of-*.jsonl")]:
+        for rec in read_records(path):
+            files = rec.get("files")
+            if isinstance(files, dict):
+                names.update(e["path"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("path"), str))
+    return names
+
+
+def foreign_files(folder: Path, names: dict[str, str], listed: set[str]) -> list[str]:
+    """An item's output names (by role) that exist in folder but that batch did not write: no manifest lists
+    them, and the item's sidecar is not a soragen sidecar (its manifests deleted, a batch's files stay its own)."""
+    present = [n for n in names.values() if (folder / n).exists() and n not in listed]
+    if present:
+        try:
+            sidecar = json.loads((folder / names["sidecar"]).read_text(encoding="utf-8"))
+            if isinstance(sidecar, dict) and "soragen_version" in sidecar:
+                return []
+        except (OSError, ValueError):
+            pass
+    return present
+
+
 def file_entry(folder: Path, path: Path) -> dict[str, Any]:
     """{path (relative to folder), bytes, sha256} of a file, or of a frames folder (hash over its files' names and hashes)."""
     if path.is_dir():
@@ -652,6 +678,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
     remove_stale_temporaries(folder, own_names)
     own = {r["key"]: r for r in read_records(own_manifest)}
     known = latest_records(folder)
+    listed = listed_names(folder)
     result = BatchResult(shard)
     pipe = None
     last_merge = time.perf_counter()
@@ -672,11 +699,23 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                     plan_video(item_cfg)  # an item's bad seconds fail before the model loads
                 except UserError as e:
                     raise UserError(re.sub(r"^--(\w+)", r"\1", str(e))) from None  # name the item's field, not the flag
+                names = output_names(item, item_cfg.video.format)
+                foreign = foreign_files(folder, names, listed)
+                if foreign:
+                    raise UserError(f"{folder / foreign[0]} is in the way: no batch manifest lists it; move it away "
+                                    "or give the item another name")
                 if pipe is None:
                     try:
                         pipe = Pipeline.from_config(cfg)
                     except UserError as e:  # the command's model, not this item: stop with one line, exit 2
                         raise ModelError(str(e)) from None
+                # Its names claimed before its first file: a run stopped after the video lands but before the
+                # record knows them as batch's own.
+                own[item.key] = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
+                                 "prompt": item.fields["prompt"], "seed": item.seed, "status": "rendering",
+                                 "error": None, "files": {role: {"path": n} for role, n in names.items()}}
+                listed.update(names.values())
+                write_text(own_manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own.values()))
                 rec = render_item(pipe, item_cfg, item, folder, reporter)
                 _remove_replaced(folder, old, rec, {n for n, key in owner.items() if key != item.key})
                 result.rendered.append(item)
