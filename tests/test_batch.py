@@ -157,9 +157,9 @@ def test_bad_prompt_files_are_user_errors(tmp_path, name, text, fragment):
 def test_a_csv_record_is_placed_at_its_first_line(tmp_path):
     """A quoted cell may span lines and blank lines may sit between records: `where` is the line a record starts on."""
     path = tmp_path / "p.csv"
-    path.write_bytes(b'prompt,steps\r\n\r\n"two\nlines",1\r\n\r\n\r\nz,x\r\n')
+    path.write_bytes(b'\r\n\r\nprompt,steps\r\n\r\n"two\nlines",1\r\n\r\n\r\nz,x\r\n')  # blank lines first too
     items = read_prompt_file(path)
-    assert [(i.where, i.error) for i in items] == [("line 3", None), ("line 7", "steps must be an integer, got 'x'")]
+    assert [(i.where, i.error) for i in items] == [("line 5", None), ("line 9", "steps must be an integer, got 'x'")]
     assert items[0].fields["prompt"] == "two\nlines"
 
 
@@ -383,6 +383,12 @@ def test_files_batch_did_not_write_are_never_overwritten(tmp_path, tiny_yaml, ca
         (out / name).unlink()
     assert run_cli(args, capsys)[0] == 0  # its own files, known by their sidecars: rendered again
     assert all(r["status"] == "ok" for r in manifest(out))
+    for f in out.iterdir():  # a video the user made with `soragen generate` under the item's name is theirs
+        if f.is_file():
+            f.unlink()
+    assert run_cli(["generate", "a green star", "-c", str(tiny_yaml), "-o", str(out / "red.mp4")], capsys)[0] == 0
+    mine = (out / "red.mp4").read_bytes()
+    assert run_cli(args, capsys)[0] == 1 and (out / "red.mp4").read_bytes() == mine
 
 
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):

@@ -137,7 +137,13 @@ def test_a_training_run_folder_stands_for_its_model(tmp_path, folder, capsys):
     (run / "config.yaml").write_text(tiny_config().to_yaml())  # a run before its first checkpoint
     with pytest.raises(UserError, match="training run that has not written its model yet"):
         load_config(None, [f"model={run}"])
+    (run / "model").write_text("")  # damaged: a file where the model folder goes
+    with pytest.raises(UserError, match="the model folder of the training run .* is damaged"):
+        load_config(None, [f"model={run}"])
+    (run / "model").unlink()
     shutil.copytree(path, run / "model")
+    assert load_config(None, [f"model={run}"]).dit.width == 32
+    (run / "config.yaml").write_text("train: [")  # an unreadable config.yaml does not hide the model beside it
     assert load_config(None, [f"model={run}"]).dit.width == 32
     code, _, err = run_cli(["generate", "a red ball", "--model", str(run), "--seconds", "1",
                             "--output", str(tmp_path / "a.mp4")], capsys)

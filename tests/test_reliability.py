@@ -188,9 +188,10 @@ def test_training_into_a_log_file_prints_a_line_per_metric_line(tmp_path):
         args += ["--set", override]
     proc = subprocess.run([sys.executable, "-m", "soragen", *args], capture_output=True, text=True, env=env())
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("vae step ")]
-    assert len(lines) == 1 and lines[0].startswith("vae step 2/4 loss ") and "clips_per_s" in lines[0], proc.stderr
-    assert lines[0].endswith(" left)")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("vae ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], proc.stderr  # each metric line, and the last step
+    assert lines[0].startswith("vae 2/4 loss ") and "clips_per_s" in lines[0] and lines[0].endswith(" left)")
+    assert "━" not in proc.stderr  # no progress bars dumped into the log
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -151,7 +151,10 @@ class _LineSource:
     (a quoted cell may span several, and blank lines between records are skipped)."""
 
     def __init__(self, text: str):
-        self._lines = enumerate(io.StringIO(text, newline=""), 1)
+        lines = list(enumerate(io.StringIO(text, newline=""), 1))
+        while lines and not lines[0][1].strip():  # blank lines before the header row
+            lines.pop(0)
+        self._lines = iter(lines)
         self._read: list[tuple[int, str]] = []
 
     def __iter__(self):
@@ -380,14 +383,15 @@ def listed_names(folder: Path) -> set[str]:
     return names
 
 
-def foreign_files(folder: Path, names: dict[str, str], listed: set[str]) -> list[str]:
-    """An item's output names (by role) that exist in folder but that batch did not write: no manifest lists
-    them, and the item's sidecar is not a soragen sidecar (its manifests deleted, a batch's files stay its own)."""
+def foreign_files(folder: Path, names: dict[str, str], listed: set[str], key: str) -> list[str]:
+    """An item's output names (by role) that exist in folder but that batch did not write for it: no manifest
+    lists them, and the sidecar there is not the one batch wrote for item `key` (with the manifests deleted, an
+    item's files stay its own; a video made by `soragen generate` under that name is not)."""
     present = [n for n in names.values() if (folder / n).exists() and n not in listed]
     if present:
         try:
             sidecar = json.loads((folder / names["sidecar"]).read_text(encoding="utf-8"))
-            if isinstance(sidecar, dict) and "soragen_version" in sidecar:
+            if isinstance(sidecar, dict) and sidecar.get("batch_item") == key:
                 return []
         except (OSError, ValueError):
             pass
@@ -583,7 +587,8 @@ def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter)
     names = output_names(item, cfg.video.format)
     frames = FrameSampler(plan.num_frames, cfg.video.fps)
     sidecar = item_pipe.generate(item.fields["prompt"], folder / names["video"], overwrite=True,
-                                 on_step=lambda i: reporter.step(i + 1), on_frames=frames.add)
+                                 on_step=lambda i: reporter.step(i + 1), on_frames=frames.add,
+                                 sidecar_extra={"batch_item": item.key})
     t1 = time.perf_counter()
     write_png(folder / names["poster"], frames.poster())
     write_png(folder / names["contact_sheet"], frames.sheet())
@@ -700,7 +705,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                 except UserError as e:
                     raise UserError(re.sub(r"^--(\w+)", r"\1", str(e))) from None  # name the item's field, not the flag
                 names = output_names(item, item_cfg.video.format)
-                foreign = foreign_files(folder, names, listed)
+                foreign = foreign_files(folder, names, listed, item.key)
                 if foreign:
                     raise UserError(f"{folder / foreign[0]} is in the way: no batch manifest lists it; move it away "
                                     "or give the item another name")

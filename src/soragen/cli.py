@@ -89,9 +89,10 @@ def _progress():
             _raise_if_stopped()
             super().advance(*args, **kwargs)
 
-    return StoppableProgress(
+    console = Console(stderr=True)
+    return StoppableProgress(  # a log file gets no bars (rich would dump each finished bar at the end)
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False,
+        console=console, transient=False, disable=not console.is_terminal,
     )
 
 
@@ -329,12 +330,15 @@ def train(
                 tasks[stage] = progress.add_task(stage, total=total)
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "psnr", "samples_per_s", "clips_per_s") if k in metrics)
             progress.update(tasks[stage], completed=step, description=f"{stage} {shown}")
-            logged = "samples_per_s" in metrics or "clips_per_s" in metrics  # a metric line (every train.log_every)
-            if not progress.console.is_terminal and logged and step < total:  # a log file: a line it can show
-                task = progress.tasks[tasks[stage]]
-                left = "" if task.time_remaining is None else f", about {_duration(task.time_remaining)} left"
-                progress.console.print(f"{stage} step {step}/{total} {shown} ({_duration(task.elapsed or 0)}{left})",
-                                       highlight=False, soft_wrap=True)
+            if not progress.console.is_terminal:  # a log file (nohup): plain lines instead of the bars
+                logged = "samples_per_s" in metrics or "clips_per_s" in metrics  # a metric line (train.log_every)
+                tenth = max(1, total // 10)  # the latent caches and other work without metric lines: every 10%
+                if logged or step == total or (not shown and step % tenth == 0):
+                    task = progress.tasks[tasks[stage]]
+                    left = "" if task.time_remaining is None or step == total else (
+                        f", about {_duration(task.time_remaining)} left")
+                    progress.console.print(f"{stage} {step}/{total}{' ' + shown if shown else ''} "
+                                           f"({_duration(task.elapsed or 0)}{left})", highlight=False, soft_wrap=True)
 
         out = run_training(cfg, resume=resume, progress=report)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process speaks for all

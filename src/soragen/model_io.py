@@ -48,8 +48,12 @@ def resolve_model(name: str) -> Path:
         raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")
     if not (path / "soragen.yaml").is_file():
         if is_run_folder(path):  # a training run stands for its model folder
-            if (path / "model" / "soragen.yaml").is_file():
-                return path / "model"
+            model = path / "model"
+            if (model / "soragen.yaml").is_file():
+                return model
+            if model.exists() or model.is_symlink():
+                raise UserError(f"{model}, the model folder of the training run {path}, is damaged (it is not a folder "
+                                "with soragen.yaml); delete it and resume the run to write it again")
             raise UserError(f"{path} is a training run that has not written its model yet (its DiT stage writes "
                             f"{path / 'model'}); resume it with the command that started it and --resume")
         raise UserError(f"{path} is not a soragen model folder: soragen.yaml is missing")
@@ -57,12 +61,14 @@ def resolve_model(name: str) -> Path:
 
 
 def is_run_folder(path: Path) -> bool:
-    """Whether folder `path` is a training run's: its config.yaml records a whole config, training included."""
-    try:
-        data = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
-    except UserError:
+    """Whether folder `path` is a training run's: its config.yaml records a whole config, training included
+    (or, unreadable, sits beside the run's model folder)."""
+    if not (path / "config.yaml").is_file():
         return False
-    return {"train", "dit", "vae"} <= data.keys()
+    try:
+        return {"train", "dit", "vae"} <= read_yaml(path / "config.yaml").keys()
+    except UserError:
+        return (path / "model" / "soragen.yaml").is_file()
 
 
 def model_config_data(name: str) -> dict[str, Any]:

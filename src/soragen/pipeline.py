@@ -278,10 +278,12 @@ class Pipeline:
         overwrite: bool = False,
         on_step: Callable[[int], None] | None = None,
         on_frames: Callable[[np.ndarray], None] | None = None,
+        sidecar_extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Generate one video for `prompt` into `output` (in `video.format`) plus its JSON sidecar; returns the sidecar.
 
-        `on_frames` sees each chunk of final frames [T_i, H, W, 3] uint8 as it is written.
+        `on_frames` sees each chunk of final frames [T_i, H, W, 3] uint8 as it is written; `sidecar_extra`
+        adds fields to the sidecar (batch marks its items' videos as its own).
         """
         from soragen.video_io import (
             check_output_suffix, check_writable, fit_frames, open_writer, sidecar_path, to_uint8, upscale, write_json,
@@ -356,6 +358,6 @@ class Pipeline:
             "soragen_version": __version__,
             "torch_version": torch.__version__,
             "config": cfg.to_dict(),
-        }
+        } | (sidecar_extra or {})
         write_json(sidecar_path(output), sidecar)
         return sidecar

@@ -408,7 +408,10 @@ def _finished_vae(name: str, setting: str) -> Path:
         if path is None:
             raise UserError(f"{setting}: the run {folder} has no finished VAE stage ({stage} is missing)")
         return path
-    path = resolve_model(name) / "vae" / WEIGHTS
+    try:
+        path = resolve_model(name) / "vae" / WEIGHTS
+    except UserError as e:
+        raise UserError(f"{setting}: {e}") from None
     if not path.is_file():
         raise UserError(f"{setting}: {path} is missing; give a model folder or a run folder with a trained VAE")
     return path
@@ -1270,7 +1273,10 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
             raise UserError(f"train.dit.window {t.dit.window} is longer than data.clip_latent_frames "
                             f"{cfg.data.clip_latent_frames}; lower the window or cache longer clips")
         if t.dit.init_model is not None:
-            folder = resolve_model(t.dit.init_model)
+            try:
+                folder = resolve_model(t.dit.init_model)
+            except UserError as e:
+                raise UserError(f"train.dit.init_model: {e}") from None
             missing = missing_parts(folder)
             if missing:
                 raise UserError(f"train.dit.init_model {folder} is incomplete: {', '.join(missing)} missing; give a "
