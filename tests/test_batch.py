@@ -345,7 +345,7 @@ def test_a_second_run_of_the_same_shard_is_refused(tmp_path, tiny_yaml, capsys):
     """Two runs of one shard into one folder would render the same items and rewrite one manifest: while one
     holds the shard (a real flock, as another process's would be), the second stops with one line; another
     shard goes on beside it, and a finished run leaves no lock file behind."""
-    from soragen.batch import shard_lock
+    from soragen.batch import shard_lock, split_lock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -356,9 +356,11 @@ def test_a_second_run_of_the_same_shard_is_refused(tmp_path, tiny_yaml, capsys):
         assert code == 2 and err.strip() == (f"error: another soragen batch is rendering into {out}; wait for it to "
                                              "finish or stop it, then run this again (it goes on where that one stopped)")
         assert not (out / MANIFEST).exists()
-    with shard_lock(out, (0, 2)):
+    with split_lock(out, 2), shard_lock(out, (0, 2)):
         assert run_cli(args + ["--shard", "0/2"], capsys)[0] == 2
         assert run_cli(args + ["--shard", "1/2"], capsys)[0] == 0
+        code, _, err = run_cli(args, capsys)  # split another way (0/1 covers 0/2's items): refused too
+        assert code == 2 and "split as --shard i/2; batches rendering into one folder at the same time" in err
     assert run_cli(args, capsys)[0] == 0
     assert all(r["status"] == "ok" for r in manifest(out))
     assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]

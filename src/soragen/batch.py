@@ -482,6 +482,45 @@ def shard_lock(folder: Path, shard: tuple[int, int]) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def split_lock(folder: Path, n: int) -> Iterator[None]:
+    """Refuse to render into folder while a batch split another way (--shard i/m, m != n) renders there: their
+    shards overlap. Each run holds a shared flock on a hidden file for its split and probes the others'."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = folder / f".batch-split-{n}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        for other in sorted(folder.glob(".batch-split-*.lock")):
+            if other.name == path.name:
+                continue
+            try:
+                probe = os.open(other, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken at once: nobody renders with that split
+            except BlockingIOError:
+                m = other.name.removeprefix(".batch-split-").removesuffix(".lock")
+                raise UserError(f"another soragen batch is rendering into {folder} split as --shard i/{m}; batches "
+                                f"rendering into one folder at the same time must split it the same way (--shard "
+                                f"i/{m}), or wait for it to finish") from None
+            finally:
+                os.close(probe)
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last of its split: tidy up
+                path.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(folder: Path, names: list[str]) -> int:
     """Delete temporary files (.NAME.*.partial) left by a killed run for these final names; returns how many."""
     from soragen.video_io import remove_path, temporaries
@@ -664,7 +703,7 @@ def run_batch(
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"output folder {folder} is not writable; choose another --out")
 
-    with shard_lock(folder, shard):
+    with split_lock(folder, shard[1]), shard_lock(folder, shard):
         return _render_shard(cfg, items, folder, shard, reporter, f"soragen batch: {Path(prompt_file).name}", t_start)
 
 
