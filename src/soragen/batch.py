@@ -357,29 +357,32 @@ def _well_formed(rec: dict[str, Any]) -> bool:
     return text and all(isinstance(rec.get(k), dict) for k in ("files", "video", "timings_seconds"))
 
 
-def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """The newest finished (ok or failed) record per item key, over every manifest in folder."""
-    best: dict[str, dict[str, Any]] = {}
+def manifest_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of every manifest in folder: the merged one, then each shard's."""
     paths = [folder / MANIFEST] + sorted(folder.glob("manifest.shard-*-of-*.jsonl"))
-    for path in paths:
-        for rec in read_records(path):
-            if rec.get("status") not in ("ok", "failed"):
-                continue
-            old = best.get(rec["key"])
-            if old is None or str(rec.get("finished_at", "")) > str(old.get("finished_at", "")):
-                best[rec["key"]] = rec
+    return [rec for path in paths for rec in read_records(path)]
+
+
+def latest_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest finished (ok or failed) record per item key."""
+    best: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("status") not in ("ok", "failed"):
+            continue
+        old = best.get(rec["key"])
+        if old is None or str(rec.get("finished_at", "")) > str(old.get("finished_at", "")):
+            best[rec["key"]] = rec
     return best
 
 
-def listed_names(folder: Path) -> set[str]:
-    """Every file path (relative to folder) that a record of a manifest in folder lists: what batch wrote there,
-    or claimed before writing."""
+def listed_names(records: list[dict[str, Any]]) -> set[str]:
+    """Every file path (relative to the folder) that a record lists: what batch wrote there, or claimed before
+    writing."""
     names: set[str] = set()
-    for path in [folder / MANIFEST, *folder.glob("manifest.shard-*-of-*.jsonl")]:
-        for rec in read_records(path):
-            files = rec.get("files")
-            if isinstance(files, dict):
-                names.update(e["path"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("path"), str))
+    for rec in records:
+        files = rec.get("files")
+        if isinstance(files, dict):
+            names.update(e["path"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("path"), str))
     return names
 
 
@@ -541,7 +544,7 @@ def merge_manifests(folder: Path, items: list[Item], title: str) -> list[dict[st
 
     with folder_lock(folder):
         remove_stale_temporaries(folder, [MANIFEST, "index.html"])
-        latest = latest_records(folder)
+        latest = latest_records(manifest_records(folder))
         merged = []
         for item in items:
             rec = latest.get(item.key)
@@ -721,8 +724,8 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
     owner = {n: it.key for it in items if it.error is None for f in SUFFIXES for n in output_names(it, f).values()}
     remove_stale_temporaries(folder, own_names)
     own = {r["key"]: r for r in read_records(own_manifest)}
-    known = latest_records(folder)
-    listed = listed_names(folder)
+    records = manifest_records(folder)  # read once: what is done, and which files are batch's
+    known, listed = latest_records(records), listed_names(records)
     result = BatchResult(shard)
     pipe = None
     last_merge = time.perf_counter()

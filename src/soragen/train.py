@@ -567,8 +567,11 @@ def _dataset_digest(cfg: Config) -> str | None:
     folder = Path(cfg.data.path)
     stats = []
     for rec in read_manifest(folder):
-        path = folder / rec["path"]
-        stats.append([path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None)
+        try:
+            st = (folder / rec["path"]).stat()
+            stats.append([st.st_size, st.st_mtime_ns])
+        except OSError:  # missing: the cache's encoding says so
+            stats.append(None)
     return hashlib.sha256((folder / MANIFEST).read_bytes() + json.dumps(stats).encode()).hexdigest()[:16]
 
 
@@ -870,8 +873,8 @@ def _init_from_model(cfg: Config, name: str):
     try:
         dit.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"train.dit.init_model {folder}: its DiT does not match this config's dit settings ({first})") from None
+        raise UserError(f"train.dit.init_model {folder}: its DiT does not match this config's dit settings "
+                        f"({first_line(e)})") from None
     log.info("started the DiT and the text encoder from %s", folder)
     return text_encoder, dit
 
