@@ -37,6 +37,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$(dirname "$0")/.."
+command -v soragen >/dev/null || {
+  echo "error: no soragen command on PATH; activate the environment soragen is installed in (README, set-up: . .venv/bin/activate)" >&2
+  exit 2
+}
 
 # soragen train in $run/NAME, continued (--resume) when begun, with the --set arguments given to this script last.
 train() {

@@ -393,6 +393,22 @@ def test_files_batch_did_not_write_are_never_overwritten(tmp_path, tiny_yaml, ca
     assert run_cli(args, capsys)[0] == 1 and (out / "red.mp4").read_bytes() == mine
 
 
+def test_a_folder_where_a_listed_output_was_fails_that_item_naming_it(tmp_path, tiny_yaml, capsys):
+    """A video batch wrote and a manifest lists, replaced by a folder: the item fails naming it and what to do (the
+    message was generate's "choose another --output", a flag batch does not have), the folder untouched."""
+    out = tmp_path / "out"
+    prompts = write_prompt_file(tmp_path / "p.jsonl", [{"prompt": "a red ball", "name": "red"}])
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml), "--seed", "3"]
+    assert run_cli(args, capsys)[0] == 0
+    (out / "red.mp4").unlink()
+    (out / "red.mp4").mkdir()
+    (out / "red.mp4" / "keep.txt").write_text("mine")
+    assert run_cli(args + ["--seed", "4"], capsys)[0] == 1
+    assert manifest(out)[0]["error"] == (f"{out / 'red.mp4'} is in the way: it is a folder where the item's video "
+                                         "goes; move it away or give the item another name")
+    assert (out / "red.mp4" / "keep.txt").read_text() == "mine"
+
+
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):
     prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:6]])
     out = tmp_path / "out"

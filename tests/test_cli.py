@@ -73,7 +73,9 @@ def test_same_seed_same_frames(tmp_path, tiny_yaml, capsys):
         (["generate", "x", "--config", "missing.yaml"], "config file not found"),
         (["generate", "x", "--sampler", "euler"], "'ddim' or 'ddpm'"),
         (["generate", "x", "--seconds", "abc"], "--seconds"),
-        (["generate", "x", "--no-such-flag"], "No such option"),
+        (["generate", "x", "--no-such-flag"], "No such option: --no-such-flag; valid: --seconds, --fps,"),
+        (["generate", "x", "--seonds", "3"], "No such option: --seonds; did you mean --seconds?"),
+        (["dataset", "shapes", "--clips", "3"], "valid: --out, --num, --seconds, --seed, --held-out, --chinese"),
         (["dataset", "shapes", "--out", "d", "--num", "x"], "(see 'soragen dataset shapes --help')"),
     ],
 )

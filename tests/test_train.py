@@ -1024,3 +1024,28 @@ def test_checks_before_the_stages_follow_what_the_run_will_do(trained, tmp_path)
 
     assert vae_weights(train_config(TINY + [f"train.vae_model={root}"]), RunFolder(tmp_path / "r")) == (
         model / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def test_a_run_records_its_folders_whole_and_resumes_from_its_config_anywhere(tmp_path, monkeypatch, capsys):
+    """config.yaml gives the folders a run was given by relative paths as absolute ones ('builtin' stays a
+    name): `soragen train --config RUN/config.yaml --resume` from another directory continues the same run."""
+    from conftest import run_cli
+
+    from soragen.config import build_config
+    from soragen.train import recorded_config
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = train_config(TINY + ["train.output_dir=runs/a", "train.dit.stop_after=2"])
+    train(cfg)
+    assert read_yaml(work / "runs" / "a" / "config.yaml")["train"]["output_dir"] == str(work / "runs" / "a")
+    (work / "builtin").mkdir()  # a folder named like the built-in model does not make 'builtin' a path
+    assert recorded_config(build_config({**cfg.to_dict(), "model": "builtin"})).model == "builtin"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["train", "--config", str(work / "runs" / "a" / "config.yaml"), "--resume",
+                            "--set", "train.dit.stop_after=null"], capsys)
+    assert code == 0, err
+    assert (work / "runs" / "a" / "model" / "soragen.yaml").is_file() and not (elsewhere / "runs").exists()

@@ -30,3 +30,13 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, fragment):
     assert out.returncode == 2 and out.stdout == ""
     assert fragment in out.stderr and out.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_without_soragen_on_path_says_to_activate_it(tmp_path):
+    """Started outside the environment soragen is installed in, the script stops at once with what to do (it
+    said `scripts/train_default.sh: line 44: soragen: command not found`)."""
+    out = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert "no soragen command on PATH" in out.stderr and ". .venv/bin/activate" in out.stderr
+    assert not (tmp_path / "runs").exists()

@@ -751,6 +751,12 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                 if foreign:
                     raise UserError(f"{folder / foreign[0]} is in the way: no batch manifest lists it; move it away "
                                     "or give the item another name")
+                for role, name in names.items():  # one batch wrote, since replaced by a folder (or the other way)
+                    path = folder / name
+                    if path.exists() and path.is_dir() != (role == "video" and item_cfg.video.format == "frames"):
+                        raise UserError(f"{path} is in the way: it is a {'folder' if path.is_dir() else 'file'} where "
+                                        f"the item's {role.replace('_', ' ')} goes; move it away or give the item "
+                                        "another name")
                 if pipe is None:
                     try:
                         pipe = Pipeline.from_config(cfg)

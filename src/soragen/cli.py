@@ -6,6 +6,7 @@ Every error a user can cause prints one line on stderr and exits with code 2;
 
 from __future__ import annotations
 
+import difflib
 import errno
 import gc
 import logging
@@ -543,6 +544,20 @@ def main(argv: list[str] | None = None) -> None:
             gc.freeze()
 
 
+def _no_such_option(e: Any) -> str:
+    """An unknown option: the one it is close to, else the command's options.
+
+    Click's own suggestion takes any option at 60% likeness (`--clips` got "Possible options: --chinese,
+    --help"); a typo is closer than that, and otherwise the whole list helps more than a guess.
+    """
+    params = e.ctx.command.params if e.ctx is not None else []
+    options = [o for p in params if p.param_type_name == "option" for o in p.opts if o.startswith("--") and o != "--help"]
+    close = difflib.get_close_matches(e.option_name, options, n=1, cutoff=0.75)
+    if close:
+        return f"No such option: {e.option_name}; did you mean {close[0]}?"
+    return f"No such option: {e.option_name}; valid: {', '.join(options)}" if options else e.format_message()
+
+
 def _main(argv: list[str] | None) -> None:
     _setup_logging()
     if threading.current_thread() is threading.main_thread():
@@ -559,7 +574,8 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(2)
     except click_exc.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
-        _fail(f"{e.format_message()}{hint}")
+        message = _no_such_option(e) if isinstance(e, click_exc.NoSuchOption) else e.format_message()
+        _fail(f"{message}{hint}")
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -1379,7 +1379,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     previous = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(cfg.to_yaml(), encoding="utf-8")
+        config_file.write_text(recorded_config(cfg).to_yaml(), encoding="utf-8")
     else:
         log.setLevel(logging.WARNING)  # the main process tells what the run does
     written = _written(run)
@@ -1393,6 +1393,30 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     finally:
         state.destroy_process_group()  # once, after the last stage (each stage's accelerator shares the group)
     return run.model if finished and (run.model / "soragen.yaml").is_file() else run.root
+
+
+# The settings that name a folder (relative ones are taken from the working directory).
+PATH_SETTINGS = (("model",), ("text_encoder", "pretrained"), ("data", "path"), ("train", "output_dir"),
+                 ("train", "vae_model"), ("train", "vae", "init_model"), ("train", "dit", "init_model"))
+
+
+def recorded_config(cfg: Config) -> Config:
+    """cfg as a run's config.yaml records it: each folder it names that exists here given as an absolute path, so
+    that `soragen train --config RUN/config.yaml --resume` continues the run from any directory. A name that is
+    not a folder here ('builtin', a hub id) stays as it is."""
+    from soragen.config import build_config
+    from soragen.model_io import BUILTIN_NAME
+
+    data = cfg.to_dict()
+    for keys in PATH_SETTINGS:
+        *sections, name = keys
+        section = data
+        for key in sections:
+            section = section[key]
+        value = section[name]
+        if isinstance(value, str) and value != BUILTIN_NAME and Path(value).expanduser().exists():
+            section[name] = os.path.abspath(Path(value).expanduser())  # symbolic links kept, as given
+    return build_config(data)
 
 
 def _run_stages(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> bool:
