@@ -123,3 +123,18 @@ def test_console_script_and_module_entry(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --seconds must be a positive number of seconds, got -1.0"
+
+
+def test_a_log_file_gets_a_line_per_tenth_of_a_cache_whatever_its_chunks():
+    """Under nohup the latent cache reports in chunks (64 clips of 3,500): each tenth it passes gets one line (a
+    step count that is never a multiple of a tenth logged only the end); training logs its metric lines and its
+    last step, not every step."""
+    from soragen.cli import plain_line_due
+
+    tenths: dict[str, int] = {}
+    steps = [*range(64, 3500, 64), 3500]
+    logged = [s for s in steps if plain_line_due("latents", s, 3500, {}, tenths)]
+    assert [s * 10 // 3500 for s in logged] == list(range(1, 11)) and logged[-1] == 3500
+    dit = [s for s in range(1, 101) if plain_line_due("dit", s, 100, {"loss": 0.5, **(
+        {"samples_per_s": 5.0} if s % 25 == 0 else {})}, tenths)]
+    assert dit == [25, 50, 75, 100]

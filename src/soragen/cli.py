@@ -325,6 +325,7 @@ def train(
     cfg = load_config(config, set_ or [], builtin_default=False)  # training starts from a preset, not the built-in model
     with _progress() as progress:
         tasks: dict[str, Any] = {}
+        tenths: dict[str, int] = {}
 
         def report(stage: str, step: int, total: int, metrics: dict[str, float]) -> None:
             if stage not in tasks:
@@ -332,9 +333,7 @@ def train(
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "psnr", "samples_per_s", "clips_per_s") if k in metrics)
             progress.update(tasks[stage], completed=step, description=f"{stage} {shown}")
             if not progress.console.is_terminal:  # a log file (nohup): plain lines instead of the bars
-                logged = "samples_per_s" in metrics or "clips_per_s" in metrics  # a metric line (train.log_every)
-                tenth = max(1, total // 10)  # the latent caches and other work without metric lines: every 10%
-                if logged or step == total or (not shown and step % tenth == 0):
+                if plain_line_due(stage, step, total, metrics, tenths):
                     task = progress.tasks[tasks[stage]]
                     left = "" if task.time_remaining is None or step == total else (
                         f", about {_duration(task.time_remaining)} left")
@@ -344,6 +343,19 @@ def train(
         out = run_training(cfg, resume=resume, progress=report)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process speaks for all
         typer.echo(f"done: {out}")
+
+
+def plain_line_due(stage: str, step: int, total: int, metrics: dict[str, float], tenths: dict[str, int]) -> bool:
+    """Whether a training report gets a line in a log file: a metric line (train.log_every), a stage's last
+    step, and for work without metric lines (the latent caches) each tenth it passes, whatever its chunks'
+    size (`tenths`: the last tenth logged, by stage)."""
+    if "samples_per_s" in metrics or "clips_per_s" in metrics or step >= total:
+        return True
+    tenth = step * 10 // max(total, 1)
+    if "loss" in metrics or "psnr" in metrics or tenth <= tenths.get(stage, 0):
+        return False
+    tenths[stage] = tenth
+    return True
 
 
 @app.command("eval")
