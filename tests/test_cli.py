@@ -105,6 +105,20 @@ def test_info_describes_model(capsys, tiny_yaml):
     assert "dit" in out and "parameters" in out and "random" in out
 
 
+def test_info_reads_a_prompt_list_that_is_not_utf8(capsys, tmp_path):
+    """A model folder's PROMPTS.txt in another encoding is shown with replacement characters (it was a traceback
+    half-way through the output)."""
+    import shutil
+
+    from soragen.model_io import builtin_path
+
+    model = tmp_path / "m"
+    shutil.copytree(builtin_path(), model)
+    (model / "PROMPTS.txt").write_bytes(b"caf\xe9 au lait\n")
+    code, out, err = run_cli(["info", "--model", str(model)], capsys)
+    assert code == 0 and "caf\ufffd au lait" in out and "Traceback" not in err
+
+
 def test_info_describes_a_training_preset_before_it_is_trained(capsys):
     """configs/default.yaml (word tokenizer, no model yet): its parameters, from the grammar's vocabulary."""
     from pathlib import Path

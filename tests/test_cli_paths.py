@@ -93,6 +93,7 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     first = json.loads((ev / "eval.json").read_text())
     (ev / "eval.json").unlink()  # interrupted: during the second video, after the first was finished
     (ev / "001_seed0.json").unlink()
+    (ev / "001_seed0.mp4").unlink()
     made = []
     generate = Pipeline.generate
     monkeypatch.setattr(Pipeline, "generate", lambda self, prompt, *a, **k: made.append(prompt) or generate(self, prompt, *a, **k))
@@ -105,10 +106,56 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     assert run_cli(args + ["--steps", "2", "--overwrite"], capsys)[0] == 0 and len(made) == 5
 
 
+def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, capsys):
+    """A user's own 000_seed0.mp4 in --out stops the evaluation before any video, the file untouched; --overwrite
+    replaces it. An --overwrite run removes the old eval.json first: interrupted, it leaves no report that
+    describes other videos."""
+    from soragen.pipeline import Pipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "000_seed0.mp4").write_bytes(b"mine")
+    args = ["eval", "--prompts", str(prompts), "--out", str(ev), "-c", str(tiny_yaml), "--seconds", "1"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and one_error_line(err) == (f"error: {ev / '000_seed0.mp4'} is in the way: no soragen eval wrote it; "
+                                                 "move it away, choose another --out, or pass --overwrite to replace it")
+    assert (ev / "000_seed0.mp4").read_bytes() == b"mine" and not (ev / "000_seed0.json").exists()
+    assert run_cli(args + ["--overwrite"], capsys)[0] == 0 and (ev / "000_seed0.mp4").read_bytes() != b"mine"
+    assert (ev / "eval.json").is_file()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    generate, Pipeline.generate = Pipeline.generate, stopped
+    try:
+        assert run_cli(args + ["--overwrite", "--steps", "2"], capsys)[0] == 130
+    finally:
+        Pipeline.generate = generate
+    assert not (ev / "eval.json").exists() and (ev / "000_seed0.mp4").is_file()
+    assert run_cli(args + ["--steps", "2"], capsys)[0] == 0  # the videos of an earlier evaluation are its own
+
+
+@pytest.mark.parametrize("settings, made", [
+    (["video.width=128"], "128x64 frames written at 128x64"),
+    (["video.output_size=128x72"], "64x64 frames written at 128x72"),
+    (["video.output_size=32x32"], "64x64 frames written at 32x32"),
+])
+def test_eval_refuses_frames_the_detector_cannot_read_before_any_video(tmp_path, tiny_yaml, capsys, settings, made):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    args = ["eval", "--prompts", str(prompts), "--out", str(tmp_path / "ev"), "-c", str(tiny_yaml), "--seconds", "1"]
+    code, _, err = run_cli(args + [arg for s in settings for arg in ("--set", s)], capsys)
+    assert code == 2 and made in one_error_line(err) and "multiple of 64" in err
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--seconds", "0"], "--seconds must be above 0 and at most 600"),
-    (["--seconds", "100000"], "--seconds must be above 0 and at most 600"),
-    (["--seconds", "nan"], "--seconds must be above 0 and at most 600"),
+    (["--seconds", "0"], "--seconds must be between 0.125 (one frame at 8 fps) and 600"),
+    (["--seconds", "100000"], "--seconds must be between 0.125 (one frame at 8 fps) and 600"),
+    (["--seconds", "nan"], "--seconds must be between 0.125 (one frame at 8 fps) and 600"),
+    (["--seconds", "0.05"], "--seconds must be between 0.125 (one frame at 8 fps) and 600, got 0.05"),
     (["--chinese", "2"], "--chinese is a share of the captions, between 0 and 1"),
     (["--two-objects", "-0.5"], "--two-objects is a share of the scenes, between 0 and 1"),
     (["--num", "0"], "--num must be between 1 and 10,000,000, got 0"),

@@ -22,6 +22,38 @@ def test_dataset_is_lossless_and_manifest_matches(tmp_path):
     assert np.array_equal(read_frames(tmp_path / records[0]["path"]), shapes.render(scene, 8))
 
 
+def test_an_interrupted_dataset_is_continued_by_the_same_command(tmp_path, capsys):
+    """Stopped after three clips (a killed run's temporary file beside them), the same command keeps those, renders
+    the rest and writes the dataset a run without the stop writes; other flags are refused, naming the run's."""
+    from conftest import run_cli
+
+    def stop_after_three(i):
+        if i == 2:
+            (tmp_path / "d" / "videos" / ".000003.mp4.abcdefgh.partial").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shapes_dataset(tmp_path / "d", num=5, seconds=1.0, seed=7, on_item=stop_after_three)
+    assert sorted(p.name for p in (tmp_path / "d" / "videos").iterdir() if not p.name.startswith(".")) == [
+        "000000.mp4", "000001.mp4", "000002.mp4"]
+    kept = (tmp_path / "d" / "videos" / "000001.mp4").stat().st_mtime_ns
+    args = ["dataset", "shapes", "--out", str(tmp_path / "d"), "--num", "5", "--seconds", "1", "--seed", "7"]
+    code, _, err = run_cli(args[:-1] + ["8"], capsys)
+    assert code == 2 and err.strip() == (
+        f"error: --out {tmp_path / 'd'} holds a dataset interrupted while rendering with --num 5 --seconds 1.0 --seed 7 "
+        "--chinese 0.0 --two-objects 0.5; run with those flags to finish it, or choose an empty or new folder")
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "continuing the dataset interrupted in" in out and "3 of 5 clips were rendered" in out
+    assert (tmp_path / "d" / "videos" / "000001.mp4").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in (tmp_path / "d").rglob("*")) == ["000000.mp4", "000001.mp4", "000002.mp4", "000003.mp4",
+                                                                    "000004.mp4", "manifest.jsonl", "videos"]
+    fresh = write_shapes_dataset(tmp_path / "e", num=5, seconds=1.0, seed=7)
+    assert (tmp_path / "d" / "manifest.jsonl").read_text() == fresh.read_text()
+    for i in range(5):
+        name = f"videos/{i:06d}.mp4"
+        assert np.array_equal(read_frames(tmp_path / "d" / name), read_frames(tmp_path / "e" / name))
+
+
 def test_manifest_source_cuts_and_resizes(tmp_path):
     write_shapes_dataset(tmp_path, num=2, seconds=1.0, seed=1)
     src = ManifestSource(DataConfig(kind="manifest", path=str(tmp_path)), (32, 32))

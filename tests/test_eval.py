@@ -36,6 +36,14 @@ def test_bad_prompt_line_named(tmp_path):
         read_prompts(path)
 
 
+def test_a_batch_prompt_file_says_eval_reads_plain_text(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a red ball moving left"}\n')
+    with pytest.raises(UserError, match=r"line 1: not a Shapes World caption: .*\(eval reads plain text, one caption a "
+                                        r"line; batch's \.jsonl prompt files are not read as such\)"):
+        read_prompts(path)
+
+
 def test_tabulate():
     rows = [{"category": "seen", "verdicts": {"colour": True, "all": True, "count": True}},
             {"category": "seen", "verdicts": {"colour": False, "all": False, "count": True}}]

@@ -209,11 +209,47 @@ def test_cli_generate_gif_with_output_size(tmp_path, tiny_yaml, capsys, monkeypa
         (["--format", "frames", "-o", "a.mp4"], "writes a folder"),
         (["--format", "mov"], "'mp4', 'webm', 'gif' or 'frames'"),
         (["--output-size", "wide"], "WIDTHxHEIGHT"),
+        (["-o", "/"], "output '/' has no name of its own; give the file's name, e.g. /video.mp4"),
+        (["-o", ""], "output '.' has no name of its own"),
+        (["--format", "frames", "-o", "..", "--overwrite"], "give the folder's name, e.g. ../video"),
+        (["-o", "d/" + "b" * 240 + ".mp4"], "is 244 bytes; at most 237 fit this file system"),
+        (["-o", "side.mp4"], "the sidecar side.json of side.mp4 would go where a folder is"),
     ],
 )
 def test_cli_output_mistakes_are_one_line(tmp_path, tiny_yaml, capsys, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "side.json").mkdir()
     code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), *args], capsys)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert fragment in err
     assert not any(p.name != "tiny.yaml" for p in tmp_path.rglob("*") if p.is_file())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["side.json", "tiny.yaml"]  # no folder made either
+
+
+def test_frames_overwrite_replaces_only_a_frames_folder(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """--overwrite with --format frames replaces an earlier frames output, never a folder of other files (it
+    deleted a folder of photos); a symbolic link to a frames folder is replaced by the new folder, its target kept."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"mine")
+    args = ["generate", "x", "-c", str(tiny_yaml), "--seconds", "0.5", "--format", "frames", "--overwrite"]
+    code, _, err = run_cli(args + ["-o", "photos"], capsys)
+    assert code == 2 and err.strip() == ("error: output folder photos holds holiday.jpg, which no frames output writes; "
+                                         "--overwrite replaces only a folder of frame_NNNNNN.png; choose another --output")
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]
+    assert run_cli(args + ["-o", "shots"], capsys)[0] == 0 and run_cli(args + ["-o", "shots"], capsys)[0] == 0
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    assert run_cli(args + ["-o", "link"], capsys)[0] == 0
+    assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink() and (tmp_path / "real").is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_gif_above_50_fps_warns_that_it_plays_slower(tmp_path, tiny_yaml, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--seconds", "0.5", "--fps", "60", "--format", "gif",
+                            "-o", "g.gif"], capsys)
+    assert code == 0 and "at 60 fps this GIF plays slower than real time; use --fps 50 or less" in err
+    code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), "--seconds", "0.5", "--fps", "50", "--format", "gif",
+                            "-o", "h.gif"], capsys)
+    assert code == 0 and "GIF" not in err

@@ -116,9 +116,12 @@ def test_missing_tensor_named(tmp_path, folder):
         load_weights(pipe.vae, tmp_path / "w.safetensors")
 
 
-def test_unknown_model_folder():
+def test_unknown_model_folder(tmp_path):
     with pytest.raises(UserError, match="model folder not found"):
         load_config(None, ["model=/nonexistent/model"])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match=f"model {tmp_path / 'afile'} is a file; give the folder written by"):
+        load_config(None, [f"model={tmp_path / 'afile'}"])
 
 
 def test_a_training_run_folder_stands_for_its_model(tmp_path, folder, capsys):

@@ -152,7 +152,9 @@ def generate(
     """Generate a video from a text prompt."""
     from soragen.config import load_config
     from soragen.pipeline import Pipeline, check_prompt, plan_video
-    from soragen.video_io import check_output_suffix, check_writable, remove_path, sidecar_path, temporaries
+    from soragen.video_io import (
+        check_output_suffix, check_writable, file_identity, remove_path, sidecar_path, temporaries,
+    )
 
     prompt = check_prompt(prompt)
     values = _flag_values(
@@ -167,7 +169,7 @@ def generate(
     check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
     check_writable(sidecar_path(output), overwrite, sidecar_of=output)
     pipe = Pipeline.from_config(cfg)
-    before = _identity(output)
+    before = file_identity(output)
     old_temporaries = temporaries(output) | temporaries(sidecar_path(output))
     with _progress() as progress:
         windows = len(pipe.windows(plan))
@@ -177,7 +179,7 @@ def generate(
         except BaseException:
             # The video is renamed into place before its sidecar is written: a failure (or an
             # interruption) in between must not leave a video without its sidecar under the final name.
-            if _identity(output) not in (None, before):
+            if file_identity(output) not in (None, before):
                 remove_path(output)
             for tmp in (temporaries(output) | temporaries(sidecar_path(output))) - old_temporaries:
                 remove_path(tmp)  # in case an interruption landed between a file's creation and its writer's cleanup
@@ -307,7 +309,7 @@ def info(
         from soragen.model_io import resolve_model
 
         card = resolve_model(cfg.model) / "PROMPTS.txt"
-        typer.echo("  " + (card.read_text(encoding="utf-8").strip().replace("\n", "\n  ") if card.is_file() else "any text"))
+        typer.echo("  " + (card.read_text(encoding="utf-8", errors="replace").strip().replace("\n", "\n  ") if card.is_file() else "any text"))
     typer.echo("config:")
     typer.echo("  " + cfg.to_yaml().strip().replace("\n", "\n  "))
 
@@ -375,6 +377,7 @@ def eval_(
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import MAX_SEED, load_config
+    from soragen.data.shapes import SIZE as SHAPES_SIZE
     from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
     from soragen.pipeline import denoise_calls, plan_video
 
@@ -393,6 +396,12 @@ def eval_(
                         f"{plan.model_fps} (video.model_fps)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the videos and eval.json")
+    v = cfg.video
+    width, height = v.output_size or (v.width * v.upscale, v.height * v.upscale)
+    if v.width != v.height or width != height or width % SHAPES_SIZE:
+        raise UserError(f"eval scores square frames whose side is a multiple of {SHAPES_SIZE} (the Shapes World, "
+                        f"enlarged); these settings make {v.width}x{v.height} frames written at {width}x{height} "
+                        "(video.width, video.height, --upscale, video.output_size)")
     if (out / "eval.json").exists() and not overwrite:
         raise UserError(f"{out} already holds an evaluation (eval.json); pass --overwrite to replace it or choose another --out")
     calls = denoise_calls(cfg, plan)
@@ -431,7 +440,9 @@ def dataset_shapes(
     two_objects: Annotated[float, typer.Option("--two-objects", help="Share of scenes with two objects.")] = 0.5,
 ) -> None:
     """Render a Shapes World dataset (the world the built-in model learns): lossless videos plus manifest.jsonl."""
-    from soragen.data.clips import MANIFEST, check_dataset_request, write_shapes_dataset
+    from soragen.data.clips import (
+        MANIFEST, check_dataset_request, dataset_request, unfinished_request, write_shapes_dataset,
+    )
     from soragen.video_io import check_can_hold
 
     check_dataset_request(num, seconds, chinese, two_objects, seed)
@@ -440,8 +451,17 @@ def dataset_shapes(
     check_can_hold(out, out, "--out")
     if (out / MANIFEST).exists():
         raise UserError(f"{out / MANIFEST} already exists; choose an empty --out folder")
-    if out.exists() and any(out.iterdir()):  # its videos/ would be overwritten, or mixed with files no manifest lists
+    request = dataset_request(num, seconds, seed, held_out, chinese, two_objects)
+    unfinished = unfinished_request(out)
+    if unfinished is not None and unfinished != request:  # an interrupted run's: only its own request continues it
+        flags = " ".join(f"{k} {v}" if not isinstance(v, bool) else k for k, v in unfinished.items() if v is not False)
+        raise UserError(f"--out {out} holds a dataset interrupted while rendering with {flags}; run with those flags "
+                        "to finish it, or choose an empty or new folder")
+    if unfinished is None and out.exists() and any(out.iterdir()):  # its videos/ would be overwritten or mixed
         raise UserError(f"--out {out} is not empty; choose an empty or new folder for the dataset")
+    if unfinished is not None:
+        done = sum(1 for p in (out / "videos").glob("*.mp4") if not p.name.startswith("."))
+        typer.echo(f"continuing the dataset interrupted in {out}: {min(done, num)} of {num} clips were rendered")
     with _progress() as progress:
         task = progress.add_task("rendering", total=num)
         manifest = write_shapes_dataset(out, num, seconds, seed, held_out=held_out, chinese_fraction=chinese,
@@ -453,15 +473,6 @@ def dataset_shapes(
 # ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """(device, inode, mtime) of a file or folder, or None when it does not exist."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -43,6 +43,8 @@ def resolve_model(name: str) -> Path:
     A training run's folder stands for the model folder it writes (RUN/model).
     """
     path = builtin_path() if name == BUILTIN_NAME else Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"model {path} is a file; give the folder written by `soragen train` (or 'builtin')")
     if not path.is_dir():
         hint = " (the built-in model is not installed in this package)" if name == BUILTIN_NAME else ""
         raise UserError(f"model folder not found: {path}{hint}; give a folder written by `soragen train` or 'builtin'")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,9 @@ import numpy as np
 import torch
 
 from soragen.errors import UserError
+
+log = logging.getLogger(__name__)
+GIF_MAX_FPS = 50  # a GIF frame lasts whole hundredths of a second; browsers show one under 20 ms for 100 ms
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -144,6 +148,15 @@ def temporaries(final: Path) -> set[Path]:
     return set(final.parent.glob(f".{name}.*.partial"))
 
 
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, mtime) of a file or folder, or None when it does not exist: whether a path was replaced."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or a folder, if it exists."""
     path = Path(path)
@@ -162,6 +175,24 @@ def check_can_hold(folder: Path, output: Path, option: str) -> None:
             return
 
 
+TEMPORARY_EXTRA = len(".") + len(".12345678.partial")  # what temporary_path adds to a name (mkstemp: 8 characters)
+FRAME_NAME = re.compile(r"frame_\d{6}\.png")  # the files of a frames output
+
+
+def check_name_length(path: Path) -> None:
+    """Raise a UserError if `path`'s name, or the temporary name it is written under, is too long for its file system."""
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(path.name.encode())
+    if size + TEMPORARY_EXTRA > limit:
+        raise UserError(f"output name {path.name[:40]}... is {size} bytes; at most {limit - TEMPORARY_EXTRA} fit this file "
+                        f"system (it allows {limit}, and the file is written under a temporary name "
+                        f"{TEMPORARY_EXTRA} longer); choose a shorter --output")
+
+
 def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sidecar_of: Path | None = None) -> None:
     """Raise a UserError if `path` exists (and overwrite is off), is a file where a folder goes or the
     other way round (`folder_output`: the frames format), or its folder cannot be written.
@@ -169,6 +200,9 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
     kind = "folder" if folder_output else "file"
     if path.exists() and path.is_dir() != folder_output:  # --overwrite would not help: say so first
         other = "a file" if folder_output else "a folder"
+        if sidecar_of is not None:
+            raise UserError(f"the sidecar {path} of {sidecar_of.name} would go where a folder is; move the folder away "
+                            "or choose another --output")
         raise UserError(f"output {path} is {other}, not the {kind} this format writes; choose another --output")
     if path.exists() and not overwrite:
         what, hint = f"output {kind} {path}", ""
@@ -177,8 +211,15 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
             owners = [p.name for p in map(sidecar_of.with_suffix, SUFFIXES.values()) if p != sidecar_of and p.exists()]
             hint = f" (written for {', '.join(owners)})" if owners else ""
         raise UserError(f"{what} already exists{hint}; pass --overwrite to replace it or choose another --output")
+    if folder_output and overwrite and path.is_dir():  # --overwrite replaces a frames output, not any folder
+        others = sorted(p.name for p in path.iterdir() if not FRAME_NAME.fullmatch(p.name))
+        if others:
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            raise UserError(f"output folder {path} holds {others[0]}{more}, which no frames output writes; --overwrite "
+                            "replaces only a folder of frame_NNNNNN.png; choose another --output")
     folder = path.parent
     check_can_hold(folder, path, "--output")
+    check_name_length(path)
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -347,6 +388,13 @@ class Mp4Writer(_FfmpegWriter):
         )
 
 
+class LosslessWriter(_FfmpegWriter):
+    """Lossless RGB H.264 MP4 (libx264rgb, qp 0): the clips of a training dataset, decoded to the same pixels."""
+
+    def _open(self) -> None:
+        self._start(codec="libx264rgb", pix_fmt_out="rgb24", output_params=["-qp", "0", "-preset", "ultrafast", "-f", "mp4"])
+
+
 class WebmWriter(_FfmpegWriter):
     """VP9 WebM (libvpx-vp9, constant quality `crf`, yuv420p): plays in Chromium and Firefox."""
 
@@ -367,6 +415,10 @@ class GifWriter(_FfmpegWriter):
     """Looping GIF with a palette computed over the whole video (ffmpeg palettegen + paletteuse)."""
 
     def _open(self) -> None:
+        if self.fps > GIF_MAX_FPS:
+            log.warning("a GIF frame lasts whole hundredths of a second and browsers show one shorter than 20 ms for "
+                        "100 ms: at %d fps this GIF plays slower than real time; use --fps %d or less, or mp4/webm",
+                        self.fps, GIF_MAX_FPS)
         self._start(
             codec="gif",
             pix_fmt_out="pal8",
@@ -402,7 +454,7 @@ class FramesWriter(VideoWriter):
             old.unlink()
             os.replace(self.path, old)
             os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)  # a symbolic link is removed, not followed
         else:
             os.replace(self.tmp, self.path)
 
@@ -433,6 +485,10 @@ def check_output_suffix(path: Path, fmt: str) -> None:
     """Raise a UserError if the output's name does not fit format `fmt` (a.mp4 for mp4, a folder name for frames)."""
     path = Path(path)
     want = SUFFIXES[fmt]
+    if path.name in ("", ".", ".."):  # '/', '', '.', '..': a folder, not the name of an output in it
+        example = path / ("video" + want)
+        raise UserError(f"output '{path}' has no name of its own; give the {'folder' if fmt == 'frames' else 'file'}'s "
+                        f"name, e.g. {example}")
     if fmt == "frames":
         if path.suffix.lower() in {s for s in SUFFIXES.values() if s}:
             raise UserError(f"output {path} looks like a {path.suffix} file; --format frames writes a folder, e.g. {path.with_suffix('')}")

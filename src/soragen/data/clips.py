@@ -11,10 +11,10 @@ A dataset folder holds `manifest.jsonl`, one record per line:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -182,26 +182,12 @@ def make_source(cfg: DataConfig, size: tuple[int, int]):
 
 
 def write_lossless(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Write frames [T, H, W, 3] as a lossless RGB H.264 file (libx264rgb, qp 0), atomically."""
-    import imageio_ffmpeg
+    """Write frames [T, H, W, 3] as a lossless RGB H.264 file (libx264rgb, qp 0), atomically: interrupted, it
+    leaves nothing (ffmpeg stopped, its temporary file removed)."""
+    from soragen.video_io import LosslessWriter
 
-    from soragen.video_io import temporary_path
-
-    tmp = temporary_path(path)
-    try:
-        gen = imageio_ffmpeg.write_frames(
-            str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264rgb", pix_fmt_in="rgb24",
-            pix_fmt_out="rgb24", quality=None, macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-qp", "0", "-preset", "ultrafast", "-f", "mp4"],
-        )
-        gen.send(None)
-        for frame in frames:
-            gen.send(np.ascontiguousarray(frame))
-        gen.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with LosslessWriter(path, frames.shape[2], frames.shape[1], fps) as writer:
+        writer.write(frames)
 
 
 MAX_CLIP_SECONDS = 600.0  # a clip is rendered whole in memory: 10 min of 64x64 frames is 59 MB
@@ -217,25 +203,52 @@ def check_dataset_request(num: int, seconds: float, chinese_fraction: float, two
         raise UserError(f"--num must be between 1 and {MAX_CLIPS:,}, got {num}")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
-    if not (0 < seconds <= MAX_CLIP_SECONDS):  # also false for nan
-        raise UserError(f"--seconds must be above 0 and at most {MAX_CLIP_SECONDS:g}, got {seconds}")
+    from soragen.data.shapes import FPS
+
+    if not (1 / FPS <= seconds <= MAX_CLIP_SECONDS):  # also false for nan
+        raise UserError(f"--seconds must be between {1 / FPS:g} (one frame at {FPS} fps) and {MAX_CLIP_SECONDS:g}, "
+                        f"got {seconds}")
     if not 0 <= chinese_fraction <= 1:
         raise UserError(f"--chinese is a share of the captions, between 0 and 1; got {chinese_fraction}")
     if not 0 <= two_objects <= 1:
         raise UserError(f"--two-objects is a share of the scenes, between 0 and 1; got {two_objects}")
 
 
+DATASET_MARKER = ".soragen-dataset.json"  # an unfinished dataset's request: the same command continues it
+
+
+def dataset_request(num: int, seconds: float, seed: int, held_out: bool, chinese_fraction: float,
+                    two_objects: float) -> dict[str, Any]:
+    """A `dataset shapes` request by its flags, as an unfinished dataset's folder records it."""
+    return {"--num": num, "--seconds": seconds, "--seed": seed, "--held-out": held_out, "--chinese": chinese_fraction,
+            "--two-objects": two_objects}
+
+
+def unfinished_request(out: Path) -> dict[str, Any] | None:
+    """The request of the interrupted `dataset shapes` run that `out` holds (None: not such a folder)."""
+    try:
+        request = json.loads((Path(out) / DATASET_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return request if isinstance(request, dict) else None
+
+
 def write_shapes_dataset(
     out: Path, num: int, seconds: float, seed: int, *, held_out: bool = False, chinese_fraction: float = 0.0,
     two_objects: float = 0.5, on_item: Callable[[int], None] | None = None,
 ) -> Path:
-    """Render `num` Shapes World clips into `out`/videos and write `out`/manifest.jsonl; returns the manifest."""
+    """Render `num` Shapes World clips into `out`/videos and write `out`/manifest.jsonl; returns the manifest.
+
+    Until the manifest is written, `out` records the request (DATASET_MARKER): the same request on a folder an
+    interrupted run left continues it, keeping its finished clips (the scenes are the same for the same seed)."""
     from soragen.data import shapes
-    from soragen.video_io import temporary_path
+    from soragen.video_io import remove_path, temporaries, write_text
 
     check_dataset_request(num, seconds, chinese_fraction, two_objects, seed)
     out = Path(out)
+    request = dataset_request(num, seconds, seed, held_out, chinese_fraction, two_objects)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    write_text(out / DATASET_MARKER, json.dumps(request) + "\n")
     rng = np.random.default_rng(seed)
     num_frames = max(1, round(seconds * shapes.FPS))
     records = []
@@ -244,12 +257,14 @@ def write_shapes_dataset(
         language = "zh" if rng.random() < chinese_fraction else "en"
         text = shapes.caption(scene, rng, language=language)
         rel = f"videos/{i:06d}.mp4"
-        write_lossless(out / rel, shapes.render(scene, num_frames), shapes.FPS)
+        if not (out / rel).is_file():  # one a run before finished (written under a temporary name, then renamed)
+            for tmp in temporaries(out / rel):  # what a killed run left of it
+                remove_path(tmp)
+            write_lossless(out / rel, shapes.render(scene, num_frames), shapes.FPS)
         records.append({"path": rel, "caption": text, "fps": shapes.FPS, "frames": num_frames})
         if on_item is not None:
             on_item(i)
     manifest = out / MANIFEST
-    tmp = temporary_path(manifest)
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, manifest)
+    write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (out / DATASET_MARKER).unlink()
     return manifest

@@ -46,7 +46,10 @@ def read_prompts(path: Path) -> list[str]:
         try:
             parse_caption(line)
         except ValueError as e:
-            raise UserError(f"{path} line {n}: not a Shapes World caption: {e}") from None
+            kind = Path(path).suffix.lower()
+            plain = (f" (eval reads plain text, one caption a line; batch's {kind} prompt files are not read as such)"
+                     if kind in (".jsonl", ".csv", ".yaml", ".yml") else "")
+            raise UserError(f"{path} line {n}: not a Shapes World caption: {e}{plain}") from None
         prompts.append(line)
     if not prompts:
         raise UserError(f"{path} holds no prompts")
@@ -96,6 +99,31 @@ def made_before(path: Path, prompt: str, model: str, cfg: Config) -> dict[str, A
     return sidecar if same and path.is_file() else None
 
 
+def video_name(index: int, seed: int) -> str:
+    """The file name of prompt `index`'s video for `seed` in an evaluation folder."""
+    return f"{index:03d}_seed{seed}.mp4"
+
+
+def not_made_by_eval(out: Path, count: int, seeds: list[int]) -> Path | None:
+    """The first file in `out` named like one of this evaluation's videos (or their sidecars) that no evaluation
+    wrote (its sidecar does not carry `eval_video`), or None."""
+    from soragen.video_io import sidecar_path
+
+    for i in range(count):
+        for seed in seeds:
+            path = out / video_name(i, seed)
+            side = sidecar_path(path)
+            if not (path.exists() or side.exists()):
+                continue
+            try:
+                sidecar = json.loads(side.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                sidecar = None
+            if not (isinstance(sidecar, dict) and sidecar.get("eval_video") == path.name):
+                return path if path.exists() else side
+    return None
+
+
 def evaluate(
     cfg: Config, prompts: list[str], out: Path, *, seeds: int = 1, reuse: bool = False,
     on_video: Callable[[int, int], None] | None = None, on_step: Callable[[int], None] | None = None,
@@ -107,11 +135,16 @@ def evaluate(
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
     from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import write_json
+    from soragen.video_io import file_identity, remove_path, sidecar_path, write_json
 
     out = Path(out)
+    if reuse and (mine := not_made_by_eval(out, len(prompts), [cfg.seed + s for s in range(seeds)])) is not None:
+        raise UserError(f"{mine} is in the way: no soragen eval wrote it; move it away, choose another --out, or "
+                        "pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_config(cfg)
+    if not reuse:  # replacing: an interrupted run must not leave the old report beside new videos
+        remove_path(out / "eval.json")
     results = []
     reused = 0
     total = len(prompts) * seeds
@@ -119,10 +152,17 @@ def evaluate(
         for s in range(seeds):
             seed = cfg.seed + s
             pipe.cfg = update(cfg, seed=seed)
-            path = out / f"{i:03d}_seed{seed}.mp4"
+            path = out / video_name(i, seed)
             sidecar = made_before(path, prompt, pipe.model_name, pipe.cfg) if reuse else None
             if sidecar is None:
-                sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step)
+                before = file_identity(path), file_identity(sidecar_path(path))
+                try:
+                    sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step,
+                                            sidecar_extra={"eval_video": path.name})
+                except BaseException:  # stopped after the new video was renamed into place, before its sidecar
+                    if file_identity(path) not in (None, before[0]) and file_identity(sidecar_path(path)) == before[1]:
+                        remove_path(path)
+                    raise
             else:
                 reused += 1
             frames = read_frames(path)
