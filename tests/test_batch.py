@@ -407,6 +407,16 @@ def test_a_folder_where_a_listed_output_was_fails_that_item_naming_it(tmp_path, 
     assert manifest(out)[0]["error"] == (f"{out / 'red.mp4'} is in the way: it is a folder where the item's video "
                                          "goes; move it away or give the item another name")
     assert (out / "red.mp4" / "keep.txt").read_text() == "mine"
+    (out / "red.mp4" / "keep.txt").unlink()
+    (out / "red.mp4").rmdir()
+    frames = args + ["--format", "frames"]
+    assert run_cli(frames, capsys)[0] == 0 and (out / "red" / "frame_000000.png").is_file()
+    (out / "red" / "notes.txt").write_text("mine")  # added to batch's own frames folder
+    assert run_cli(frames + ["--seed", "5"], capsys)[0] == 1
+    assert {r["name"]: r for r in manifest(out)}["red"]["error"] == (
+        f"{out / 'red'} is in the way: it holds notes.txt, which no frames output writes; move that away or give the "
+        "item another name")
+    assert (out / "red" / "notes.txt").read_text() == "mine"
 
 
 def test_accelerate_environment_picks_the_shard(tmp_path, tiny_yaml, capsys, monkeypatch):

@@ -94,6 +94,9 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     (ev / "eval.json").unlink()  # interrupted: during the second video, after the first was finished
     (ev / "001_seed0.json").unlink()
     (ev / "001_seed0.mp4").unlink()
+    sidecar = json.loads((ev / "000_seed0.json").read_text())
+    del sidecar["eval_video"]  # as an older soragen wrote it: known by its prompt and seed
+    (ev / "000_seed0.json").write_text(json.dumps(sidecar))
     made = []
     generate = Pipeline.generate
     monkeypatch.setattr(Pipeline, "generate", lambda self, prompt, *a, **k: made.append(prompt) or generate(self, prompt, *a, **k))
@@ -106,11 +109,11 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     assert run_cli(args + ["--steps", "2", "--overwrite"], capsys)[0] == 0 and len(made) == 5
 
 
-def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, capsys):
+def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, capsys, monkeypatch):
     """A user's own 000_seed0.mp4 in --out stops the evaluation before any video, the file untouched; --overwrite
     replaces it. An --overwrite run removes the old eval.json first: interrupted, it leaves no report that
-    describes other videos."""
-    from soragen.pipeline import Pipeline
+    describes other videos; a stop before a video's sidecar is written removes that video."""
+    import soragen.video_io
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moving left\n")
@@ -119,22 +122,22 @@ def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, caps
     (ev / "000_seed0.mp4").write_bytes(b"mine")
     args = ["eval", "--prompts", str(prompts), "--out", str(ev), "-c", str(tiny_yaml), "--seconds", "1"]
     code, _, err = run_cli(args, capsys)
-    assert code == 2 and one_error_line(err) == (f"error: {ev / '000_seed0.mp4'} is in the way: no soragen eval wrote it; "
-                                                 "move it away, choose another --out, or pass --overwrite to replace it")
+    assert code == 2 and one_error_line(err) == (
+        f"error: {ev / '000_seed0.mp4'} is in the way: no soragen eval recorded it as its own (a file of yours, or a "
+        "video a killed evaluation left without its sidecar); move it away, choose another --out, or pass --overwrite "
+        "to make every video again")
     assert (ev / "000_seed0.mp4").read_bytes() == b"mine" and not (ev / "000_seed0.json").exists()
     assert run_cli(args + ["--overwrite"], capsys)[0] == 0 and (ev / "000_seed0.mp4").read_bytes() != b"mine"
     assert (ev / "eval.json").is_file()
 
-    def stopped(*a, **k):
+    def stopped(path, data):  # a stop between the video's rename and its sidecar
         raise KeyboardInterrupt
 
-    generate, Pipeline.generate = Pipeline.generate, stopped
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(soragen.video_io, "write_json", stopped)
         assert run_cli(args + ["--overwrite", "--steps", "2"], capsys)[0] == 130
-    finally:
-        Pipeline.generate = generate
-    assert not (ev / "eval.json").exists() and (ev / "000_seed0.mp4").is_file()
-    assert run_cli(args + ["--steps", "2"], capsys)[0] == 0  # the videos of an earlier evaluation are its own
+    assert not (ev / "eval.json").exists() and not (ev / "000_seed0.mp4").exists()  # no video without its sidecar
+    assert run_cli(args + ["--steps", "2"], capsys)[0] == 0  # the files of an earlier evaluation are its own
 
 
 @pytest.mark.parametrize("settings, made", [

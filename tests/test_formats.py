@@ -213,6 +213,7 @@ def test_cli_generate_gif_with_output_size(tmp_path, tiny_yaml, capsys, monkeypa
         (["-o", ""], "output '.' has no name of its own"),
         (["--format", "frames", "-o", "..", "--overwrite"], "give the folder's name, e.g. ../video"),
         (["-o", "d/" + "b" * 240 + ".mp4"], "is 244 bytes; at most 237 fit this file system"),
+        (["-o", "d/" + "b" * 233 + ".mp4"], "error: sidecar name " + "b" * 40 + "... is 238 bytes; at most 237 fit"),
         (["-o", "side.mp4"], "the sidecar side.json of side.mp4 would go where a folder is"),
     ],
 )
@@ -243,6 +244,19 @@ def test_frames_overwrite_replaces_only_a_frames_folder(tmp_path, tiny_yaml, cap
     assert run_cli(args + ["-o", "link"], capsys)[0] == 0
     assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink() and (tmp_path / "real").is_dir()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_frames_folder_that_gains_a_file_while_rendering_is_not_replaced(tmp_path):
+    """--overwrite was checked before rendering; a file put into the old folder since is kept, with the old frames."""
+    final = tmp_path / "shots"
+    with open_writer(final, "frames", 16, 16, 8) as writer:
+        writer.write(np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="holds notes.txt, which no frames output writes"):
+        with open_writer(final, "frames", 16, 16, 8) as writer:
+            writer.write(np.zeros((3, 16, 16, 3), dtype=np.uint8))
+            (final / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in final.iterdir()) == ["frame_000000.png", "frame_000001.png", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shots"]
 
 
 def test_a_gif_above_50_fps_warns_that_it_plays_slower(tmp_path, tiny_yaml, capsys, monkeypatch):

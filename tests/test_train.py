@@ -1026,22 +1026,27 @@ def test_checks_before_the_stages_follow_what_the_run_will_do(trained, tmp_path)
         model / "vae" / "diffusion_pytorch_model.safetensors")
 
 
-def test_a_run_records_its_folders_whole_and_resumes_from_its_config_anywhere(tmp_path, monkeypatch, capsys):
+def test_a_run_records_its_folders_whole_and_resumes_from_its_config_anywhere(tmp_path, monkeypatch, capsys, caplog):
     """config.yaml gives the folders a run was given by relative paths as absolute ones ('builtin' stays a
-    name): `soragen train --config RUN/config.yaml --resume` from another directory continues the same run."""
+    name): `soragen train --config RUN/config.yaml --resume` from another directory continues the same run, and
+    keeps its manifest's latent cache (its key follows the dataset, not how its folder was written)."""
     from conftest import run_cli
 
     from soragen.config import build_config
+    from soragen.data.clips import write_shapes_dataset
     from soragen.train import recorded_config
 
     work = tmp_path / "work"
-    work.mkdir()
+    write_shapes_dataset(work / "data", num=4, seconds=1.0, seed=0)
     monkeypatch.chdir(work)
-    cfg = train_config(TINY + ["train.output_dir=runs/a", "train.dit.stop_after=2"])
+    cfg = train_config(TINY + ["data.kind=manifest", "data.path=data", "train.output_dir=runs/a",
+                               "train.dit.stop_after=2"])
     train(cfg)
-    assert read_yaml(work / "runs" / "a" / "config.yaml")["train"]["output_dir"] == str(work / "runs" / "a")
+    recorded = read_yaml(work / "runs" / "a" / "config.yaml")
+    assert recorded["train"]["output_dir"] == str(work / "runs" / "a") and recorded["data"]["path"] == str(work / "data")
     (work / "builtin").mkdir()  # a folder named like the built-in model does not make 'builtin' a path
     assert recorded_config(build_config({**cfg.to_dict(), "model": "builtin"})).model == "builtin"
+    cache = (work / "runs" / "a" / "latents.safetensors").stat().st_mtime_ns
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -1049,3 +1054,25 @@ def test_a_run_records_its_folders_whole_and_resumes_from_its_config_anywhere(tm
                             "--set", "train.dit.stop_after=null"], capsys)
     assert code == 0, err
     assert (work / "runs" / "a" / "model" / "soragen.yaml").is_file() and not (elsewhere / "runs").exists()
+    assert (work / "runs" / "a" / "latents.safetensors").stat().st_mtime_ns == cache and "rebuilding" not in caplog.text
+
+
+def test_a_manifest_cache_keyed_as_before_stays_valid(tmp_path, caplog):
+    """A manifest run's latent cache written before its key left out the dataset's folder (and before caches
+    recorded their dataset) is reused by the same run, not encoded again."""
+    from soragen.data.clips import write_shapes_dataset
+    from soragen.train import _cache_digest, vae_weights
+
+    write_shapes_dataset(tmp_path / "data", num=4, seconds=1.0, seed=0)
+    run = tmp_path / "run"
+    settings = TINY + ["data.kind=manifest", f"data.path={tmp_path / 'data'}", f"train.output_dir={run}"]
+    cfg = train_config(settings + ["train.dit.stop_after=2"])
+    train(cfg)
+    meta = json.loads((run / "latents.json").read_text())
+    assert meta["config_digest"] != _cache_digest(cfg, vae_weights(cfg, RunFolder(run)), with_path=True)
+    meta["config_digest"] = _cache_digest(cfg, vae_weights(cfg, RunFolder(run)), with_path=True)
+    del meta["dataset"]
+    (run / "latents.json").write_text(json.dumps(meta))
+    cache = (run / "latents.safetensors").stat().st_mtime_ns
+    train(train_config(settings), resume=True)
+    assert (run / "latents.safetensors").stat().st_mtime_ns == cache and "rebuilding" not in caplog.text

@@ -714,7 +714,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                   title: str, t_start: float) -> BatchResult:
     """run_batch's work once its checks passed and it holds the shard's lock."""
     from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import SUFFIXES, write_text
+    from soragen.video_io import SUFFIXES, not_frames, write_text
 
     mine = shard_items(items, shard)
     own_manifest = folder / shard_manifest_name(shard)
@@ -753,10 +753,14 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                                     "or give the item another name")
                 for role, name in names.items():  # one batch wrote, since replaced by a folder (or the other way)
                     path = folder / name
-                    if path.exists() and path.is_dir() != (role == "video" and item_cfg.video.format == "frames"):
+                    frames = role == "video" and item_cfg.video.format == "frames"
+                    if path.exists() and path.is_dir() != frames:
                         raise UserError(f"{path} is in the way: it is a {'folder' if path.is_dir() else 'file'} where "
                                         f"the item's {role.replace('_', ' ')} goes; move it away or give the item "
                                         "another name")
+                    if frames and path.is_dir() and (others := not_frames(path)):  # batch's frames, and a file added
+                        raise UserError(f"{path} is in the way: it holds {others[0]}, which no frames output writes; "
+                                        "move that away or give the item another name")
                 if pipe is None:
                     try:
                         pipe = Pipeline.from_config(cfg)

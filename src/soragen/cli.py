@@ -152,9 +152,7 @@ def generate(
     """Generate a video from a text prompt."""
     from soragen.config import load_config
     from soragen.pipeline import Pipeline, check_prompt, plan_video
-    from soragen.video_io import (
-        check_output_suffix, check_writable, file_identity, remove_path, sidecar_path, temporaries,
-    )
+    from soragen.video_io import check_output_suffix, check_writable, remove_path, sidecar_path, temporaries
 
     prompt = check_prompt(prompt)
     values = _flag_values(
@@ -169,18 +167,13 @@ def generate(
     check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
     check_writable(sidecar_path(output), overwrite, sidecar_of=output)
     pipe = Pipeline.from_config(cfg)
-    before = file_identity(output)
     old_temporaries = temporaries(output) | temporaries(sidecar_path(output))
     with _progress() as progress:
         windows = len(pipe.windows(plan))
         task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=pipe.denoise_calls(plan))
         try:
             sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
-        except BaseException:
-            # The video is renamed into place before its sidecar is written: a failure (or an
-            # interruption) in between must not leave a video without its sidecar under the final name.
-            if file_identity(output) not in (None, before):
-                remove_path(output)
+        except BaseException:  # (Pipeline.generate removes a video whose sidecar it could not write)
             for tmp in (temporaries(output) | temporaries(sidecar_path(output))) - old_temporaries:
                 remove_path(tmp)  # in case an interruption landed between a file's creation and its writer's cleanup
             raise
@@ -373,7 +366,8 @@ def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation in --out, and make every video "
-                                                 "again (without it, videos an interrupted one finished are reused).")] = False,
+                                                 "again (without it, videos an interrupted one finished are reused, and "
+                                                 "files named like its videos that no evaluation wrote are refused).")] = False,
 ) -> None:
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import MAX_SEED, load_config
@@ -397,11 +391,11 @@ def eval_(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the videos and eval.json")
     v = cfg.video
-    width, height = v.output_size or (v.width * v.upscale, v.height * v.upscale)
+    width, height = v.written_size
     if v.width != v.height or width != height or width % SHAPES_SIZE:
         raise UserError(f"eval scores square frames whose side is a multiple of {SHAPES_SIZE} (the Shapes World, "
                         f"enlarged); these settings make {v.width}x{v.height} frames written at {width}x{height} "
-                        "(video.width, video.height, --upscale, video.output_size)")
+                        "(video.width, video.height, video.upscale, video.output_size)")
     if (out / "eval.json").exists() and not overwrite:
         raise UserError(f"{out} already holds an evaluation (eval.json); pass --overwrite to replace it or choose another --out")
     calls = denoise_calls(cfg, plan)

@@ -232,6 +232,11 @@ class VideoConfig(_Frozen):
         """Frames per second the model makes: model_fps, or fps where it is not set."""
         return self.model_fps or self.fps
 
+    @property
+    def written_size(self) -> tuple[int, int]:
+        """(width, height) of the frames written: output_size, or the frames enlarged by upscale."""
+        return self.output_size or (self.width * self.upscale, self.height * self.upscale)
+
     @field_validator("output_size", mode="before")
     @classmethod
     def _parse_size(cls, v: Any) -> Any:

@@ -286,7 +286,8 @@ class Pipeline:
         adds fields to the sidecar (batch marks its items' videos as its own).
         """
         from soragen.video_io import (
-            check_output_suffix, check_writable, fit_frames, open_writer, sidecar_path, to_uint8, upscale, write_json,
+            check_output_suffix, check_writable, finished_or_removed, fit_frames, open_writer, sidecar_path, to_uint8,
+            upscale, write_json,
         )
 
         cfg = self.cfg
@@ -320,44 +321,46 @@ class Pipeline:
 
         # 5. Writing: upscale (nearest), fit into video.output_size, encode in video.format.
         # ("mp4_encoding" keeps its name for every format: the time spent in the writer.)
-        width, height = v.output_size or (v.width * v.upscale, v.height * v.upscale)
-        resampler = FrameResampler(plan)  # the model's rate to the output's (the same frames when they agree)
-        with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
-            for frames in self.decode_frames(timed_latents(), plan.model_frames):
-                lap("vae_decoding")
-                picks = resampler.take(frames.shape[2])  # output frames, as indices into this chunk (maybe none)
-                if picks:  # each model frame written is enlarged once, however often it is held
-                    used, order = np.unique(picks, return_inverse=True)  # order: each pick's place in used
-                    final = fit_frames(upscale(to_uint8(frames)[used], v.upscale), v.output_size)  # (U, height, width, 3)
-                    for a, b in frame_runs(order.tolist()):
-                        writer.write(final[a:b])
-                        if on_frames is not None:
-                            on_frames(final[a:b])
-                lap("mp4_encoding")
-            clock["t"] = time.perf_counter()
-        lap("mp4_encoding")
-        trim_heap()  # the last window's decoding too: a batch of videos starts each one from a trimmed heap
+        # An interruption after the video is renamed into place, before its sidecar is written, removes the video.
+        with finished_or_removed(output):
+            width, height = v.written_size
+            resampler = FrameResampler(plan)  # the model's rate to the output's (the same frames when they agree)
+            with open_writer(output, v.format, width, height, v.fps, v.crf) as writer:
+                for frames in self.decode_frames(timed_latents(), plan.model_frames):
+                    lap("vae_decoding")
+                    picks = resampler.take(frames.shape[2])  # output frames, as indices into this chunk (maybe none)
+                    if picks:  # each model frame written is enlarged once, however often it is held
+                        used, order = np.unique(picks, return_inverse=True)  # order: each pick's place in used
+                        final = fit_frames(upscale(to_uint8(frames)[used], v.upscale), v.output_size)  # (U, height, width, 3)
+                        for a, b in frame_runs(order.tolist()):
+                            writer.write(final[a:b])
+                            if on_frames is not None:
+                                on_frames(final[a:b])
+                    lap("mp4_encoding")
+                clock["t"] = time.perf_counter()
+            lap("mp4_encoding")
+            trim_heap()  # the last window's decoding too: a batch of videos starts each one from a trimmed heap
 
-        sidecar = {
-            "prompt": prompt,
-            "negative_prompt": cfg.sampler.negative_prompt,
-            "seed": cfg.seed,
-            "model": self.model_name,
-            "video": {
-                "path": output.name,
-                "format": v.format,
-                "frames": plan.num_frames,
-                "fps": v.fps,
-                "model_fps": plan.model_fps,
-                "seconds": plan.num_frames / v.fps,
-                "width": width,
-                "height": height,
-                "windows": len(self.windows(plan)),
-            },
-            "timings_seconds": {k: round(val, 4) for k, val in timings.items()},
-            "soragen_version": __version__,
-            "torch_version": torch.__version__,
-            "config": cfg.to_dict(),
-        } | (sidecar_extra or {})
-        write_json(sidecar_path(output), sidecar)
+            sidecar = {
+                "prompt": prompt,
+                "negative_prompt": cfg.sampler.negative_prompt,
+                "seed": cfg.seed,
+                "model": self.model_name,
+                "video": {
+                    "path": output.name,
+                    "format": v.format,
+                    "frames": plan.num_frames,
+                    "fps": v.fps,
+                    "model_fps": plan.model_fps,
+                    "seconds": plan.num_frames / v.fps,
+                    "width": width,
+                    "height": height,
+                    "windows": len(self.windows(plan)),
+                },
+                "timings_seconds": {k: round(val, 4) for k, val in timings.items()},
+                "soragen_version": __version__,
+                "torch_version": torch.__version__,
+                "config": cfg.to_dict(),
+            } | (sidecar_extra or {})
+            write_json(sidecar_path(output), sidecar)
         return sidecar

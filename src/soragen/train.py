@@ -451,11 +451,15 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     from soragen.model_io import save_file_atomic
 
     captions_path = run.latents.with_suffix(".json")
-    digest, dataset = _cache_digest(cfg, vae_weights(cfg, run)), _dataset_digest(cfg)
+    weights = vae_weights(cfg, run)
+    digest, dataset = _cache_digest(cfg, weights), _dataset_digest(cfg)
     if run.latents.is_file() and captions_path.is_file():
         meta = json.loads(captions_path.read_text(encoding="utf-8"))
-        # A cache written before caches recorded their dataset has no "dataset" to compare: it stays valid.
-        if meta["config_digest"] == digest and meta.get("dataset", dataset) == dataset:
+        # A cache written before caches recorded their dataset has no "dataset" to compare, and its key holds the
+        # manifest's folder as the run was given it: it stays valid while that matches.
+        if (meta["config_digest"] == digest and meta.get("dataset") == dataset) or (
+                meta["config_digest"] == _cache_digest(cfg, weights, with_path=True)
+                and meta.get("dataset", dataset) == dataset):
             tensors = load_file(str(run.latents))
             return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
         log.warning("latent cache %s was built for another config or dataset; rebuilding it", run.latents)
@@ -575,14 +579,18 @@ def _dataset_digest(cfg: Config) -> str | None:
     return hashlib.sha256((folder / MANIFEST).read_bytes() + json.dumps(stats).encode()).hexdigest()[:16]
 
 
-def _cache_digest(cfg: Config, weights: Path | None = None) -> str:
+def _cache_digest(cfg: Config, weights: Path | None = None, *, with_path: bool = False) -> str:
     """What a cache of the run's clips depends on: data, VAE settings and seed, and for latents the
     VAE encoder's weights, wherever they are read from (a VAE retrained in the same run folder makes
     its latent cache stale; a run on the same VAE as train.vae_model may reuse a copy). A setting added
-    later is left out at its default, which draws what was drawn before it, so older caches stay valid."""
+    later is left out at its default, which draws what was drawn before it, so older caches stay valid.
+    A manifest's folder is left out (`_dataset_digest` follows its content, however the path is written:
+    relative, or absolute in the run's config.yaml), but with `with_path`, the key of caches written before."""
     import hashlib
 
     data = cfg.data.model_dump(exclude={"two_object_fraction"} if cfg.data.two_object_fraction == 0.5 else set())
+    if cfg.data.kind == "manifest" and not with_path:
+        data["path"] = None
     key = json.dumps({"data": data, "vae": cfg.vae.model_dump(exclude={"latent_mean", "latent_std", "latent_scale"}),
                       "seed": cfg.seed}, sort_keys=True, default=str)
     if weights is not None:  # the encoder's tensors only: a fine-tuned decoder leaves the latents as they are

@@ -157,6 +157,19 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
+@contextmanager
+def finished_or_removed(path: Path) -> Iterator[None]:
+    """A block that puts `path` in place and then more (a video, then its sidecar): if it fails or is interrupted
+    after `path` was replaced, `path` is removed, so no output stands without the rest."""
+    before = file_identity(path)
+    try:
+        yield
+    except BaseException:
+        if file_identity(path) not in (None, before):
+            remove_path(path)
+        raise
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or a folder, if it exists."""
     path = Path(path)
@@ -179,7 +192,7 @@ TEMPORARY_EXTRA = len(".") + len(".12345678.partial")  # what temporary_path add
 FRAME_NAME = re.compile(r"frame_\d{6}\.png")  # the files of a frames output
 
 
-def check_name_length(path: Path) -> None:
+def check_name_length(path: Path, what: str = "output") -> None:
     """Raise a UserError if `path`'s name, or the temporary name it is written under, is too long for its file system."""
     existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("/"))
     try:
@@ -188,9 +201,23 @@ def check_name_length(path: Path) -> None:
         limit = 255
     size = len(path.name.encode())
     if size + TEMPORARY_EXTRA > limit:
-        raise UserError(f"output name {path.name[:40]}... is {size} bytes; at most {limit - TEMPORARY_EXTRA} fit this file "
+        raise UserError(f"{what} name {path.name[:40]}... is {size} bytes; at most {limit - TEMPORARY_EXTRA} fit this file "
                         f"system (it allows {limit}, and the file is written under a temporary name "
                         f"{TEMPORARY_EXTRA} longer); choose a shorter --output")
+
+
+def not_frames(folder: Path) -> list[str]:
+    """The names in `folder` that a frames output does not write (sorted)."""
+    return sorted(p.name for p in folder.iterdir() if not FRAME_NAME.fullmatch(p.name))
+
+
+def refuse_other_files(folder: Path) -> None:
+    """Raise a UserError if frames output `folder`, about to be replaced, holds files a frames output does not write."""
+    others = not_frames(folder)
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(f"output folder {folder} holds {others[0]}{more}, which no frames output writes; --overwrite "
+                        "replaces only a folder of frame_NNNNNN.png; choose another --output")
 
 
 def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sidecar_of: Path | None = None) -> None:
@@ -212,14 +239,12 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
             hint = f" (written for {', '.join(owners)})" if owners else ""
         raise UserError(f"{what} already exists{hint}; pass --overwrite to replace it or choose another --output")
     if folder_output and overwrite and path.is_dir():  # --overwrite replaces a frames output, not any folder
-        others = sorted(p.name for p in path.iterdir() if not FRAME_NAME.fullmatch(p.name))
-        if others:
-            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
-            raise UserError(f"output folder {path} holds {others[0]}{more}, which no frames output writes; --overwrite "
-                            "replaces only a folder of frame_NNNNNN.png; choose another --output")
+        refuse_other_files(path)
     folder = path.parent
     check_can_hold(folder, path, "--output")
-    check_name_length(path)
+    check_name_length(path, "output" if sidecar_of is None else "sidecar")
+    if sidecar_of is None:  # the sidecar's name is longer than the video's: both before any folder is made
+        check_name_length(sidecar_path(path), "sidecar")
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -448,8 +473,14 @@ class FramesWriter(VideoWriter):
         pass
 
     def close(self) -> None:
-        """Move the finished folder to its final name (an existing one is replaced)."""
+        """Move the finished folder to its final name (an existing frames folder is replaced; one that has gained
+        other files since the output was checked is not)."""
         if self.path.is_dir():
+            try:
+                refuse_other_files(self.path)
+            except UserError:
+                self.abort()
+                raise
             old = temporary_path(self.path)
             old.unlink()
             os.replace(self.path, old)

@@ -266,5 +266,5 @@ def write_shapes_dataset(
             on_item(i)
     manifest = out / MANIFEST
     write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    (out / DATASET_MARKER).unlink()
+    (out / DATASET_MARKER).unlink(missing_ok=True)
     return manifest

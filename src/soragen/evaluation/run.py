@@ -104,13 +104,14 @@ def video_name(index: int, seed: int) -> str:
     return f"{index:03d}_seed{seed}.mp4"
 
 
-def not_made_by_eval(out: Path, count: int, seeds: list[int]) -> Path | None:
+def not_made_by_eval(out: Path, prompts: list[str], cfg: Config, seeds: int) -> Path | None:
     """The first file in `out` named like one of this evaluation's videos (or their sidecars) that no evaluation
-    wrote (its sidecar does not carry `eval_video`), or None."""
+    wrote, or None. An evaluation's own carry `eval_video` in their sidecars; one made before sidecars did is
+    known by its prompt and seed, those of this evaluation's video of that name."""
     from soragen.video_io import sidecar_path
 
-    for i in range(count):
-        for seed in seeds:
+    for i, prompt in enumerate(prompts):
+        for seed in range(cfg.seed, cfg.seed + seeds):
             path = out / video_name(i, seed)
             side = sidecar_path(path)
             if not (path.exists() or side.exists()):
@@ -119,7 +120,9 @@ def not_made_by_eval(out: Path, count: int, seeds: list[int]) -> Path | None:
                 sidecar = json.loads(side.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 sidecar = None
-            if not (isinstance(sidecar, dict) and sidecar.get("eval_video") == path.name):
+            ours = isinstance(sidecar, dict) and (sidecar.get("eval_video") == path.name or (
+                "eval_video" not in sidecar and sidecar.get("prompt") == prompt and sidecar.get("seed") == seed))
+            if not ours:
                 return path if path.exists() else side
     return None
 
@@ -135,12 +138,13 @@ def evaluate(
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
     from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import file_identity, remove_path, sidecar_path, write_json
+    from soragen.video_io import remove_path, write_json
 
     out = Path(out)
-    if reuse and (mine := not_made_by_eval(out, len(prompts), [cfg.seed + s for s in range(seeds)])) is not None:
-        raise UserError(f"{mine} is in the way: no soragen eval wrote it; move it away, choose another --out, or "
-                        "pass --overwrite to replace it")
+    if reuse and (mine := not_made_by_eval(out, prompts, cfg, seeds)) is not None:
+        raise UserError(f"{mine} is in the way: no soragen eval recorded it as its own (a file of yours, or a video a "
+                        "killed evaluation left without its sidecar); move it away, choose another --out, or pass "
+                        "--overwrite to make every video again")
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_config(cfg)
     if not reuse:  # replacing: an interrupted run must not leave the old report beside new videos
@@ -155,14 +159,8 @@ def evaluate(
             path = out / video_name(i, seed)
             sidecar = made_before(path, prompt, pipe.model_name, pipe.cfg) if reuse else None
             if sidecar is None:
-                before = file_identity(path), file_identity(sidecar_path(path))
-                try:
-                    sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step,
-                                            sidecar_extra={"eval_video": path.name})
-                except BaseException:  # stopped after the new video was renamed into place, before its sidecar
-                    if file_identity(path) not in (None, before[0]) and file_identity(sidecar_path(path)) == before[1]:
-                        remove_path(path)
-                    raise
+                sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step,
+                                        sidecar_extra={"eval_video": path.name})
             else:
                 reused += 1
             frames = read_frames(path)
