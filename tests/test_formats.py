@@ -215,16 +215,18 @@ def test_cli_generate_gif_with_output_size(tmp_path, tiny_yaml, capsys, monkeypa
         (["-o", "d/" + "b" * 240 + ".mp4"], "is 244 bytes; at most 237 fit this file system"),
         (["-o", "d/" + "b" * 233 + ".mp4"], "error: sidecar name " + "b" * 40 + "... is 238 bytes; at most 237 fit"),
         (["-o", "side.mp4"], "the sidecar side.json of side.mp4 would go where a folder is"),
+        (["-o", "dang/a.mp4"], "cannot create output folder dang: dang is a broken symbolic link (to nowhere); remove it"),
     ],
 )
 def test_cli_output_mistakes_are_one_line(tmp_path, tiny_yaml, capsys, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "side.json").mkdir()
+    (tmp_path / "dang").symlink_to("nowhere")
     code, _, err = run_cli(["generate", "x", "-c", str(tiny_yaml), *args], capsys)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert fragment in err
     assert not any(p.name != "tiny.yaml" for p in tmp_path.rglob("*") if p.is_file())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["side.json", "tiny.yaml"]  # no folder made either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dang", "side.json", "tiny.yaml"]  # no folder made either
 
 
 def test_frames_overwrite_replaces_only_a_frames_folder(tmp_path, tiny_yaml, capsys, monkeypatch):

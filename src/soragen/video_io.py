@@ -249,6 +249,10 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            broken = next((f for f in (folder, *folder.parents) if f.is_symlink() and not f.exists()), None)
+            if broken is not None:  # mkdir says only "File exists"
+                raise UserError(f"cannot create output folder {folder}: {broken} is a broken symbolic link (to "
+                                f"{os.readlink(broken)}); remove it or choose another --output") from None
             raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
     try:  # permission bits do not tell everything (read-only mounts, root): write and remove a file
         tempfile.TemporaryFile(dir=folder).close()
