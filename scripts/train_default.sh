@@ -22,7 +22,9 @@
 #   decoder   the VAE decoder fine-tuned on latents cool2's model denoised from real clips noised to one of the
 #             sampler's last 10 steps (train stage 'decoder'), 1,000 steps of 8 clips (~55 min): its squares'
 #             sides come out straighter (docs/training-log.md, session 30)
-# About 4.5 h in all.
+# About 4.5 h in all. On 2 cores without AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base
+# ~35 min, the VAE fine-tune ~17 min, the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min):
+# 6 h or more. Each phase resumes from its newest checkpoint (every 100 steps) when the script is run again.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 run=runs/default
