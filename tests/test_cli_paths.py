@@ -140,6 +140,20 @@ def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, caps
     assert run_cli(args + ["--steps", "2"], capsys)[0] == 0  # the files of an earlier evaluation are its own
 
 
+def test_an_overwriting_evaluation_of_fewer_prompts_removes_the_earlier_ones_extra_videos(tmp_path, tiny_yaml, capsys):
+    """eval.json and the folder's videos describe the same evaluation: --overwrite with one prompt instead of two
+    removes the second video an earlier evaluation made, and keeps files no evaluation wrote."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue box moving up\n")
+    ev = tmp_path / "ev"
+    args = ["eval", "--prompts", str(prompts), "--out", str(ev), "-c", str(tiny_yaml), "--seconds", "1"]
+    assert run_cli(args, capsys)[0] == 0
+    (ev / "005_seed0.mp4").write_bytes(b"mine")
+    prompts.write_text("a red circle moving left\n")
+    assert run_cli(args + ["--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in ev.iterdir()) == ["000_seed0.json", "000_seed0.mp4", "005_seed0.mp4", "eval.json"]
+
+
 @pytest.mark.parametrize("settings, made", [
     (["video.width=128"], "128x64 frames written at 128x64"),
     (["video.output_size=128x72"], "64x64 frames written at 128x72"),

@@ -104,6 +104,19 @@ def video_name(index: int, seed: int) -> str:
     return f"{index:03d}_seed{seed}.mp4"
 
 
+def earlier_videos(out: Path) -> set[str]:
+    """Names of the videos in `out` that an evaluation made (their sidecars carry `eval_video`)."""
+    names = set()
+    for side in out.glob("*_seed*.json"):
+        try:
+            name = json.loads(side.read_text(encoding="utf-8")).get("eval_video")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name == side.with_suffix(".mp4").name:
+            names.add(name)
+    return names
+
+
 def not_made_by_eval(out: Path, prompts: list[str], cfg: Config, seeds: int) -> Path | None:
     """The first file in `out` named like one of this evaluation's videos (or their sidecars) that no evaluation
     wrote, or None. An evaluation's own carry `eval_video` in their sidecars; one made before sidecars did is
@@ -138,7 +151,7 @@ def evaluate(
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
     from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import remove_path, write_json
+    from soragen.video_io import remove_path, sidecar_path, write_json
 
     out = Path(out)
     if reuse and (mine := not_made_by_eval(out, prompts, cfg, seeds)) is not None:
@@ -149,6 +162,10 @@ def evaluate(
     pipe = Pipeline.from_config(cfg)
     if not reuse:  # replacing: an interrupted run must not leave the old report beside new videos
         remove_path(out / "eval.json")
+        names = {video_name(i, cfg.seed + s) for i in range(len(prompts)) for s in range(seeds)}
+        for video in earlier_videos(out) - names:  # an earlier evaluation's videos this one does not make again
+            remove_path(out / video)
+            remove_path(sidecar_path(out / video))
     results = []
     reused = 0
     total = len(prompts) * seeds
