@@ -34,6 +34,20 @@ def test_folder_where_the_video_goes_and_file_where_frames_go(tmp_path, tiny_yam
     assert (tmp_path / "f").read_text() == "keep me" and not any((tmp_path / "d.mp4").iterdir())
 
 
+def test_a_quoted_tilde_means_the_home_folder(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """`-o "~/a.mp4"` and `--config "~/tiny.yaml"` (quoted: the shell leaves the ~) mean the home folder, as --model
+    does; they made a folder named ~ in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "tiny.yaml").write_bytes(tiny_yaml.read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(["generate", "x", "-c", "~/tiny.yaml", "--seconds", "0.5", "-o", "~/a.mp4"], capsys)
+    assert code == 0, err
+    assert (home / "a.mp4").is_file() and (home / "a.json").is_file() and not any(work.iterdir())
+
+
 def test_a_sidecar_shared_by_two_formats_is_named(tmp_path, tiny_yaml, capsys):
     """a.mp4 and a.webm would share a.json: the refusal says whose sidecar it is, and a.mp4's is kept."""
     base = ["generate", "x", "-c", str(tiny_yaml), "--seconds", "1"]

@@ -39,7 +39,12 @@ app = typer.Typer(
 _state = {"debug": False, "stopped": False, "stopped_at": 0.0}
 STOP_GRACE_SECONDS = 2.0  # a second stop signal within this time of the first is the same stop
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset to start from.")]
+def _home(path: Optional[Path]) -> Optional[Path]:
+    """A path given with a leading ~ (quoted, so the shell left it) means the home folder, as it does for --model."""
+    return path.expanduser() if path is not None else None
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset to start from.", callback=_home)]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="Override a config value, e.g. --set dit.depth=4 (repeatable).")
 ]
@@ -146,7 +151,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: outputs/<prompt>_seed<seed>.mp4).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: outputs/<prompt>_seed<seed>.mp4).", callback=_home)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Generate a video from a text prompt."""
@@ -188,8 +193,8 @@ def generate(
 
 @app.command()
 def batch(
-    prompts_file: Annotated[Path, typer.Argument(metavar="PROMPTS_FILE", help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the videos, manifest.jsonl and index.html.")],
+    prompts_file: Annotated[Path, typer.Argument(metavar="PROMPTS_FILE", help="Prompts: .txt (one a line, # comments), .jsonl, .csv or .yaml.", callback=_home)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the videos, manifest.jsonl and index.html.", callback=_home)],
     seconds: Annotated[Optional[float], typer.Option(help="Duration in seconds (an item's own 'seconds' wins).")] = None,
     fps: Annotated[Optional[int], typer.Option(
         help="Frames per second of the output; the model makes its own (video.model_fps), held or skipped to it.")] = None,
@@ -355,8 +360,8 @@ def plain_line_due(stage: str, step: int, total: int, metrics: dict[str, float],
 
 @app.command("eval")
 def eval_(
-    prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file, one Shapes World caption a line.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the videos and eval.json.")] = Path("eval"),
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file, one Shapes World caption a line.", callback=_home)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the videos and eval.json.", callback=_home)] = Path("eval"),
     seconds: Annotated[Optional[float], typer.Option(help="Duration of each video.")] = None,
     seeds: Annotated[int, typer.Option(help="Videos per prompt (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
@@ -425,7 +430,7 @@ app.add_typer(dataset_app, name="dataset")
 
 @dataset_app.command("shapes")
 def dataset_shapes(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write videos/ and manifest.jsonl into.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write videos/ and manifest.jsonl into.", callback=_home)],
     num: Annotated[int, typer.Option("--num", help="Number of clips.")],
     seconds: Annotated[float, typer.Option(help="Seconds per clip.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the scenes and captions.")] = 0,
