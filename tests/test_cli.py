@@ -99,6 +99,16 @@ def test_existing_output_refused_then_overwritten(tmp_path, tiny_yaml, capsys):
     assert code == 0 and out.read_bytes() != b"precious"
 
 
+def test_version_names_soragen_and_its_libraries(capsys):
+    from importlib.metadata import version
+
+    from soragen import __version__
+
+    code, out, err = run_cli(["--version"], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith(f"soragen {__version__} (torch {version('torch')}, diffusers {version('diffusers')}, ")
+
+
 def test_info_describes_model(capsys, tiny_yaml):
     code, out, _ = run_cli(["info", "--config", str(tiny_yaml)], capsys)
     assert code == 0

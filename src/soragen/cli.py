@@ -50,9 +50,30 @@ SetOpt = Annotated[
 ]
 
 
+def _print_version(asked: bool) -> None:
+    """--version: soragen's version and those of the libraries that do its work (read without importing them)."""
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from soragen import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {of(name)}" for name in ("torch", "diffusers", "transformers", "accelerate"))
+    typer.echo(f"soragen {__version__} ({libraries}; Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the versions of soragen and its libraries, then exit.",
+                                          callback=_print_version, is_eager=True)] = False,
 ) -> None:
     """soragen: prompt -> T5 -> DiT over spacetime latent patches -> causal video VAE -> MP4."""
     _state["debug"] = debug
