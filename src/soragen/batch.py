@@ -390,14 +390,11 @@ def foreign_files(folder: Path, names: dict[str, str], listed: set[str], key: st
     """An item's output names (by role) that exist in folder but that batch did not write for it: no manifest
     lists them, and the sidecar there is not the one batch wrote for item `key` (with the manifests deleted, an
     item's files stay its own; a video made by `soragen generate` under that name is not)."""
+    from soragen.video_io import read_sidecar
+
     present = [n for n in names.values() if (folder / n).exists() and n not in listed]
-    if present:
-        try:
-            sidecar = json.loads((folder / names["sidecar"]).read_text(encoding="utf-8"))
-            if isinstance(sidecar, dict) and sidecar.get("batch_item") == key:
-                return []
-        except (OSError, ValueError):
-            pass
+    if present and (read_sidecar(folder / names["video"]) or {}).get("batch_item") == key:
+        return []
     return present
 
 

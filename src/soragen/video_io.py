@@ -576,3 +576,12 @@ def sidecar_path(video: Path) -> Path:
     if video.suffix.lower() in {s for s in SUFFIXES.values() if s}:
         return video.with_suffix(".json")
     return video.with_name(video.name + ".json")
+
+
+def read_sidecar(video: Path) -> dict[str, Any] | None:
+    """The JSON sidecar of `video`, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(sidecar_path(video).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

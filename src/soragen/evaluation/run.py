@@ -88,13 +88,10 @@ def made_before(path: Path, prompt: str, model: str, cfg: Config) -> dict[str, A
     """The sidecar of video `path` if an earlier (interrupted) evaluation finished it for this prompt, model and
     config, else None. A video file is complete once it exists (written under a temporary name, then renamed),
     and its sidecar is written after it."""
-    from soragen.video_io import sidecar_path
+    from soragen.video_io import read_sidecar
 
-    try:
-        sidecar = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    same = (isinstance(sidecar, dict) and sidecar.get("prompt") == prompt and sidecar.get("model") == model
+    sidecar = read_sidecar(path)
+    same = (sidecar is not None and sidecar.get("prompt") == prompt and sidecar.get("model") == model
             and sidecar.get("config") == cfg.to_dict())
     return sidecar if same and path.is_file() else None
 
@@ -106,22 +103,17 @@ def video_name(index: int, seed: int) -> str:
 
 def earlier_videos(out: Path) -> set[str]:
     """Names of the videos in `out` that an evaluation made (their sidecars carry `eval_video`)."""
-    names = set()
-    for side in out.glob("*_seed*.json"):
-        try:
-            name = json.loads(side.read_text(encoding="utf-8")).get("eval_video")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if name == side.with_suffix(".mp4").name:
-            names.add(name)
-    return names
+    from soragen.video_io import read_sidecar
+
+    videos = (side.with_suffix(".mp4") for side in out.glob("*_seed*.json"))
+    return {video.name for video in videos if (read_sidecar(video) or {}).get("eval_video") == video.name}
 
 
 def not_made_by_eval(out: Path, prompts: list[str], cfg: Config, seeds: int) -> Path | None:
     """The first file in `out` named like one of this evaluation's videos (or their sidecars) that no evaluation
     wrote, or None. An evaluation's own carry `eval_video` in their sidecars; one made before sidecars did is
     known by its prompt and seed, those of this evaluation's video of that name."""
-    from soragen.video_io import sidecar_path
+    from soragen.video_io import read_sidecar, sidecar_path
 
     for i, prompt in enumerate(prompts):
         for seed in range(cfg.seed, cfg.seed + seeds):
@@ -129,11 +121,8 @@ def not_made_by_eval(out: Path, prompts: list[str], cfg: Config, seeds: int) -> 
             side = sidecar_path(path)
             if not (path.exists() or side.exists()):
                 continue
-            try:
-                sidecar = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                sidecar = None
-            ours = isinstance(sidecar, dict) and (sidecar.get("eval_video") == path.name or (
+            sidecar = read_sidecar(path)
+            ours = sidecar is not None and (sidecar.get("eval_video") == path.name or (
                 "eval_video" not in sidecar and sidecar.get("prompt") == prompt and sidecar.get("seed") == seed))
             if not ours:
                 return path if path.exists() else side
