@@ -115,6 +115,26 @@ def test_info_describes_model(capsys, tiny_yaml):
     assert "dit" in out and "parameters" in out and "random" in out
 
 
+def test_info_refuses_video_settings_generate_refuses(capsys, tiny_yaml):
+    """info showed `--set video.fps=1000` as the model's config, with exit code 0; generate refuses it."""
+    code, out, err = run_cli(["info", "--config", str(tiny_yaml), "--set", "video.fps=1000"], capsys)
+    assert code == 2 and out == "" and err.strip() == "error: --fps must be between 1 and 60, got 1000"
+
+
+def test_a_config_that_changes_a_models_architecture_is_named(capsys):
+    """A full preset given with --model replaces the folder's architecture: the weights then do not fit, and the
+    error names the setting that changed, not only the first missing tensor."""
+    from pathlib import Path
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    code, out, err = run_cli(["info", "--model", "builtin", "--config", str(tiny)], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "the config sets vae.temporal_compression 4 (the model's: 2) (and " in err
+    assert err.strip().endswith("leave the vae and dit settings out of --config and --set")
+    code, _, err = run_cli(["info", "--model", "builtin", "--set", "dit.depth=4"], capsys)
+    assert code == 2 and "the config sets dit.depth 4 (the model's: 6);" in err
+
+
 def test_info_reads_a_prompt_list_that_is_not_utf8(capsys, tmp_path):
     """A model folder's PROMPTS.txt in another encoding is shown with replacement characters (it was a traceback
     half-way through the output)."""

@@ -211,6 +211,8 @@ def test_cli_generate_gif_with_output_size(tmp_path, tiny_yaml, capsys, monkeypa
         (["--output-size", "wide"], "WIDTHxHEIGHT"),
         (["-o", "/"], "output '/' has no name of its own; give the file's name, e.g. /video.mp4"),
         (["-o", ""], "output '.' has no name of its own"),
+        (["-o", "out/.mp4"], "output 'out/.mp4' is an extension with no name before it; give the file a name, e.g. out/video.mp4"),
+        (["--format", "frames", "-o", ".GIF"], "give the folder a name, e.g. video"),
         (["--format", "frames", "-o", "..", "--overwrite"], "give the folder's name, e.g. ../video"),
         (["-o", "d/" + "b" * 240 + ".mp4"], "is 244 bytes; at most 237 fit this file system"),
         (["-o", "d/" + "b" * 233 + ".mp4"], "error: sidecar name " + "b" * 40 + "... is 238 bytes; at most 237 fit"),

@@ -308,9 +308,10 @@ def info(
 ) -> None:
     """Describe the model: its config, parameters per part and the prompts it understands."""
     from soragen.config import load_config
-    from soragen.pipeline import Pipeline
+    from soragen.pipeline import Pipeline, plan_video
 
     cfg = load_config(config, set_ or [], _flag_values(model=model))
+    plan_video(cfg)  # video settings generate would refuse are refused here too, not shown as the model's
     pipe = Pipeline.from_config(cfg)
     counts = pipe.parameter_counts()
     typer.echo(f"model: {pipe.model_name}")

@@ -82,6 +82,20 @@ def model_config_data(name: str) -> dict[str, Any]:
     return data
 
 
+def architecture_changes(cfg: Config, folder: Path) -> list[str]:
+    """The VAE and DiT settings of `cfg` that differ from those model folder `folder` was trained with, as
+    'section.key value (the model's: value)' (a full preset given with --config replaces them)."""
+    base = read_yaml(Path(folder) / "soragen.yaml")
+    ours = cfg.to_dict()
+    changes = []
+    for section in ("vae", "dit"):
+        theirs = base.get(section) if isinstance(base.get(section), dict) else {}
+        for key, value in ours[section].items():
+            if key in theirs and theirs[key] != value:
+                changes.append(f"{section}.{key} {value} (the model's: {theirs[key]})")
+    return changes
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename it into place."""
     from safetensors.torch import save_file

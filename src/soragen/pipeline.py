@@ -166,7 +166,7 @@ class Pipeline:
     def from_config(cls, cfg: Config) -> "Pipeline":
         """Build the models of `cfg`: from its model folder, or with random weights when `model` is unset."""
         from soragen.dit import DiT
-        from soragen.model_io import WEIGHTS, check_model_folder, load_weights
+        from soragen.model_io import WEIGHTS, architecture_changes, check_model_folder, load_weights
         from soragen.text_encoder import TextEncoder
         from soragen.vae import VideoVAE
 
@@ -188,10 +188,18 @@ class Pipeline:
             text_encoder = TextEncoder.from_pretrained(
                 folder / "text_encoder", cfg.text_encoder.max_length, tokenizer_path=folder / "tokenizer"
             )
-        vae = VideoVAE(cfg.vae)
-        load_weights(vae, folder / "vae" / WEIGHTS)
-        dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
-        load_weights(dit, folder / "transformer" / WEIGHTS)
+        try:
+            vae = VideoVAE(cfg.vae)
+            load_weights(vae, folder / "vae" / WEIGHTS)
+            dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
+            load_weights(dit, folder / "transformer" / WEIGHTS)
+        except UserError as e:
+            changes = architecture_changes(cfg, folder)
+            if not changes:
+                raise
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise UserError(f"{e}: the config sets {changes[0]}{more}; a model's architecture comes from its folder, "
+                            "so leave the vae and dit settings out of --config and --set") from None
         return cls(cfg, text_encoder, vae, dit, cfg.model)
 
     def parameter_counts(self) -> dict[str, int]:

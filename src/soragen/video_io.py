@@ -524,6 +524,9 @@ def check_output_suffix(path: Path, fmt: str) -> None:
         example = path / ("video" + want)
         raise UserError(f"output '{path}' has no name of its own; give the {'folder' if fmt == 'frames' else 'file'}'s "
                         f"name, e.g. {example}")
+    if path.name.lower() in {s for s in SUFFIXES.values() if s}:  # '.mp4': an extension with no name before it
+        raise UserError(f"output '{path}' is an extension with no name before it; give the "
+                        f"{'folder' if fmt == 'frames' else 'file'} a name, e.g. {path.with_name('video' + want)}")
     if fmt == "frames":
         if path.suffix.lower() in {s for s in SUFFIXES.values() if s}:
             raise UserError(f"output {path} looks like a {path.suffix} file; --format frames writes a folder, e.g. {path.with_suffix('')}")
