@@ -63,7 +63,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from soragen.config import load_config
-    from soragen.pipeline import Pipeline, plan_video
+    from soragen.pipeline import Pipeline, plan_video, window_steps
 
     cfg = load_config(None, overrides + [f"video.seconds={seconds}"])
     pipe = Pipeline.from_config(cfg)
@@ -80,10 +80,11 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
         with counter:
             cond = pipe.dit.condition_text(text, mask)  # as the sampler does: once per window
         flops += counter.get_total_flops() * len(windows)
-        guided_share = guided_steps(s) / s.steps  # sampler.guidance_interval leaves some steps unguided
         for w, (ctx, new) in enumerate(windows):
             guidance = s.guidance if w == 0 or s.continuation_guidance is None else s.continuation_guidance
-            calls = denoise_iterations(s.steps, new, s.frame_lag)
+            steps = window_steps(s, ctx)
+            guided_share = guided_steps(s, steps) / steps  # sampler.guidance_interval leaves some steps unguided
+            calls = denoise_iterations(steps, new, s.frame_lag)
             for rows, share in ((2, guided_share), (1, 1.0 - guided_share)) if guidance != 1.0 else ((1, 1.0),):
                 x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
                 counter = FlopCounterMode(display=False)

@@ -127,6 +127,25 @@ def test_continuation_guidance(continuation, rows):
     assert len(calls) == pipe.denoise_calls(plan)
 
 
+def test_continuation_steps():
+    """sampler.continuation_steps: the first window takes `steps` model calls, each later window its own number,
+    and the progress total counts them."""
+    from soragen.pipeline import Pipeline, plan_video
+
+    cfg = tiny_config(sampler={"steps": 4, "continuation_steps": 2, "window": 3, "context_frames": 1},
+                      video={"seconds": 3})
+    pipe = Pipeline.from_config(cfg)
+    plan = plan_video(cfg)
+    calls = []
+    dit = pipe.dit
+    pipe.dit = lambda x, t, text, mask: calls.append(int(t[0, -1])) or dit(x, t, text, mask)
+    text, mask = pipe.encode_text("a red ball", "")
+    windows = list(pipe.generate_latents(plan, text, mask))
+    assert len(windows) >= 3
+    assert len(calls) == 4 + 2 * (len(windows) - 1) == pipe.denoise_calls(plan)
+    assert calls[:4] == sorted(calls[:4], reverse=True) and calls[4] == calls[0] and calls[4:6] == calls[6:8]
+
+
 def self_conditioned_run(prompts: list[str], guidance: float, **options):
     """Denoise 3 DDIM steps with a small self-conditioned DiT; returns the scheduler and each call's
     (x, timesteps, x_self fed, output)."""

@@ -166,6 +166,9 @@ class SamplerConfig(_Frozen):
     # Guidance of the windows after the first (None = `guidance`). Their context already holds the
     # scene, so 1 (no unconditional pass) halves their cost.
     continuation_guidance: float | None = Field(None, ge=0)
+    # Denoising steps of the windows after the first (None = `steps`): their context frames already
+    # fix the scene, so they may need fewer steps than the text-to-video first window.
+    continuation_steps: int | None = Field(None, ge=1, le=1000)
     # Guidance only at timesteps lo <= t <= hi (Kynkaeaenniemi et al. 2024, "Applying guidance in a
     # limited interval"); the other steps take the conditional prediction alone, one forward
     # instead of two. None = guidance at every step.

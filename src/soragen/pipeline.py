@@ -149,7 +149,12 @@ def denoise_calls(cfg: Config, plan: VideoPlan) -> int:
     from soragen.sampler import denoise_iterations
 
     s = cfg.sampler
-    return sum(denoise_iterations(s.steps, new, s.frame_lag) for _, new in plan_windows(cfg, plan))
+    return sum(denoise_iterations(window_steps(s, ctx), new, s.frame_lag) for ctx, new in plan_windows(cfg, plan))
+
+
+def window_steps(s, ctx: int) -> int:
+    """Denoising steps of a window with `ctx` context frames: `continuation_steps` continues a video, when set."""
+    return s.steps if not ctx or s.continuation_steps is None else s.continuation_steps
 
 
 class Pipeline:
@@ -257,13 +262,14 @@ class Pipeline:
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
             guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
             rows = 2 if guidance != 1.0 else 1  # [cond; uncond] or cond only
+            steps = window_steps(s, ctx)
             x = denoise(
-                self.dit, scheduler, noise, text[:rows], mask[:rows], steps=s.steps, guidance=guidance, generator=generator,
+                self.dit, scheduler, noise, text[:rows], mask[:rows], steps=steps, guidance=guidance, generator=generator,
                 context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
                 guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates,
                 on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
-            done += denoise_iterations(s.steps, new, s.frame_lag)
+            done += denoise_iterations(steps, new, s.frame_lag)
             previous = x
             trim_heap()  # the window's activations are freed: keeps peak memory flat in the video's length
             yield x[:, :, ctx:]  # (1, C, new, h, w)

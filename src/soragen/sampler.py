@@ -203,12 +203,13 @@ def _guidance_at(guidance: float, t: int, interval: tuple[int, int] | None) -> f
     return guidance if _guided_at(t, interval) else 1.0
 
 
-def guided_steps(cfg: SamplerConfig) -> int:
-    """How many of the sampler's steps are guided (two forwards) under cfg.guidance_interval."""
+def guided_steps(cfg: SamplerConfig, steps: int | None = None) -> int:
+    """How many of `steps` sampler steps (default cfg.steps) are guided (two forwards) under cfg.guidance_interval."""
+    steps = cfg.steps if steps is None else steps
     if cfg.guidance_interval is None:
-        return cfg.steps
+        return steps
     scheduler = make_scheduler(cfg)
-    scheduler.set_timesteps(cfg.steps)
+    scheduler.set_timesteps(steps)
     return sum(_guided_at(int(t), cfg.guidance_interval) for t in scheduler.timesteps)
 
 
