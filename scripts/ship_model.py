@@ -238,6 +238,8 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
         guidance += " at t in [{}, {}] (unguided below)".format(*cfg.sampler.guidance_interval)
     prompts = args.prompts.resolve()
     shown_prompts = prompts.relative_to(ROOT) if prompts.is_relative_to(ROOT) else prompts
+    continuing = ("" if cfg.sampler.continuation_steps is None
+                  else f", each window after the first in {cfg.sampler.continuation_steps} steps")
     card = f"""# soragen built-in model: Shapes World
 
 A text-to-video model trained from scratch by `scripts/train_default.sh` on the Shapes
@@ -250,7 +252,7 @@ World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`)
 - Text encoder: T5 encoder, {cfg.text_encoder.num_layers} layers, width {cfg.text_encoder.d_model}, word-level vocabulary of the captions (trained with the DiT).
 - VAE: causal, {cfg.vae.temporal_compression} x {cfg.vae.spatial_compression} x {cfg.vae.spatial_compression} compression, {cfg.vae.latent_channels} latent channels; the DiT sees them normalised per channel and scaled by {cfg.vae.latent_scale}.
 - DiT: width {cfg.dit.width}, depth {cfg.dit.depth}, {cfg.dit.heads} heads, patch {"x".join(map(str, cfg.dit.patch_size))}, {cfg.dit.attention} attention; v-prediction, {cfg.sampler.beta_schedule} schedule shifted by {cfg.sampler.schedule_shift:g} (SNR / {cfg.sampler.schedule_shift ** 2:g}), zero terminal SNR.
-- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance}; long videos in windows of {cfg.sampler.window} latent frames, {cfg.sampler.context_frames} of them context from the window before.
+- Sampling defaults: {cfg.sampler.kind.upper()} {cfg.sampler.steps} steps, {guidance}; long videos in windows of {cfg.sampler.window} latent frames, {cfg.sampler.context_frames} of them context from the window before{continuing}.
 - Weights (safetensors; DiT and VAE stored as float16): {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()))}.
 
 ## Training
