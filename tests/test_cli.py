@@ -135,6 +135,25 @@ def test_a_config_that_changes_a_models_architecture_is_named(capsys):
     assert code == 2 and "the config sets dit.depth 4 (the model's: 6);" in err
 
 
+def test_steps_flag_sets_every_windows_steps(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """--steps N gives N steps to every window: the model's fewer steps for the windows after the first
+    (sampler.continuation_steps) are for its own default, not for a number the user asked for. A batch item's
+    own 'steps' means the same."""
+    from soragen.batch import Item, item_config
+    from soragen.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    base = ["generate", "x", "-c", str(tiny_yaml), "--seconds", "0.5", "--set", "sampler.continuation_steps=1"]
+    for extra, steps, continuation in (([], load_config(tiny_yaml).sampler.steps, 1), (["--steps", "4"], 4, None)):
+        code, _, err = run_cli(base + extra + ["-o", f"s{steps}.mp4"], capsys)
+        assert code == 0, err
+        sampler = json.loads((tmp_path / f"s{steps}.json").read_text())["config"]["sampler"]
+        assert (sampler["steps"], sampler["continuation_steps"]) == (steps, continuation)
+    cfg = load_config(tiny_yaml, ["sampler.continuation_steps=1"])
+    assert item_config(cfg, Item(0, "line 1", "k", {"prompt": "x"}, seed=0)).sampler.continuation_steps == 1
+    assert item_config(cfg, Item(0, "line 1", "k", {"prompt": "x", "steps": 5}, seed=0)).sampler.continuation_steps is None
+
+
 def test_info_reads_a_prompt_list_that_is_not_utf8(capsys, tmp_path):
     """A model folder's PROMPTS.txt in another encoding is shown with replacement characters (it was a traceback
     half-way through the output)."""

@@ -564,6 +564,8 @@ def item_config(base: Config, item: Item) -> Config:
     f = item.fields
     video = {"seconds": f["seconds"]} if "seconds" in f else {}
     sampler = {k: f[k] for k in ("guidance", "steps", "negative_prompt") if k in f}
+    if "steps" in f:  # an item's steps are those of every window, as --steps
+        sampler["continuation_steps"] = None
     try:
         return update(base, seed=item.seed, video=video, sampler=sampler)
     except UserError as e:

@@ -79,6 +79,10 @@ def _root(
     _state["debug"] = debug
 
 
+STEPS_HELP = ("Denoising steps of every window (default: the model's; the built-in model takes 20 in the first "
+              "window and 12 in each window after it).")
+
+
 def _flag_values(**flags: Any) -> dict[str, Any]:
     """Map CLI flags that were given to dotted config keys."""
     keys = {
@@ -87,7 +91,10 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
         "negative_prompt": "sampler.negative_prompt", "sampler": "sampler.kind", "seed": "seed", "model": "model",
         "format": "video.format", "output_size": "video.output_size",
     }
-    return {keys[name]: value for name, value in flags.items() if value is not None}
+    values = {keys[name]: value for name, value in flags.items() if value is not None}
+    if "sampler.steps" in values:  # --steps N: N steps in every window, the windows after the first too
+        values["sampler.continuation_steps"] = None
+    return values
 
 
 def _progress():
@@ -161,7 +168,7 @@ def generate(
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
     upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=STEPS_HELP)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = off).")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the initial noise.")] = None,
@@ -222,7 +229,7 @@ def batch(
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (before --upscale).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (before --upscale).")] = None,
     upscale: Annotated[Optional[int], typer.Option(help="Integer factor to enlarge the frames for viewing.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (an item's own 'steps' wins).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=STEPS_HELP + " An item's own 'steps' wins.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (an item's own wins).")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from (an item's own wins).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Base seed: items without a seed get one derived from it and the item.")] = None,
@@ -387,7 +394,7 @@ def eval_(
     seconds: Annotated[Optional[float], typer.Option(help="Duration of each video.")] = None,
     seeds: Annotated[int, typer.Option(help="Videos per prompt (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=STEPS_HELP)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model folder, or 'builtin'.")] = None,
     config: ConfigOpt = None,
