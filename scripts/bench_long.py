@@ -80,8 +80,8 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
         with counter:
             cond = pipe.dit.condition_text(text, mask)  # as the sampler does: once per window
         flops += counter.get_total_flops() * len(windows)
-        for w, (ctx, new) in enumerate(windows):
-            guidance = s.guidance if w == 0 or s.continuation_guidance is None else s.continuation_guidance
+        for ctx, new in windows:  # as Pipeline.generate_latents: a window with context continues the video
+            guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
             steps = window_steps(s, ctx)
             guided_share = guided_steps(s, steps) / steps  # sampler.guidance_interval leaves some steps unguided
             calls = denoise_iterations(steps, new, s.frame_lag)

@@ -50,6 +50,8 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
         (["--width", "4096", "--upscale", "16"], "error: --upscale 16 makes frames of 65536x1024; upscaled frames are at most"),
         (["--upscale", "0"], "error: --upscale must be an integer between 1 and 16, got 0"),
         (["--steps", "0"], "error: config key 'sampler.steps': must be between 1 and 1000, got 0"),
+        (["--set", "sampler.continuation_steps=1001"],
+         "error: config key 'sampler.continuation_steps': must be between 1 and 1000, got 1001"),
         (["--guidance", "-1"], "error: config key 'sampler.guidance': must be a finite number >= 0, got -1.0"),
         (["--output-size", "100"], "error: config key 'video.output_size': must be WIDTHxHEIGHT in pixels"),
         (["--output-size", "101x100"], "error: video.output_size 101x100: mp4 needs an even width and height (yuv420p)"),

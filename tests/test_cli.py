@@ -129,22 +129,40 @@ def test_a_config_that_changes_a_models_architecture_is_named(capsys):
     tiny = Path(__file__).parent.parent / "configs" / "tiny.yaml"
     code, out, err = run_cli(["info", "--model", "builtin", "--config", str(tiny)], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
-    assert "the config sets vae.temporal_compression 4 (the model's: 2) (and " in err
+    assert "it does not match the config, which sets vae.temporal_compression 4 where the model has 2 (and also " in err
+    assert "dit.patch_size); a model's architecture comes from its folder" in err
     assert err.strip().endswith("leave the vae and dit settings out of --config and --set")
-    code, _, err = run_cli(["info", "--model", "builtin", "--set", "dit.depth=4"], capsys)
-    assert code == 2 and "the config sets dit.depth 4 (the model's: 6);" in err
+    code, _, err = run_cli(["info", "--model", "builtin", "--set", "dit.depth=4", "--set", "dit.pooled_text=false"], capsys)
+    assert code == 2 and "which sets dit.depth 4 where the model has 6 (and also dit.pooled_text);" in err
+
+
+def test_a_corrupt_weights_file_is_not_blamed_on_the_config(capsys, tmp_path):
+    """Only weights that do not fit the config's modules get the note on architecture settings; a truncated file
+    is named as such even when the config changes a setting that shapes no tensor."""
+    import shutil
+
+    from soragen.model_io import WEIGHTS, builtin_path
+
+    model = tmp_path / "m"
+    shutil.copytree(builtin_path(), model)
+    (model / "vae" / WEIGHTS).write_bytes((model / "vae" / WEIGHTS).read_bytes()[:1000])
+    code, _, err = run_cli(["info", "--model", str(model), "--set", "vae.latent_scale=0.5", "--set", "dit.depth=4"], capsys)
+    assert code == 2 and "is not a valid safetensors file (truncated or corrupt?)" in err and "which sets" not in err
 
 
 def test_steps_flag_sets_every_windows_steps(tmp_path, tiny_yaml, capsys, monkeypatch):
     """--steps N gives N steps to every window: the model's fewer steps for the windows after the first
-    (sampler.continuation_steps) are for its own default, not for a number the user asked for. A batch item's
-    own 'steps' means the same."""
+    (sampler.continuation_steps) are for its own default, not for a number the user asked for; unless the same
+    command sets them with --set. A batch item's own 'steps' means the same as --steps."""
     from soragen.batch import Item, item_config
     from soragen.config import load_config
 
     monkeypatch.chdir(tmp_path)
-    base = ["generate", "x", "-c", str(tiny_yaml), "--seconds", "0.5", "--set", "sampler.continuation_steps=1"]
-    for extra, steps, continuation in (([], load_config(tiny_yaml).sampler.steps, 1), (["--steps", "4"], 4, None)):
+    preset = tmp_path / "preset.yaml"  # a model's or a preset's own setting
+    preset.write_text(tiny_yaml.read_text().replace("continuation_steps: null", "continuation_steps: 1"))
+    base = ["generate", "x", "-c", str(preset), "--seconds", "0.5"]
+    for extra, steps, continuation in (([], load_config(tiny_yaml).sampler.steps, 1), (["--steps", "4"], 4, None),
+                                       (["--steps", "5", "--set", "sampler.continuation_steps=2"], 5, 2)):
         code, _, err = run_cli(base + extra + ["-o", f"s{steps}.mp4"], capsys)
         assert code == 0, err
         sampler = json.loads((tmp_path / f"s{steps}.json").read_text())["config"]["sampler"]

@@ -34,6 +34,21 @@ def test_resolved_config_round_trips(tmp_path):
     assert cfg.digest() == load_config(path).digest()
 
 
+def test_digest_is_that_of_before_settings_that_change_no_frame():
+    """A batch re-renders an item whose config digest changed; settings added later keep the digest of a
+    config that makes the same frames as before they existed."""
+    import hashlib
+    import json
+
+    cfg = load_config(None, ["sampler.steps=7"], builtin_default=False)
+    data = cfg.to_dict()
+    del data["video"]["model_fps"], data["sampler"]["continuation_steps"]  # a config written before both
+    before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.digest() == before
+    assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=7"], builtin_default=False).digest() == before
+    assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=3"], builtin_default=False).digest() != before
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

@@ -79,12 +79,12 @@ def _root(
     _state["debug"] = debug
 
 
-STEPS_HELP = ("Denoising steps of every window (default: the model's; the built-in model takes 20 in the first "
-              "window and 12 in each window after it).")
+STEPS_HELP = ("Denoising steps of every window (default: the model's sampler.steps, and its "
+              "sampler.continuation_steps in the windows after the first).")
 
 
-def _flag_values(**flags: Any) -> dict[str, Any]:
-    """Map CLI flags that were given to dotted config keys."""
+def _flag_values(overrides: list[str] | None = None, **flags: Any) -> dict[str, Any]:
+    """Map CLI flags that were given to dotted config keys (`overrides`: the command's --set values)."""
     keys = {
         "seconds": "video.seconds", "fps": "video.fps", "width": "video.width", "height": "video.height",
         "upscale": "video.upscale", "crf": "video.crf", "steps": "sampler.steps", "guidance": "sampler.guidance",
@@ -92,7 +92,8 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
         "format": "video.format", "output_size": "video.output_size",
     }
     values = {keys[name]: value for name, value in flags.items() if value is not None}
-    if "sampler.steps" in values:  # --steps N: N steps in every window, the windows after the first too
+    continuation_set = any(o.split("=", 1)[0].strip() == "sampler.continuation_steps" for o in overrides or [])
+    if "sampler.steps" in values and not continuation_set:  # --steps N: N steps in every window, the later ones too
         values["sampler.continuation_steps"] = None
     return values
 
@@ -189,7 +190,7 @@ def generate(
 
     prompt = check_prompt(prompt)
     values = _flag_values(
-        seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
+        set_, seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model, format=format_,
         output_size=output_size,
     )
@@ -252,7 +253,7 @@ def batch(
     from soragen.pipeline import plan_video
 
     values = _flag_values(
-        seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
+        set_, seconds=seconds, fps=fps, width=width, height=height, upscale=upscale, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, sampler=sampler, crf=crf, model=model, format=format_,
         output_size=output_size,
     )
@@ -412,7 +413,7 @@ def eval_(
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     items = read_prompts(prompts)
-    values = _flag_values(seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
+    values = _flag_values(set_, seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
     cfg = load_config(config, set_ or [], values)
     if cfg.seed + seeds - 1 > MAX_SEED:
         raise UserError(f"--seed {cfg.seed} with --seeds {seeds} goes past the largest seed, {MAX_SEED}")

@@ -168,7 +168,7 @@ class SamplerConfig(_Frozen):
     continuation_guidance: float | None = Field(None, ge=0)
     # Denoising steps of the windows after the first (None = `steps`): their context frames already
     # fix the scene, so they may need fewer steps than the text-to-video first window.
-    continuation_steps: int | None = Field(None, ge=1, le=1000)
+    continuation_steps: int | None = None
     # Guidance only at timesteps lo <= t <= hi (Kynkaeaenniemi et al. 2024, "Applying guidance in a
     # limited interval"); the other steps take the conditional prediction alone, one forward
     # instead of two. None = guidance at every step.
@@ -195,10 +195,10 @@ class SamplerConfig(_Frozen):
                                  f"got [{lo}, {hi}]")
         return self
 
-    @field_validator("steps")
+    @field_validator("steps", "continuation_steps")
     @classmethod
-    def _steps(cls, v: int) -> int:
-        if not 1 <= v <= 1000:
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 1000:
             raise ValueError(f"must be between 1 and 1000, got {v}")
         return v
 
@@ -467,10 +467,13 @@ class Config(_Frozen):
 
     def digest(self) -> str:
         """A short stable hash of the resolved config (video.model_fps left out where it is the output's rate,
-        as before the setting existed: the same frames, the same hash)."""
+        and sampler.continuation_steps where it is unset or `steps`, as before these settings existed: the
+        same frames, the same hash)."""
         data = self.to_dict()
         if data["video"].get("model_fps") in (None, data["video"]["fps"]):
             del data["video"]["model_fps"]
+        if data["sampler"].get("continuation_steps") in (None, data["sampler"]["steps"]):
+            del data["sampler"]["continuation_steps"]
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -82,17 +82,20 @@ def model_config_data(name: str) -> dict[str, Any]:
     return data
 
 
-def architecture_changes(cfg: Config, folder: Path) -> list[str]:
+LATENT_STATISTICS = ("latent_mean", "latent_std", "latent_scale")  # vae settings that shape no tensor
+
+
+def architecture_changes(cfg: Config, folder: Path) -> list[tuple[str, Any, Any]]:
     """The VAE and DiT settings of `cfg` that differ from those model folder `folder` was trained with, as
-    'section.key value (the model's: value)' (a full preset given with --config replaces them)."""
+    (key, cfg's value, the folder's value) (a full preset given with --config replaces them)."""
     base = read_yaml(Path(folder) / "soragen.yaml")
     ours = cfg.to_dict()
     changes = []
     for section in ("vae", "dit"):
         theirs = base.get(section) if isinstance(base.get(section), dict) else {}
         for key, value in ours[section].items():
-            if key in theirs and theirs[key] != value:
-                changes.append(f"{section}.{key} {value} (the model's: {theirs[key]})")
+            if key in theirs and theirs[key] != value and not (section == "vae" and key in LATENT_STATISTICS):
+                changes.append((f"{section}.{key}", value, theirs[key]))
     return changes
 
 
@@ -113,6 +116,10 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
 
 
+class WeightsMismatch(UserError):
+    """A weights file whose tensors do not fit the module the config builds (missing, unexpected, mis-shaped)."""
+
+
 def load_weights(module: nn.Module, path: Path) -> None:
     """Load a safetensors file into `module`, naming any missing, unexpected or mis-shaped tensor."""
     from safetensors import SafetensorError
@@ -130,12 +137,12 @@ def load_weights(module: nn.Module, path: Path) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise UserError(f"weights file {path} lacks tensor '{missing[0]}' ({len(missing)} missing); it does not match the config")
+        raise WeightsMismatch(f"weights file {path} lacks tensor '{missing[0]}' ({len(missing)} missing); it does not match the config")
     if unexpected:
-        raise UserError(f"weights file {path} has unexpected tensor '{unexpected[0]}'; it does not match the config")
+        raise WeightsMismatch(f"weights file {path} has unexpected tensor '{unexpected[0]}'; it does not match the config")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise UserError(
+            raise WeightsMismatch(
                 f"weights file {path}: tensor '{key}' has shape {tuple(tensor.shape)} but the config "
                 f"needs {tuple(expected[key].shape)}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -171,7 +172,7 @@ class Pipeline:
     def from_config(cls, cfg: Config) -> "Pipeline":
         """Build the models of `cfg`: from its model folder, or with random weights when `model` is unset."""
         from soragen.dit import DiT
-        from soragen.model_io import WEIGHTS, architecture_changes, check_model_folder, load_weights
+        from soragen.model_io import WEIGHTS, WeightsMismatch, architecture_changes, check_model_folder, load_weights
         from soragen.text_encoder import TextEncoder
         from soragen.vae import VideoVAE
 
@@ -198,13 +199,15 @@ class Pipeline:
             load_weights(vae, folder / "vae" / WEIGHTS)
             dit = DiT(cfg.dit, cfg.vae.latent_channels, text_encoder.dim)
             load_weights(dit, folder / "transformer" / WEIGHTS)
-        except UserError as e:
+        except WeightsMismatch as e:
             changes = architecture_changes(cfg, folder)
             if not changes:
                 raise
-            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-            raise UserError(f"{e}: the config sets {changes[0]}{more}; a model's architecture comes from its folder, "
-                            "so leave the vae and dit settings out of --config and --set") from None
+            (key, ours, theirs), rest = changes[0], [k for k, _, _ in changes[1:]]
+            also = f" (and also {', '.join(rest)})" if rest else ""
+            raise UserError(f"{e}, which sets {key} {json.dumps(ours)} where the model has {json.dumps(theirs)}{also}; "
+                            "a model's architecture comes from its folder, so leave the vae and dit settings out of "
+                            "--config and --set") from None
         return cls(cfg, text_encoder, vae, dit, cfg.model)
 
     def parameter_counts(self) -> dict[str, int]:
