@@ -146,6 +146,20 @@ def test_continuation_steps():
     assert calls[:4] == sorted(calls[:4], reverse=True) and calls[4] == calls[0] and calls[4:6] == calls[6:8]
 
 
+def test_guided_steps_counts_the_interval_on_any_ladder():
+    """guided_steps: how many of a window's steps take the unconditional pass too, for the sampler's own steps or
+    another number (bench_long counts the FLOPs of 12-step windows after a 20-step first one)."""
+    from soragen.sampler import guided_steps
+
+    s = tiny_config(sampler={"steps": 20, "guidance_interval": (150, 999)}).sampler
+    scheduler = make_scheduler(s)
+    for steps in (20, 12):
+        scheduler.set_timesteps(steps)
+        assert guided_steps(s, steps) == sum(150 <= int(t) <= 999 for t in scheduler.timesteps) < steps
+    assert guided_steps(s) == guided_steps(s, 20)
+    assert guided_steps(tiny_config(sampler={"steps": 20}).sampler, 12) == 12  # no interval: every step
+
+
 def self_conditioned_run(prompts: list[str], guidance: float, **options):
     """Denoise 3 DDIM steps with a small self-conditioned DiT; returns the scheduler and each call's
     (x, timesteps, x_self fed, output)."""
