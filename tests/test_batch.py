@@ -124,6 +124,16 @@ def test_bad_items_are_kept_as_failures(tmp_path):
     assert "seed must be between 0" in errors[8]
 
 
+def test_yaml_keys_that_are_not_text_fail_their_item(tmp_path):
+    """YAML mapping keys may be numbers, dates or null, mixed with text keys; each such item fails naming the
+    key (it was a traceback from sorting the keys)."""
+    path = tmp_path / "p.yaml"
+    path.write_text("- {prompt: a red ball, 1: b}\n- {2020-01-01: b}\n- {prompt: {1: a, b: 2}}\n- ok\n")
+    raw = read_prompt_file(path)
+    assert "unknown field '1'" in raw[0].error and "unknown field '2020-01-01'" in raw[1].error
+    assert "prompt must be text" in raw[2].error and raw[3].error is None
+
+
 def test_csv_cells_are_typed_and_empty_cells_unset(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("prompt,seconds,seed,steps\na red ball,1.5,,3\nblue,abc,1,\n\n", encoding="utf-8")

@@ -98,6 +98,18 @@ def test_broken_manifest_line_named(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_manifest_that_is_not_utf8_or_a_file_for_a_folder_is_one_line(tmp_path):
+    """A manifest in another encoding was a UnicodeDecodeError traceback; data.path naming the manifest itself
+    said to write one there. A caption holding U+2028 stays one record."""
+    (tmp_path / "manifest.jsonl").write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(UserError, match=r"manifest .*manifest.jsonl is not valid UTF-8 \(byte 0\)"):
+        read_manifest(tmp_path)
+    with pytest.raises(UserError, match=r"is a file; give the folder that holds manifest.jsonl \(here "):
+        read_manifest(tmp_path / "manifest.jsonl")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert read_manifest(tmp_path)[0]["caption"] == "a\u2028b"
+
+
 def test_dataset_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["dataset", "shapes", "--out", str(tmp_path / "d"), "--num", "2", "--seconds", "0.5"])

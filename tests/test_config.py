@@ -73,7 +73,9 @@ def test_bad_overrides_name_the_problem(override, fragment):
 
 @pytest.mark.parametrize(
     "overrides, fragment",
-    [(["data.path=d"], "data.path applies to data.kind: manifest only"), (["data.long_fraction=1.5"], "data.long_fraction")],
+    [(["data.path=d"], "data.path applies to data.kind: manifest only"), (["data.long_fraction=1.5"], "data.long_fraction"),
+     (["data.clips=0"], "config key 'data.clips': Input should be greater than or equal to 1 (got 0)"),
+     (["train.stages=[]"], "config key 'train.stages': is empty; give one or more of vae, dit, decoder, e.g. [vae, dit]")],
 )
 def test_bad_data_settings_are_refused(overrides, fragment):
     with pytest.raises(UserError) as err:

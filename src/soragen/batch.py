@@ -223,7 +223,16 @@ def _read_yaml(text: str, path: Path) -> list[RawItem]:
     if not isinstance(data, list):
         raise UserError(f"{path} must hold a YAML list of items (each a prompt or a mapping of {', '.join(FIELDS)}), "
                         f"got {type(data).__name__}")
-    return [_item(n, f"item {n + 1}", entry, json.dumps(entry, sort_keys=True, default=str)) for n, entry in enumerate(data)]
+    items = []
+    for n, entry in enumerate(data):
+        if isinstance(entry, dict):  # YAML keys may be numbers, dates or null: a field name is text
+            entry = {str(k): v for k, v in entry.items()}
+        try:
+            identity = json.dumps(entry, sort_keys=True, default=str)
+        except TypeError:  # keys of mixed types deeper in a value: its text stands for it
+            identity = repr(entry)
+        items.append(_item(n, f"item {n + 1}", entry, identity))
+    return items
 
 
 def read_prompt_file(path: Path) -> list[RawItem]:

@@ -274,7 +274,7 @@ class DataConfig(_Frozen):
 
     kind: Literal["shapes", "manifest"] = "shapes"  # shapes: procedural (WORLD.md); manifest: `path`/manifest.jsonl
     path: str | None = None  # dataset folder holding manifest.jsonl (kind: manifest)
-    clips: int = 4000  # clips encoded once into the DiT's latent cache
+    clips: int = Field(4000, ge=1)  # clips encoded once into the DiT's latent cache
     clip_latent_frames: int = 11  # latent frames per cached clip (1 + 4k frames each)
     long_fraction: float = Field(0.3, ge=0, le=1)  # shapes: share of clips cut from long trajectories (start time > 0)
     max_start_seconds: float = Field(60.0, ge=0)  # shapes: latest start time of such a clip
@@ -435,6 +435,13 @@ class TrainConfig(_Frozen):
     vae: VAETrainConfig = VAETrainConfig()
     dit: DiTTrainConfig = DiTTrainConfig()
     decoder: DecoderTrainConfig = DecoderTrainConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("is empty; give one or more of vae, dit, decoder, e.g. [vae, dit]")
+        return v
 
 
 class Config(_Frozen):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from soragen.config import DataConfig
+from soragen.config import DataConfig, read_text
 from soragen.errors import UserError, first_line
 
 MANIFEST = "manifest.jsonl"
@@ -76,20 +76,22 @@ class ShapesSource:
 def read_manifest(folder: Path) -> list[dict]:
     """Records of a dataset folder's manifest.jsonl, checked; errors name the line."""
     path = Path(folder) / MANIFEST
+    if Path(folder).is_file():
+        raise UserError(f"dataset folder {folder} is a file; give the folder that holds {MANIFEST}"
+                        + (f" (here {Path(folder).parent})" if Path(folder).name == MANIFEST else ""))
     if not path.is_file():
         raise UserError(f"dataset folder {folder} has no {MANIFEST}; write one with `soragen dataset shapes --out {folder}`")
     records = []
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("caption"), str):
-                raise UserError(f"{path} line {n}: a record needs string fields 'path' and 'caption'")
-            records.append(rec)
+    for n, line in enumerate(read_text(path, "manifest").split("\n"), 1):  # JSON text may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("caption"), str):
+            raise UserError(f"{path} line {n}: a record needs string fields 'path' and 'caption'")
+        records.append(rec)
     if not records:
         raise UserError(f"{path} holds no records")
     return records
