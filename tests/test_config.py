@@ -62,6 +62,9 @@ def test_digest_is_that_of_before_settings_that_change_no_frame():
         ("seed.x=1", "is a value, not a section"),
         ("novalue", "key.path=value"),
         ("vae.spatial_compression=6", "power of two"),
+        ("sampler.steps=yes", "config key 'sampler.steps': must be a number (YAML reads yes/no, on/off and true/false as booleans)"),
+        ("sampler.guidance=off", "config key 'sampler.guidance': must be a number"),
+        ("sampler.continuation_steps=true", "config key 'sampler.continuation_steps': must be a number"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, fragment):

@@ -22,8 +22,19 @@ from soragen.errors import UserError
 MAX_SEED = 2**63 - 1  # seeds are 64-bit signed integers in torch and numpy
 
 
+NUMBERS = (int, float, int | None, float | None)  # field types a boolean is refused for
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0 for a number."""
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in NUMBERS:
+            raise ValueError("must be a number (YAML reads yes/no, on/off and true/false as booleans)")
+        return v
 
 
 # ---------------------------------------------------------------------------
