@@ -212,6 +212,16 @@ def test_file_system_errors_are_one_line(capsys):
     assert code == 2 and "cannot use /proc/soragen-run" in one_error_line(err) and "Traceback" not in err
 
 
+def test_a_broken_symbolic_link_for_a_folder_is_named(tmp_path, capsys):
+    """`dataset --out` or `train.output_dir` under a link to nowhere said only "File exists"."""
+    (tmp_path / "dang").symlink_to("nowhere")
+    expected = f"cannot use {tmp_path / 'dang'}: {tmp_path / 'dang'} is a broken symbolic link (to nowhere); remove it"
+    code, _, err = run_cli(["dataset", "shapes", "--out", str(tmp_path / "dang"), "--num", "1"], capsys)
+    assert code == 2 and expected in one_error_line(err)
+    code, _, err = run_cli(["train", "--set", f"train.output_dir={tmp_path / 'dang' / 'run'}"], capsys)
+    assert code == 2 and expected in one_error_line(err)
+
+
 def test_train_output_dir_is_a_file(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     code, _, err = run_cli(["train", "--set", f"train.output_dir={tmp_path / 'run'}"], capsys)

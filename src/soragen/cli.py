@@ -516,6 +516,12 @@ def _os_error_message(e: OSError) -> str:
     if not e.filename:  # not about a path (ffmpeg failing, a closed pipe, the network)
         return str(e) or type(e).__name__
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    if e.errno == errno.EEXIST:  # mkdir under a broken symbolic link says only "File exists"
+        path = Path(os.fsdecode(e.filename))
+        broken = next((f for f in (path, *path.parents) if f.is_symlink() and not f.exists()), None)
+        if broken is not None:
+            return (f"cannot use {where}: {broken} is a broken symbolic link (to {os.readlink(broken)}); "
+                    "remove it or choose another folder")
     return f"cannot use {where}: {e.strerror or e}; check the path and its permissions"
 
 
