@@ -63,7 +63,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from soragen.config import load_config
-    from soragen.pipeline import Pipeline, plan_video, window_steps
+    from soragen.pipeline import Pipeline, plan_video, window_guidance, window_steps
 
     cfg = load_config(None, overrides + [f"video.seconds={seconds}"])
     pipe = Pipeline.from_config(cfg)
@@ -81,7 +81,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
             cond = pipe.dit.condition_text(text, mask)  # as the sampler does: once per window
         flops += counter.get_total_flops() * len(windows)
         for ctx, new in windows:  # as Pipeline.generate_latents: a window with context continues the video
-            guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
+            guidance = window_guidance(s, ctx)
             steps = window_steps(s, ctx)
             guided_share = guided_steps(s, steps) / steps  # sampler.guidance_interval leaves some steps unguided
             calls = denoise_iterations(steps, new, s.frame_lag)

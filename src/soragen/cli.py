@@ -85,6 +85,8 @@ STEPS_HELP = ("Denoising steps of every window (default: the model's sampler.ste
 
 def _flag_values(overrides: list[str] | None = None, **flags: Any) -> dict[str, Any]:
     """Map CLI flags that were given to dotted config keys (`overrides`: the command's --set values)."""
+    from soragen.config import parse_override
+
     keys = {
         "seconds": "video.seconds", "fps": "video.fps", "width": "video.width", "height": "video.height",
         "upscale": "video.upscale", "crf": "video.crf", "steps": "sampler.steps", "guidance": "sampler.guidance",
@@ -92,7 +94,7 @@ def _flag_values(overrides: list[str] | None = None, **flags: Any) -> dict[str, 
         "format": "video.format", "output_size": "video.output_size",
     }
     values = {keys[name]: value for name, value in flags.items() if value is not None}
-    continuation_set = any(o.split("=", 1)[0].strip() == "sampler.continuation_steps" for o in overrides or [])
+    continuation_set = any(parse_override(o)[0] == ["sampler", "continuation_steps"] for o in overrides or [])
     if "sampler.steps" in values and not continuation_set:  # --steps N: N steps in every window, the later ones too
         values["sampler.continuation_steps"] = None
     return values
@@ -517,8 +519,9 @@ def _os_error_message(e: OSError) -> str:
         return str(e) or type(e).__name__
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     if e.errno == errno.EEXIST:  # mkdir under a broken symbolic link says only "File exists"
-        path = Path(os.fsdecode(e.filename))
-        broken = next((f for f in (path, *path.parents) if f.is_symlink() and not f.exists()), None)
+        from soragen.video_io import broken_link
+
+        broken = broken_link(Path(os.fsdecode(e.filename)))
         if broken is not None:
             return (f"cannot use {where}: {broken} is a broken symbolic link (to {os.readlink(broken)}); "
                     "remove it or choose another folder")

@@ -158,6 +158,11 @@ def window_steps(s, ctx: int) -> int:
     return s.steps if not ctx or s.continuation_steps is None else s.continuation_steps
 
 
+def window_guidance(s, ctx: int) -> float:
+    """Guidance of a window with `ctx` context frames: `continuation_guidance` continues a video, when set."""
+    return s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
+
+
 class Pipeline:
     """The models of one config, ready to generate."""
 
@@ -263,7 +268,7 @@ class Pipeline:
             shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
             noise = draw_noise(shape, generator, s.noise_correlation)  # (1, C, ctx+new, h, w)
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
-            guidance = s.guidance if not ctx or s.continuation_guidance is None else s.continuation_guidance
+            guidance = window_guidance(s, ctx)
             rows = 2 if guidance != 1.0 else 1  # [cond; uncond] or cond only
             steps = window_steps(s, ctx)
             x = denoise(

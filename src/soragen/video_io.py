@@ -249,7 +249,7 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            broken = next((f for f in (folder, *folder.parents) if f.is_symlink() and not f.exists()), None)
+            broken = broken_link(folder)
             if broken is not None:  # mkdir says only "File exists"
                 raise UserError(f"cannot create output folder {folder}: {broken} is a broken symbolic link (to "
                                 f"{os.readlink(broken)}); remove it or choose another --output") from None
@@ -277,6 +277,7 @@ def write_failure(tmp: Path, final: Path, what: str) -> OSError:
 
 FORMATS = ("mp4", "webm", "gif", "frames")
 SUFFIXES = {"mp4": ".mp4", "webm": ".webm", "gif": ".gif", "frames": ""}  # a frames output is a folder
+FILE_SUFFIXES = {s for s in SUFFIXES.values() if s}  # the formats written as one file
 
 
 class VideoWriter:
@@ -524,11 +525,11 @@ def check_output_suffix(path: Path, fmt: str) -> None:
         example = path / ("video" + want)
         raise UserError(f"output '{path}' has no name of its own; give the {'folder' if fmt == 'frames' else 'file'}'s "
                         f"name, e.g. {example}")
-    if path.name.lower() in {s for s in SUFFIXES.values() if s}:  # '.mp4': an extension with no name before it
+    if path.name.lower() in FILE_SUFFIXES:  # '.mp4': an extension with no name before it
         raise UserError(f"output '{path}' is an extension with no name before it; give the "
                         f"{'folder' if fmt == 'frames' else 'file'} a name, e.g. {path.with_name('video' + want)}")
     if fmt == "frames":
-        if path.suffix.lower() in {s for s in SUFFIXES.values() if s}:
+        if path.suffix.lower() in FILE_SUFFIXES:
             raise UserError(f"output {path} looks like a {path.suffix} file; --format frames writes a folder, e.g. {path.with_suffix('')}")
     elif path.suffix.lower() != want:
         guess = next((f for f, s in SUFFIXES.items() if s and s == path.suffix.lower()), None)
@@ -576,9 +577,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def sidecar_path(video: Path) -> Path:
     """Where the JSON sidecar of a video goes: same name, `.json` (a.mp4 -> a.json; frames folder a -> a.json)."""
     video = Path(video)
-    if video.suffix.lower() in {s for s in SUFFIXES.values() if s}:
+    if video.suffix.lower() in FILE_SUFFIXES:
         return video.with_suffix(".json")
     return video.with_name(video.name + ".json")
+
+
+def broken_link(path: Path) -> Path | None:
+    """`path` or the nearest of its parents that is a symbolic link to nowhere, if any (mkdir under one
+    fails with only "File exists")."""
+    return next((f for f in (path, *path.parents) if f.is_symlink() and not f.exists()), None)
 
 
 def read_sidecar(video: Path) -> dict[str, Any] | None:
