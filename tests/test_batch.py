@@ -265,6 +265,17 @@ def test_twenty_prompts_render_from_each_file_format(tmp_path, suffix):
         assert records[7]["name"] == "Clip-07" and (out / "Clip-07.mp4").is_file()
 
 
+def test_a_shard_beyond_the_items_says_so(tmp_path, tiny_yaml, capsys):
+    """More shards than items: a shard with none renders nothing, exits 0 (a launcher may start more processes
+    than a short file has items) and says which shards get the items."""
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": p} for p in PROMPTS[:2]])
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml), "--shard", "5/10"], capsys)
+    assert code == 0 and "0 rendered, 0 already done, 0 failed" in stdout
+    assert "shard 5/10 has none of the file's 2 items: they are dealt to shards 0-1 only" in stdout
+    assert not list(out.glob("*.mp4"))
+
+
 def test_failures_are_isolated_and_summarised(tmp_path, tiny_yaml, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "good one"}\n{"prompt": "bad steps", "steps": 0}\n{"prompt": "too long", "seconds": 1e9}\n'

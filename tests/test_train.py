@@ -155,6 +155,19 @@ def test_a_resume_refused_by_the_vae_stage_keeps_the_run_described(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == written
 
 
+def test_a_new_run_refused_before_its_first_step_leaves_no_folder(tmp_path):
+    """A new run whose VAE does not fit its settings: one line, and no run folder (nor the folders above it that
+    it made) left behind holding a config.yaml of a run that never began; a folder that was there stays."""
+    settings = ["train.stages=[dit]", "train.vae_model=builtin", "vae.latent_channels=4"]
+    with pytest.raises(UserError, match=r"weights file \S+ (lacks|has)"):
+        train(train_config(TINY + [f"train.output_dir={tmp_path / 'new' / 'run'}"] + settings))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match=r"weights file \S+ (lacks|has)"):
+        train(train_config(TINY + [f"train.output_dir={tmp_path / 'kept'}"] + settings))
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_non_empty_run_folder_needs_resume(trained):
     cfg, root, _ = trained
     with pytest.raises(UserError, match="--resume"):

@@ -609,6 +609,7 @@ class BatchResult:
     failed: list[tuple[Item, str]] = field(default_factory=list)
     manifest: list[dict[str, Any]] = field(default_factory=list)  # the merged manifest at the end
     seconds: float = 0.0
+    items: int = 0  # the prompt file's items, every shard's
 
 
 def _now() -> str:
@@ -734,7 +735,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
     own = {r["key"]: r for r in read_records(own_manifest)}
     records = manifest_records(folder)  # read once: what is done, and which files are batch's
     known, listed = latest_records(records), listed_names(records)
-    result = BatchResult(shard)
+    result = BatchResult(shard, items=len(items))
     pipe = None
     last_merge = time.perf_counter()
     reporter.start(len(mine), shard)

@@ -273,6 +273,10 @@ def batch(
         f"in {result.seconds:.1f} s; folder {out}: {ok}/{len(result.manifest)} items done; "
         f"see {out / 'index.html'} and {out / 'manifest.jsonl'}"
     )
+    if which[1] > result.items and not (result.rendered or result.skipped or result.failed):
+        dealt = "shard 0" if result.items == 1 else f"shards 0-{result.items - 1}"
+        typer.echo(f"shard {which[0]}/{which[1]} has none of the file's {result.items} items: they are dealt to {dealt} "
+                   "only; fewer shards than items give every shard work")
     if result.failed:
         typer.echo(f"failed ({len(result.failed)}):")
         for item, message in result.failed:

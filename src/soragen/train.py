@@ -1385,6 +1385,8 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
     config_file = run.root / "config.yaml"
     previous = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
+    made = [d for d in (run.root, *run.root.parents) if not d.exists()]  # the folders this run creates, deepest first
+    had_tb = (run.root / "tb").exists()
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         config_file.write_text(recorded_config(cfg).to_yaml(), encoding="utf-8")
@@ -1395,12 +1397,28 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         finished = _run_stages(cfg, run, resume, progress)
         state.wait_for_everyone()  # the main process has written the model folder
     except UserError:  # e.g. a checkpoint or a stage's weights that do not fit the new settings
-        if state.is_main_process and previous is not None and _written(run) == written:
-            config_file.write_text(previous, encoding="utf-8")  # nothing new: the folder still describes its checkpoints
+        if state.is_main_process and _written(run) == written:
+            if previous is not None:
+                config_file.write_text(previous, encoding="utf-8")  # nothing new: the folder still describes its checkpoints
+            else:
+                _undo_start(run, made, had_tb)
         raise
     finally:
         state.destroy_process_group()  # once, after the last stage (each stage's accelerator shares the group)
     return run.model if finished and (run.model / "soragen.yaml").is_file() else run.root
+
+
+def _undo_start(run: RunFolder, made: list[Path], had_tb: bool) -> None:
+    """A new run refused before it wrote anything leaves no trace: its config.yaml, the TensorBoard folder it
+    began and the folders it created go, unless something else (e.g. a latent cache) is in them."""
+    (run.root / "config.yaml").unlink(missing_ok=True)
+    if not had_tb:
+        shutil.rmtree(run.root / "tb", ignore_errors=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            break
 
 
 # The settings that name a folder (relative ones are taken from the working directory).
