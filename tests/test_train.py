@@ -129,7 +129,8 @@ def test_resume_with_settings_its_checkpoint_cannot_hold_names_the_checkpoint(tm
     assert RunFolder(tmp_path).latest("dit").name == "dit-0000002"
 
 
-@pytest.mark.parametrize("damage", ["state/model.safetensors", "meta.json", "ema.safetensors"])
+@pytest.mark.parametrize("damage", ["state/model.safetensors", "meta.json", "ema.safetensors", "state/scheduler.bin",
+                                    "state/optimizer.bin"])
 def test_resume_from_a_damaged_checkpoint_names_it(tmp_path, damage):
     """A checkpoint file cut short (a disk filled, a copy interrupted): one line naming the checkpoint, not a
     traceback; deleting it resumes from the one before."""
@@ -389,6 +390,54 @@ def test_decoder_stage_fine_tunes_only_the_decoder(trained, tmp_path):
     train(ft, resume=True)
     again = load_file(str(run / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_resuming_a_finished_run_keeps_its_decoder_and_more_dit_steps_tune_it_again(tmp_path, caplog):
+    """A finished run resumed is not exported again (that would put back the decoder stage 3 replaced); a DiT
+    trained on and exported anew makes the decoder's checkpoints stale, and stage 3 starts again."""
+    from safetensors.torch import load_file
+
+    decoder = ["train.decoder.steps=2", "train.decoder.batch_size=2", "train.decoder.clip_frames=5",
+               "train.decoder.last_steps=2", "train.stages=[vae,dit,decoder]"]
+    train(train_config(TINY + [f"train.output_dir={tmp_path}"] + decoder))
+    weights = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    tuned = load_file(str(weights))
+    assert train(train_config(TINY + [f"train.output_dir={tmp_path}"]), resume=True) == tmp_path / "model"
+    assert (tmp_path / "model" / "vae" / "decoder_finetune.json").is_file()
+    assert all(torch.equal(tuned[k], v) for k, v in load_file(str(weights)).items())
+    with caplog.at_level("WARNING", logger="soragen.train"):
+        train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.steps=6"] + decoder), resume=True)
+    assert "were tuned on an earlier DiT's latents; stage 3 starts again" in caplog.text
+    assert (tmp_path / "model" / "vae" / "decoder_finetune.json").is_file()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [2]  # once: the stale line went
+    assert [m["step"] for m in lines if m["stage"] == "dit" and "loss" in m] == [2, 4, 6]
+
+
+def test_a_resume_trains_at_the_settings_learning_rates_and_ema_decay(tmp_path):
+    """accelerate restores a scheduler's base rates and diffusers an EMA's decay with their state: a resume with other
+    settings uses the settings' (as config.yaml records), and metrics.jsonl holds each step once."""
+    run = RunFolder(tmp_path)
+    train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=3"]))
+    shutil.rmtree(run.latest("dit"))  # resume from step 2: step 3's line is logged again
+    more = ["train.dit.lr=2e-4", "train.dit.text_lr=3e-4", "train.dit.ema_decay=0.99"]
+    train(train_config(TINY + [f"train.output_dir={tmp_path}"] + more), resume=True)
+    ckpt = run.latest("dit")
+    assert json.loads((ckpt / "meta.json").read_text())["ema"]["decay"] == 0.99
+    sched = torch.load(ckpt / "state" / "scheduler.bin", weights_only=True)
+    assert sched["base_lrs"] == [2e-4, 3e-4]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "dit" and "loss" in m] == [2, 4]
+
+
+def test_a_fine_tune_of_another_dit_size_is_refused_before_its_cache(trained, tmp_path):
+    _, _, model = trained
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'ft'}", "train.stages=[dit]", f"train.vae_model={model}",
+                               f"train.dit.init_model={model}", "dit.width=48", "dit.self_condition=true"])
+    with pytest.raises(UserError, match=r"trained with other DiT settings than this config's: a fine-tune keeps its "
+                                        r"model's, so set dit\.width=32$"):
+        train(cfg)
+    assert not (tmp_path / "ft").exists()
 
 
 def test_decoder_stage_needs_a_trained_model(tmp_path):
@@ -935,6 +984,8 @@ def test_a_folder_of_someone_elses_files_is_not_a_run(tmp_path):
     (["train.vae.init_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
     (["train.vae_model=/nonexistent/m"], "model folder not found: /nonexistent/m"),
     (["train.dit.window=5"], "train.dit.window 5 is longer than data.clip_latent_frames 4"),
+    (["train.dit.max_context=3"], "train.dit.max_context 3 leaves windows of train.dit.window 3 latent frames with no "
+                                  "frame to learn from; set it below the window"),
     (["train.stages=[vae,dit,decoder]", "train.decoder.last_steps=30"],
      "last_steps 30 is more than sampler.steps 20; lower train.decoder.last_steps or raise sampler.steps"),
 ])

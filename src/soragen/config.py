@@ -342,9 +342,9 @@ class DiTTrainConfig(_Frozen):
     text_lr: float = Field(1e-3, ge=0)  # learning rate of the small T5
     warmup: int = Field(200, ge=0)  # linear warm-up steps
     ema_decay: float = Field(0.999, ge=0, le=1)  # EMA of the weights used for sampling and shipping
-    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
-    context_fraction: float = 0.5  # share of windows given clean leading context frames (no loss on them)
-    max_context: int = 4  # most context latent frames
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # share of captions replaced by "" (classifier-free guidance)
+    context_fraction: float = Field(0.5, ge=0, le=1)  # share of windows given clean leading context frames (no loss on them)
+    max_context: int = Field(4, ge=1)  # most context latent frames (below window: a window keeps frames to learn from)
     context_noise: int = 50  # highest timestep a context frame is re-noised to
     # Timesteps are drawn as t = T * u**(1/p), u uniform: p = 1 is uniform, p = 2 makes the density
     # grow linearly with t (3/4 of the windows in the noisier half, where the layout is decided).

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,15 @@ class RunFolder:
         self.model = self.root / "model"
         self.vocabulary = self.root / "tokenizer"  # the word tokenizer a DiT stage built (text_encoder.tokenizer: words)
 
+    def step(self, stage: str) -> int:
+        """The step of the stage's newest checkpoint (0 without one)."""
+        ckpt = self.latest(stage)
+        return 0 if ckpt is None else int(ckpt.name.rsplit("-", 1)[1])
+
+    def caches(self) -> list[str]:
+        """The names of the caches a DiT stage encodes before its first step (kept for the next run to use)."""
+        return [self.latents.name, self.latents.with_suffix(".json").name, self.twin_latents.name, self.shape_cues.name]
+
     def latest(self, stage: str) -> Path | None:
         """Newest complete checkpoint of a stage (complete = renamed into place)."""
         found = sorted(p for p in self.checkpoints.glob(f"{stage}-*") if (p / "meta.json").is_file())
@@ -105,9 +115,28 @@ class RunFolder:
         with self.metrics.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def forget_metrics(self, stage: str, after: int) -> None:
+        """Drop the stage's metric lines past step `after` (logged after the checkpoint a resume continues from,
+        and about to be logged again), so metrics.jsonl holds each step once."""
+        if not self.metrics.is_file():
+            return
+        lines = self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+
+        def later(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a killed process
+                return True
+            return isinstance(record, dict) and record.get("stage") == stage and isinstance(record.get("step"), int) \
+                and record["step"] > after
+
+        kept = [line for line in lines if not later(line)]
+        if len(kept) != len(lines):
+            _write_text_atomic(self.metrics, "".join(kept))
+
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -163,8 +192,9 @@ class _StageLog:
                  *, end: int | None = None, rate: str = "clips_per_s",
                  extra_metrics: Callable[[], dict[str, float]] | None = None,
                  save_extra: Callable[[Path], dict[str, Any]] | None = None,
-                 load_extra: Callable[[Path, dict[str, Any]], None] | None = None):
+                 load_extra: Callable[[Path, dict[str, Any]], None] | None = None, lr_sched=None):
         self.acc, self.run, self.cfg, self.stage, self.total, self.batch, self.progress = acc, run, cfg, stage, total, batch, progress
+        self.lr_sched = lr_sched
         self.end = total if end is None else end
         self.rate, self.extra_metrics, self.save_extra, self.load_extra = rate, extra_metrics, save_extra, load_extra
         self.t_last, self.n_last = time.perf_counter(), 0
@@ -180,11 +210,14 @@ class _StageLog:
                     f"checkpoint {ckpt} is damaged ({first_line(e)}); delete it to resume from the one before it, "
                     f"or train the {self.stage} stage anew in another train.output_dir")
 
+            configured = _learning_rates(self.lr_sched)
             try:
                 self.acc.load_state(str(ckpt / "state"))
-            except SafetensorError as e:  # a weights file cut short or overwritten
+            except (SafetensorError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or overwritten
                 raise damaged(e) from None
             except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # other model sizes, parts or groups
+                if _cut_short(e):
+                    raise damaged(e) from None
                 raise CheckpointMismatch(
                     f"checkpoint {ckpt} does not fit this run's settings ({first_line(e)}); resume with the settings "
                     f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
@@ -196,6 +229,9 @@ class _StageLog:
             except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
                 raise damaged(e) from None
             log.info("resumed the %s stage from %s (step %d)", self.stage, ckpt, step)
+            _keep_learning_rates(self.lr_sched, configured, self.stage)
+            if self.acc.is_main_process:
+                self.run.forget_metrics(self.stage, after=step)
         self.t_last, self.n_last = time.perf_counter(), step
         return step
 
@@ -203,7 +239,7 @@ class _StageLog:
         """After optimizer step `step`: the metric line (every log_every), progress, the checkpoint (every checkpoint_every)."""
         acc, cfg = self.acc, self.cfg
         if acc.is_main_process:
-            if step % cfg.train.log_every == 0 or step == self.total:
+            if step % cfg.train.log_every == 0 or step in (self.total, self.end):
                 now = time.perf_counter()
                 metrics[self.rate] = (step - self.n_last) * self.batch * acc.num_processes / (now - self.t_last)
                 self.t_last, self.n_last = now, step
@@ -222,6 +258,37 @@ class _StageLog:
         self.acc.save_state(str(tmp / "state"), safe_serialization=True)
         extra = self.save_extra(tmp) if self.save_extra is not None else {}
         _write_json(tmp / "meta.json", {"stage": self.stage, "step": step, **extra, "config": self.cfg.to_dict()})
+
+
+def _learning_rates(lr_sched) -> list[float] | None:
+    """The peak learning rate of each parameter group, as the run's settings give them."""
+    if lr_sched is None:
+        return None
+    inner = getattr(lr_sched, "scheduler", lr_sched)  # accelerate's AcceleratedScheduler wraps torch's
+    return [float(group["initial_lr"]) for group in inner.optimizer.param_groups]
+
+
+def _keep_learning_rates(lr_sched, configured: list[float] | None, stage: str) -> None:
+    """After a resume, the run's learning rates rather than the checkpoint's: accelerate restores the scheduler's
+    base rates with its state, so `--resume --set train.dit.lr=...` would otherwise train on at the old ones."""
+    if lr_sched is None or configured is None:
+        return
+    inner = getattr(lr_sched, "scheduler", lr_sched)
+    restored = [float(x) for x in inner.base_lrs]
+    if restored != configured:
+        log.info("the %s stage's learning rates: %s from the settings (its checkpoint had %s)", stage,
+                 configured, restored)
+    inner.base_lrs = list(configured)
+    for group, lr, factor in zip(inner.optimizer.param_groups, configured, inner.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
+
+
+def _cut_short(e: Exception) -> bool:
+    """Whether torch's reading of a file failed because the file is damaged (cut short, not a zip archive)."""
+    text = str(e)
+    return "PytorchStreamReader" in text or "central directory" in text
 
 
 def _cosine(optimizer, warmup: int, total: int):
@@ -340,7 +407,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     scheduler = _cosine(optimizer, warmup=min(100, t.steps // 10), total=t.steps)
     vae, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
-    stage = _StageLog(acc, run, cfg, "vae", t.steps, t.batch_size, progress)
+    stage = _StageLog(acc, run, cfg, "vae", t.steps, t.batch_size, progress, lr_sched=scheduler)
     step = stage.resume() if resume else 0
     rng = np.random.default_rng([cfg.seed, step, acc.process_index])
     vae.train()
@@ -454,11 +521,14 @@ def build_latent_cache(cfg: Config, run: RunFolder, vae, progress: Progress | No
     weights = vae_weights(cfg, run)
     digest, dataset = _cache_digest(cfg, weights), _dataset_digest(cfg)
     if run.latents.is_file() and captions_path.is_file():
-        meta = json.loads(captions_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(captions_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):  # cut short (written in place before session 35)
+            meta = {"config_digest": None}
         # A cache written before caches recorded their dataset has no "dataset" to compare, and its key holds the
         # manifest's folder as the run was given it: it stays valid while that matches.
-        if (meta["config_digest"] == digest and meta.get("dataset") == dataset) or (
-                meta["config_digest"] == _cache_digest(cfg, weights, with_path=True)
+        if (meta.get("config_digest") == digest and meta.get("dataset") == dataset) or (
+                meta.get("config_digest") == _cache_digest(cfg, weights, with_path=True)
                 and meta.get("dataset", dataset) == dataset):
             tensors = load_file(str(run.latents))
             return {"latents": tensors["latents"], "captions": meta["captions"], "continues": meta["continues"]}
@@ -988,6 +1058,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     def load_ema(ckpt: Path, meta: dict[str, Any]) -> None:
         shadow = load_file(str(ckpt / "ema.safetensors"))
         ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]})
+        if ema.decay != t.ema_decay:  # the checkpoint's decay came with its state; the run's settings decide
+            log.info("the EMA decay: %s from the settings (its checkpoint had %s)", t.ema_decay, ema.decay)
+            ema.decay = t.ema_decay
 
     def gap() -> dict[str, float]:
         return text_gap(acc.unwrap_model(dit), acc.unwrap_model(text_encoder), noise_sched, z_all, captions, t,
@@ -995,8 +1068,9 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
 
     end = t.steps if t.stop_after is None else min(t.stop_after, t.steps)
     stage = _StageLog(acc, run, cfg, "dit", t.steps, t.batch_size, progress, end=end, rate="samples_per_s",
-                      extra_metrics=gap, save_extra=save_ema, load_extra=load_ema)
+                      extra_metrics=gap, save_extra=save_ema, load_extra=load_ema, lr_sched=lr_sched)
     step = stage.resume() if resume else 0
+    exported = step >= t.steps and (run.model / "soragen.yaml").is_file()  # a finished stage, resumed
 
     def export(folder: Path) -> None:
         """Write a model folder with the EMA weights."""
@@ -1064,6 +1138,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     if acc.is_main_process:
         if step < t.steps:
             log.info("stopped at step %d of %d (train.dit.stop_after); continue with --resume", step, t.steps)
+        elif exported:  # exporting again would undo what later stages did to the folder (stage 3's decoder)
+            log.info("the DiT stage finished at step %d and %s holds its model; skipping stage 2", step, run.model)
         else:
             export(run.model)
     _end_stage(acc)
@@ -1170,7 +1246,11 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     scheduler.set_timesteps(s.steps)
     ladder = scheduler.timesteps.clone()  # (steps,): the sampler's timesteps, noisiest first
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
-    stage = _StageLog(acc, run, cfg, "decoder", t.steps, t.batch_size, progress)
+    tuned_on = _file_digest(run.model / "transformer" / WEIGHTS)  # the DiT whose latents the decoder learns
+    if resume:
+        _forget_stale_decoder(acc, run, tuned_on)
+    stage = _StageLog(acc, run, cfg, "decoder", t.steps, t.batch_size, progress, lr_sched=lr_sched,
+                      save_extra=lambda tmp: {"dit_weights": tuned_on})
     step = stage.resume() if resume else 0
     rng = np.random.default_rng([cfg.seed, 3, step, acc.process_index])
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + 3 + step + acc.process_index)
@@ -1214,6 +1294,38 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
             log.info("fine-tuned decoder, reconstructions scored by the detector: %s", info["gate"])
         _write_json(done_marker, info)
     _end_stage(acc)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _forget_stale_decoder(acc, run: RunFolder, tuned_on: str) -> None:
+    """Decoder checkpoints written on another DiT's latents (the DiT stage trained on and exported since) are
+    removed: stage 3 starts again rather than give the new model a decoder tuned for the old one."""
+    ckpt = run.latest("decoder")
+    if ckpt is None:
+        return
+    try:
+        theirs = json.loads((ckpt / "meta.json").read_text(encoding="utf-8")).get("dit_weights")
+    except (OSError, ValueError, AttributeError):  # damaged: the stage's resume names it
+        return
+    if theirs is None or theirs == tuned_on:  # (checkpoints before session 35 do not say)
+        return
+    log.warning("the decoder checkpoints in %s were tuned on an earlier DiT's latents; stage 3 starts again",
+                run.checkpoints)
+    acc.wait_for_everyone()  # every process has read the checkpoint before the main one removes it
+    if acc.is_main_process:
+        for old in run.checkpoints.glob("decoder-*"):
+            shutil.rmtree(old)
+        run.forget_metrics("decoder", after=0)
+    acc.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------
@@ -1283,6 +1395,9 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
         if t.dit.window > cfg.data.clip_latent_frames:
             raise UserError(f"train.dit.window {t.dit.window} is longer than data.clip_latent_frames "
                             f"{cfg.data.clip_latent_frames}; lower the window or cache longer clips")
+        if t.dit.max_context >= t.dit.window:
+            raise UserError(f"train.dit.max_context {t.dit.max_context} leaves windows of train.dit.window "
+                            f"{t.dit.window} latent frames with no frame to learn from; set it below the window")
         if t.dit.init_model is not None:
             try:
                 folder = resolve_model(t.dit.init_model)
@@ -1293,9 +1408,23 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
                 raise UserError(f"train.dit.init_model {folder} is incomplete: {', '.join(missing)} missing; give a "
                                 "model folder as training writes it")
             _check_same_text_encoder(cfg, folder)
+            _check_same_dit(cfg, folder)
     if {"dit", "decoder"} <= set(t.stages) and t.decoder.last_steps > cfg.sampler.steps:  # the model gets cfg.sampler
         raise UserError(f"train.decoder.last_steps {t.decoder.last_steps} is more than sampler.steps {cfg.sampler.steps}; "
                         "lower train.decoder.last_steps or raise sampler.steps")
+
+
+def _check_same_dit(cfg: Config, folder: Path) -> None:
+    """A fine-tune loads its init model's DiT, so cfg's dit settings (and latent channels) must be the ones it was
+    trained with; it may only gain self-conditioning or a conv head. Checked before the latent cache is encoded."""
+    from soragen.model_io import architecture_changes
+
+    differ = [(key, theirs) for key, ours, theirs in architecture_changes(cfg, folder)
+              if (key.startswith("dit.") or key == "vae.latent_channels")
+              and not (key == "dit.self_condition" and ours) and not (key == "dit.conv_head" and not theirs)]
+    if differ:
+        raise UserError(f"train.dit.init_model {folder} was trained with other DiT settings than this config's: a "
+                        "fine-tune keeps its model's, so set " + ", ".join(f"{k}={v}" for k, v in differ))
 
 
 def _check_same_text_encoder(cfg: Config, folder: Path) -> None:
@@ -1329,7 +1458,7 @@ def _not_a_run(run: RunFolder) -> str | None:
     caches); anything else is someone's files, which the run's exports could replace."""
     if not run.root.is_dir() or (run.root / "config.yaml").is_file():
         return None
-    allowed = {run.latents.name, run.latents.with_suffix(".json").name, run.twin_latents.name, run.shape_cues.name, "tb"}
+    allowed = set(run.caches()) | {"tb"}
     for p in sorted(run.root.iterdir()):
         if p.name.startswith(".") or p.name in allowed or (p == run.model and (p / "soragen.yaml").is_file()):
             continue
@@ -1376,9 +1505,10 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if foreign:
         raise UserError(f"train.output_dir {run.root} holds {foreign}, which no soragen run wrote; choose an empty "
                         "folder or a run folder")
-    # A run that failed before its first step leaves only config.yaml (and TensorBoard's folder): starting
-    # again is not resuming anything.
-    if run.root.exists() and any(p.name not in ("config.yaml", "tb") for p in run.root.iterdir()) and not resume:
+    # A run that failed before its first step leaves only config.yaml, TensorBoard's folder, its caches and its
+    # word vocabulary: starting again is not resuming anything (the caches are used again if they fit).
+    begun = {"config.yaml", "tb", run.vocabulary.name, *run.caches()}
+    if run.root.exists() and any(p.name not in begun for p in run.root.iterdir()) and not resume:
         raise UserError(f"run folder {run.root} is not empty; pass --resume to continue it or set train.output_dir")
     if resume and not (run.root.exists() and any(run.root.iterdir())):
         log.info("--resume: nothing to resume in %s; starting a new run there", run.root)
@@ -1389,7 +1519,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     had_tb = (run.root / "tb").exists()
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(recorded_config(cfg).to_yaml(), encoding="utf-8")
+        _write_text_atomic(config_file, recorded_config(cfg).to_yaml())
     else:
         log.setLevel(logging.WARNING)  # the main process tells what the run does
     written = _written(run)
@@ -1399,7 +1529,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     except UserError:  # e.g. a checkpoint or a stage's weights that do not fit the new settings
         if state.is_main_process and _written(run) == written:
             if previous is not None:
-                config_file.write_text(previous, encoding="utf-8")  # nothing new: the folder still describes its checkpoints
+                _write_text_atomic(config_file, previous)  # nothing new: the folder still describes its checkpoints
             else:
                 _undo_start(run, made, had_tb)
         raise
@@ -1460,8 +1590,8 @@ def _run_stages(cfg: Config, run: RunFolder, resume: bool, progress: Progress | 
     if "dit" in cfg.train.stages:
         train_dit(cfg, run, resume, progress)
         trim_heap()
-        if cfg.train.dit.stop_after is not None and cfg.train.dit.stop_after < cfg.train.dit.steps:
-            return False  # stopped early: no model yet
+        if run.step("dit") < cfg.train.dit.steps:
+            return False  # stopped early (train.dit.stop_after): no model yet
     if "decoder" in cfg.train.stages:
         train_decoder(cfg, run, resume, progress)
     return True
