@@ -63,7 +63,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from soragen.config import load_config
-    from soragen.pipeline import Pipeline, plan_video, window_guidance, window_steps
+    from soragen.pipeline import Pipeline, plan_video, window_frames, window_guidance, window_steps
 
     cfg = load_config(None, overrides + [f"video.seconds={seconds}"])
     pipe = Pipeline.from_config(cfg)
@@ -84,12 +84,13 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
             guidance = window_guidance(s, ctx)
             steps = window_steps(s, ctx)
             guided_share = guided_steps(s, steps) / steps  # sampler.guidance_interval leaves some steps unguided
-            calls = denoise_iterations(steps, new, s.frame_lag)
+            frames = window_frames(s, ctx, new)
+            calls = denoise_iterations(steps, frames - ctx, s.frame_lag)
             for rows, share in ((2, guided_share), (1, 1.0 - guided_share)) if guidance != 1.0 else ((1, 1.0),):
-                x = torch.randn(rows, cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
+                x = torch.randn(rows, cfg.vae.latent_channels, frames, plan.latent_height, plan.latent_width)
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    pipe.dit(x, torch.zeros(rows, ctx + new, dtype=torch.long), cond.first(rows), x_self=x)
+                    pipe.dit(x, torch.zeros(rows, frames, dtype=torch.long), cond.first(rows), x_self=x)
                 flops += counter.get_total_flops() * calls * share
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -42,11 +42,12 @@ def test_digest_is_that_of_before_settings_that_change_no_frame():
 
     cfg = load_config(None, ["sampler.steps=7"], builtin_default=False)
     data = cfg.to_dict()
-    del data["video"]["model_fps"], data["sampler"]["continuation_steps"]  # a config written before both
+    del data["video"]["model_fps"], data["sampler"]["continuation_steps"], data["sampler"]["full_windows"]  # before all three
     before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.digest() == before
     assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=7"], builtin_default=False).digest() == before
     assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=3"], builtin_default=False).digest() != before
+    assert load_config(None, ["sampler.steps=7", "sampler.full_windows=false"], builtin_default=False).digest() != before
 
 
 @pytest.mark.parametrize(

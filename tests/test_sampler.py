@@ -127,6 +127,32 @@ def test_continuation_guidance(continuation, rows):
     assert len(calls) == pipe.denoise_calls(plan)
 
 
+def test_a_video_shorter_than_a_window_is_cut_from_a_whole_one():
+    """sampler.full_windows: a video that needs fewer latent frames than one window is denoised as a whole window
+    and its first frames kept, the same latents as the start of a video one window long; without it, only its own
+    frames are denoised. The progress counts the model calls made either way."""
+    from soragen.pipeline import Pipeline, plan_video
+
+    def latents(seconds: float, full: bool) -> torch.Tensor:
+        cfg = tiny_config(sampler={"steps": 2, "window": 5, "context_frames": 1, "frame_lag": 0.5, "full_windows": full},
+                          video={"seconds": seconds})
+        pipe = Pipeline.from_config(cfg)
+        plan = plan_video(cfg)
+        calls = []
+        dit = pipe.dit
+        pipe.dit = lambda x, *a, **k: calls.append(x.shape[2]) or dit(x, *a, **k)
+        text, mask = pipe.encode_text("a red ball", "")
+        out = torch.cat(list(pipe.generate_latents(plan, text, mask)), dim=2)
+        assert out.shape[2] == plan.latent_frames and len(calls) == pipe.denoise_calls(plan)
+        assert set(calls) == {5 if full else plan.latent_frames}
+        return out
+
+    whole = latents(9 / 8, True)  # 9 frames: the window's 5 latent frames
+    short = latents(2 / 8, True)  # 2 frames: 2 latent frames
+    assert short.shape[2] == 2 and torch.equal(short, whole[:, :, :2])
+    assert not torch.allclose(latents(2 / 8, False), short)
+
+
 def test_continuation_steps():
     """sampler.continuation_steps: the first window takes `steps` model calls, each later window its own number,
     and the progress total counts them."""

@@ -172,6 +172,10 @@ class SamplerConfig(_Frozen):
     noise_correlation: float = Field(0.0, ge=0, lt=1)
     # Long videos are generated window by window; each window continues the one before.
     window: int = 9  # latent frames denoised together (the training window)
+    # A window the video needs fewer frames of (a video shorter than one window, the last window of a long one)
+    # is still denoised whole, and the frames past the video's end dropped: the model learned windows of this
+    # length, and in a 1-s video from the built-in model's 5-frame window objects faded out (session 35).
+    full_windows: bool = True
     context_frames: int = 3  # latent frames of the previous window carried over as context
     context_timestep: int = 0  # noise level the context frames are re-noised to (0 = clean)
     # Guidance of the windows after the first (None = `guidance`). Their context already holds the
@@ -486,12 +490,15 @@ class Config(_Frozen):
     def digest(self) -> str:
         """A short stable hash of the resolved config (video.model_fps left out where it is the output's rate,
         and sampler.continuation_steps where it is unset or `steps`, as before these settings existed: the
-        same frames, the same hash)."""
+        same frames, the same hash; sampler.full_windows where true: whole windows changed only videos that end
+        inside one)."""
         data = self.to_dict()
         if data["video"].get("model_fps") in (None, data["video"]["fps"]):
             del data["video"]["model_fps"]
         if data["sampler"].get("continuation_steps") in (None, data["sampler"]["steps"]):
             del data["sampler"]["continuation_steps"]
+        if data["sampler"].get("full_windows", True):
+            del data["sampler"]["full_windows"]
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -150,7 +150,14 @@ def denoise_calls(cfg: Config, plan: VideoPlan) -> int:
     from soragen.sampler import denoise_iterations
 
     s = cfg.sampler
-    return sum(denoise_iterations(window_steps(s, ctx), new, s.frame_lag) for ctx, new in plan_windows(cfg, plan))
+    return sum(denoise_iterations(window_steps(s, ctx), window_frames(s, ctx, new) - ctx, s.frame_lag)
+               for ctx, new in plan_windows(cfg, plan))
+
+
+def window_frames(s, ctx: int, new: int) -> int:
+    """Latent frames a window with `ctx` context frames and `new` frames of the video denoises: the whole
+    sampler.window with `full_windows` (the frames past the video's end are dropped), else ctx + new."""
+    return max(ctx + new, s.window) if s.full_windows else ctx + new
 
 
 def window_steps(s, ctx: int) -> int:
@@ -265,8 +272,9 @@ class Pipeline:
         previous: torch.Tensor | None = None  # (1, C, n, h, w): the last window's latents
         done = 0  # model calls of the windows before
         for ctx, new in self.windows(plan):
-            shape = (1, self.cfg.vae.latent_channels, ctx + new, plan.latent_height, plan.latent_width)
-            noise = draw_noise(shape, generator, s.noise_correlation)  # (1, C, ctx+new, h, w)
+            frames = window_frames(s, ctx, new)  # ctx + new, or the whole window
+            shape = (1, self.cfg.vae.latent_channels, frames, plan.latent_height, plan.latent_width)
+            noise = draw_noise(shape, generator, s.noise_correlation)  # (1, C, frames, h, w)
             context = previous[:, :, previous.shape[2] - ctx :] if ctx else None
             guidance = window_guidance(s, ctx)
             rows = 2 if guidance != 1.0 else 1  # [cond; uncond] or cond only
@@ -277,10 +285,10 @@ class Pipeline:
                 guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates,
                 on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
-            done += denoise_iterations(steps, new, s.frame_lag)
-            previous = x
+            done += denoise_iterations(steps, frames - ctx, s.frame_lag)
+            previous = x[:, :, : ctx + new]  # the frames past the video's end are not the video's
             trim_heap()  # the window's activations are freed: keeps peak memory flat in the video's length
-            yield x[:, :, ctx:]  # (1, C, new, h, w)
+            yield previous[:, :, ctx:]  # (1, C, new, h, w)
 
     @torch.no_grad()
     def decode_frames(self, latent_windows: Iterator[torch.Tensor], num_frames: int) -> Iterator[torch.Tensor]:
