@@ -123,6 +123,67 @@ def test_eval_reuses_the_videos_an_interrupted_evaluation_finished(tmp_path, tin
     assert run_cli(args + ["--steps", "2", "--overwrite"], capsys)[0] == 0 and len(made) == 5
 
 
+def test_eval_makes_again_the_videos_of_a_model_trained_on_since(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """An interrupted evaluation of a model folder whose weights changed since (a run's model/, trained on in
+    place): its videos are made again, not scored as the new model's."""
+    from safetensors.torch import load_file
+
+    from soragen.config import load_config
+    from soragen.model_io import WEIGHTS, save_file_atomic, save_model
+    from soragen.pipeline import Pipeline
+    from soragen.sampler import make_scheduler
+
+    cfg = load_config(tiny_yaml)
+    pipe = Pipeline.from_config(cfg)
+    model = tmp_path / "m"
+    save_model(model, cfg, pipe.text_encoder, pipe.vae, pipe.dit, make_scheduler(cfg.sampler))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    ev = tmp_path / "ev"
+    args = ["eval", "--prompts", str(prompts), "--out", str(ev), "--model", str(model), "--seconds", "1"]
+    assert run_cli(args, capsys)[0] == 0
+    (ev / "eval.json").unlink()  # interrupted after its video
+    made = []
+    generate = Pipeline.generate
+    monkeypatch.setattr(Pipeline, "generate", lambda self, prompt, *a, **k: made.append(prompt) or generate(self, prompt, *a, **k))
+    assert run_cli(args, capsys)[0] == 0 and made == []  # the same weights: scored again
+    (ev / "eval.json").unlink()
+    weights = model / "transformer" / WEIGHTS
+    save_file_atomic({k: v + 0.01 for k, v in load_file(str(weights)).items()}, weights)
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and made == ["a red circle moving left"] and "were finished by an earlier" not in out
+
+
+def test_eval_refuses_a_folder_named_like_its_report_and_huge_seeds(tmp_path, tiny_yaml, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    (tmp_path / "ev" / "eval.json").mkdir(parents=True)
+    (tmp_path / "ev" / "eval.json" / "notes.txt").write_text("mine")
+    args = ["eval", "--prompts", str(prompts), "--out", str(tmp_path / "ev"), "-c", str(tiny_yaml), "--seconds", "1"]
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run_cli(args + extra, capsys)
+        assert code == 2 and "eval.json is a folder, where the evaluation's report goes" in one_error_line(err)
+    assert (tmp_path / "ev" / "eval.json" / "notes.txt").read_text() == "mine"
+    code, _, err = run_cli(args[:4] + [str(tmp_path / "new")] + args[5:] + ["--seeds", "100000000"], capsys)
+    assert code == 2 and "--seeds must be between 1 and 1000" in one_error_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_commands_leave_no_folders_they_made(tmp_path, tiny_yaml, capsys):
+    """A model that does not load: generate and eval leave no output folders behind (nor the folders above)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "soragen.yaml").write_text("seed: 1\n")
+    (broken / "model_index.json").write_text("{}")
+    code, _, err = run_cli(["generate", "a red ball", "--model", str(broken), "-o", str(tmp_path / "a" / "b" / "v.mp4")], capsys)
+    assert code == 2 and not (tmp_path / "a").exists()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    code, _, err = run_cli(["eval", "--prompts", str(prompts), "--model", str(broken), "--out", str(tmp_path / "c" / "d")],
+                           capsys)
+    assert code == 2 and not (tmp_path / "c").exists()
+
+
 def test_eval_never_replaces_files_no_evaluation_wrote(tmp_path, tiny_yaml, capsys, monkeypatch):
     """A user's own 000_seed0.mp4 in --out stops the evaluation before any video, the file untouched; --overwrite
     replaces it. An --overwrite run removes the old eval.json first: interrupted, it leaves no report that
@@ -229,8 +290,8 @@ def test_train_output_dir_is_a_file(tmp_path, capsys):
 
 
 def test_train_starts_again_after_a_failed_start(tmp_path, capsys):
-    """A start with no data writes nothing; one that fails before its first step (here: no trained VAE) leaves only
-    config.yaml, and running again (fixed) is not refused as a resume."""
+    """A start with no data writes nothing; one that fails before its first step (here: no trained VAE) leaves no
+    run folder either, and one that does hold only config.yaml (an older soragen's) is not refused as a resume."""
     run = tmp_path / "run"
     args = ["train", "--set", f"train.output_dir={run}", "--set", "data.kind=manifest", "--set", "train.stages=[dit]"]
     code, _, err = run_cli(args + ["--set", f"data.path={tmp_path / 'missing'}"], capsys)
@@ -239,7 +300,9 @@ def test_train_starts_again_after_a_failed_start(tmp_path, capsys):
     data.mkdir()
     (data / "manifest.jsonl").write_text('{"path": "a.mp4", "caption": "a red circle moving left", "fps": 8}\n')
     code, _, err = run_cli(args + ["--set", f"data.path={data}"], capsys)
-    assert code == 2 and "no trained VAE" in err and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert code == 2 and "no trained VAE" in err and not run.exists()
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
     code, _, err = run_cli(args + ["--set", f"data.path={data}"], capsys)
     assert code == 2 and "is not empty" not in err and "no trained VAE" in err
 

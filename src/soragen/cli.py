@@ -188,7 +188,9 @@ def generate(
     """Generate a video from a text prompt."""
     from soragen.config import load_config
     from soragen.pipeline import Pipeline, check_prompt, plan_video
-    from soragen.video_io import check_output_suffix, check_writable, remove_path, sidecar_path, temporaries
+    from soragen.video_io import (
+        check_output_suffix, check_writable, missing_folders, remove_empty_folders, remove_path, sidecar_path, temporaries,
+    )
 
     prompt = check_prompt(prompt)
     values = _flag_values(
@@ -200,19 +202,21 @@ def generate(
     plan = plan_video(cfg)  # fail on a bad request before loading any model
     output = output if output is not None else default_output(prompt, cfg.seed, cfg.video.format)
     check_output_suffix(output, cfg.video.format)
+    made = missing_folders(output.parent)  # removed again if the command fails, while empty
     check_writable(output, overwrite, folder_output=cfg.video.format == "frames")
     check_writable(sidecar_path(output), overwrite, sidecar_of=output)
-    pipe = Pipeline.from_config(cfg)
     old_temporaries = temporaries(output) | temporaries(sidecar_path(output))
-    with _progress() as progress:
-        windows = len(pipe.windows(plan))
-        task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=pipe.denoise_calls(plan))
-        try:
+    try:
+        pipe = Pipeline.from_config(cfg)
+        with _progress() as progress:
+            windows = len(pipe.windows(plan))
+            task = progress.add_task(f"denoising ({windows} window{'s' * (windows > 1)})", total=pipe.denoise_calls(plan))
             sidecar = pipe.generate(prompt, output, overwrite=overwrite, on_step=lambda i: progress.update(task, completed=i + 1))
-        except BaseException:  # (Pipeline.generate removes a video whose sidecar it could not write)
-            for tmp in (temporaries(output) | temporaries(sidecar_path(output))) - old_temporaries:
-                remove_path(tmp)  # in case an interruption landed between a file's creation and its writer's cleanup
-            raise
+    except BaseException:  # (Pipeline.generate removes a video whose sidecar it could not write)
+        for tmp in (temporaries(output) | temporaries(sidecar_path(output))) - old_temporaries:
+            remove_path(tmp)  # in case an interruption landed between a file's creation and its writer's cleanup
+        remove_empty_folders(made)
+        raise
     t = sidecar["timings_seconds"]
     v = sidecar["video"]
     typer.echo(
@@ -413,11 +417,11 @@ def eval_(
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import MAX_SEED, load_config
     from soragen.data.shapes import SIZE as SHAPES_SIZE
-    from soragen.evaluation.run import evaluate, format_long_table, format_table, read_prompts
+    from soragen.evaluation.run import MAX_EVAL_SEEDS, evaluate, format_long_table, format_table, read_prompts
     from soragen.pipeline import denoise_calls, plan_video
 
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_EVAL_SEEDS:
+        raise UserError(f"--seeds must be between 1 and {MAX_EVAL_SEEDS}, got {seeds}")
     items = read_prompts(prompts)
     values = _flag_values(set_, seconds=seconds, seed=seed, steps=steps, guidance=guidance, model=model)
     cfg = load_config(config, set_ or [], values)
@@ -437,6 +441,9 @@ def eval_(
         raise UserError(f"eval scores square frames whose side is a multiple of {SHAPES_SIZE} (the Shapes World, "
                         f"enlarged); these settings make {v.width}x{v.height} frames written at {width}x{height} "
                         "(video.width, video.height, video.upscale, video.output_size)")
+    if (out / "eval.json").is_dir():  # --overwrite replaces an evaluation's report, not a folder of anything
+        raise UserError(f"{out / 'eval.json'} is a folder, where the evaluation's report goes; move it away or choose "
+                        "another --out")
     if (out / "eval.json").exists() and not overwrite:
         raise UserError(f"{out} already holds an evaluation (eval.json); pass --overwrite to replace it or choose another --out")
     calls = denoise_calls(cfg, plan)

@@ -260,6 +260,20 @@ def check_writable(path: Path, overwrite: bool, folder_output: bool = False, sid
         raise UserError(f"output folder {folder} is not writable; choose another --output") from None
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """The folders that making `path` would create, deepest first (for `remove_empty_folders` after a failure)."""
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders a failed command created (from `missing_folders`), deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or never made
+            break
+
+
 def write_failure(tmp: Path, final: Path, what: str) -> OSError:
     """Why writing `tmp` (for `final`) failed: ENOSPC (disk full), EFBIG (file size limit), else a plain OSError."""
     import resource

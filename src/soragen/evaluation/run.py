@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from soragen.evaluation.detector import APEX_TOLERANCE
 CATEGORIES = ("seen", "two objects", "wall", "held out")
 ATTRIBUTES = ("colour", "shape", "size", "direction", "count", "all")
 LONG_SECONDS = 10.0  # videos at least this long are also scored for coherence over time
+MAX_EVAL_SEEDS = 1000  # videos per prompt
 
 
 def category(prompt: str) -> str:
@@ -84,16 +86,35 @@ def tabulate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def made_before(path: Path, prompt: str, model: str, cfg: Config) -> dict[str, Any] | None:
-    """The sidecar of video `path` if an earlier (interrupted) evaluation finished it for this prompt, model and
-    config, else None. A video file is complete once it exists (written under a temporary name, then renamed),
-    and its sidecar is written after it."""
+def made_before(path: Path, prompt: str, model: str, cfg: Config, weights: str | None) -> dict[str, Any] | None:
+    """The sidecar of video `path` if an earlier (interrupted) evaluation finished it for this prompt, model (its
+    name and its weights' `weights_digest`) and config, else None. A video file is complete once it exists
+    (written under a temporary name, then renamed), and its sidecar is written after it."""
     from soragen.video_io import read_sidecar
 
     sidecar = read_sidecar(path)
     same = (sidecar is not None and sidecar.get("prompt") == prompt and sidecar.get("model") == model
-            and sidecar.get("config") == cfg.to_dict())
+            and sidecar.get("eval_weights") == weights and sidecar.get("config") == cfg.to_dict())
     return sidecar if same and path.is_file() else None
+
+
+def weights_digest(cfg: Config) -> str | None:
+    """A digest of the model folder's weights and tokenizer files (None without a model folder): a model trained
+    on in place (a run's model/) makes the videos of an interrupted evaluation of it stale."""
+    import hashlib
+
+    from soragen.model_io import resolve_model
+
+    if cfg.model is None:
+        return None
+    folder = resolve_model(cfg.model)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def video_name(index: int, seed: int) -> str:
@@ -137,18 +158,38 @@ def evaluate(
 
     With `reuse`, videos that an interrupted evaluation in `out` finished with the same prompt, seed, model and
     config are scored again instead of made again (report["reused"] counts them)."""
-    from soragen.data.clips import read_frames
-    from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
-    from soragen.pipeline import Pipeline, plan_video
-    from soragen.video_io import remove_path, sidecar_path, write_json
+    from soragen.pipeline import Pipeline
+    from soragen.video_io import missing_folders, remove_empty_folders
 
     out = Path(out)
     if reuse and (mine := not_made_by_eval(out, prompts, cfg, seeds)) is not None:
         raise UserError(f"{mine} is in the way: no soragen eval recorded it as its own (a file of yours, or a video a "
                         "killed evaluation left without its sidecar); move it away, choose another --out, or pass "
                         "--overwrite to make every video again")
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.from_config(cfg)
+    pipe = Pipeline.from_config(cfg)  # a model that does not load fails before --out is made
+    made = missing_folders(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        remove_empty_folders(made)
+        raise UserError(f"cannot write the evaluation into --out {out}: {e.strerror}; choose another --out") from None
+    try:
+        return _evaluate(pipe, cfg, prompts, out, seeds, reuse, on_video, on_step)
+    except BaseException:
+        remove_empty_folders(made)  # interrupted before its first video
+        raise
+
+
+def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reuse: bool,
+              on_video: Callable[[int, int], None] | None, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+    """evaluate's work once the model is loaded and --out is made."""
+    from soragen.data.clips import read_frames
+    from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
+    from soragen.pipeline import plan_video
+    from soragen.video_io import remove_path, sidecar_path, write_json
+
+    weights = weights_digest(cfg)
     if not reuse:  # replacing: an interrupted run must not leave the old report beside new videos
         remove_path(out / "eval.json")
         names = {video_name(i, cfg.seed + s) for i in range(len(prompts)) for s in range(seeds)}
@@ -163,10 +204,10 @@ def evaluate(
             seed = cfg.seed + s
             pipe.cfg = update(cfg, seed=seed)
             path = out / video_name(i, seed)
-            sidecar = made_before(path, prompt, pipe.model_name, pipe.cfg) if reuse else None
+            sidecar = made_before(path, prompt, pipe.model_name, pipe.cfg, weights) if reuse else None
             if sidecar is None:
                 sidecar = pipe.generate(prompt, path, overwrite=True, on_step=on_step,
-                                        sidecar_extra={"eval_video": path.name})
+                                        sidecar_extra={"eval_video": path.name, "eval_weights": weights})
             else:
                 reused += 1
             frames = read_frames(path)
