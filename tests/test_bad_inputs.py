@@ -43,6 +43,9 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
         (["--width", "4112"], "error: --width 4112 is not valid: it must be between 16 and 4096"),
         (["--height", "100"], "error: --height 100 is not valid: it must be a multiple of 16; nearest: 96 or 112"),
         (["--seconds", "3601"], "error: --seconds 3601 is above the maximum of 3600 (video.max_seconds)"),
+        (["--seconds", "3600.0000001"], "error: --seconds 3600.0000001 is above the maximum of 3600 (video.max_seconds)"),
+        (["--seconds", "0.062", "--fps", "8"], "error: --seconds 0.062 at 8 fps gives no frame (seconds x fps, rounded); "
+                                               "ask for at least 0.0625 s, half a frame"),
         (["--set", "dit.depth=abc"], "error: config key 'dit.depth': Input should be a valid integer"),
         (["--set", "video=3"], "error: config key 'video' is a section; set one of its keys"),
         (["--set", "video.max_seconds=-1"], "error: video.max_seconds must be a positive number of seconds, got -1.0"),

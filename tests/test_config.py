@@ -132,3 +132,11 @@ def test_training_settings_are_bounded(override, fragment):
     """Out of range, they crashed mid-run (a zero interval) or lost work (keep_checkpoints=-1 deleted them all)."""
     with pytest.raises(UserError, match=fragment):
         load_config(None, [override])
+
+
+def test_a_half_frame_rounds_up():
+    """Frames of a duration: seconds x fps with halves rounded up, the same way whatever the number's parity."""
+    from soragen.config import frame_count
+
+    assert [frame_count(s, 1) for s in (0.49, 0.5, 1.5, 2.5, 3.5)] == [0, 1, 2, 3, 4]
+    assert frame_count(0.0625, 8) == 1 and frame_count(4.0, 8) == 32

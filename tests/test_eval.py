@@ -34,6 +34,9 @@ def test_bad_prompt_line_named(tmp_path):
     path.write_text("# comment\na red ball moving left\na purple ball\n")
     with pytest.raises(UserError, match="line 3"):
         read_prompts(path)
+    path.write_text("a red ball moving left\x0c\na purple ball\n")  # a form feed ends no line in an editor
+    with pytest.raises(UserError, match="line 2"):
+        read_prompts(path)
 
 
 def test_a_batch_prompt_file_says_eval_reads_plain_text(tmp_path):

@@ -85,6 +85,17 @@ def test_an_incomplete_model_folder_names_what_is_missing(tmp_path, folder, part
         Pipeline.from_config(load_config(None, [f"model={broken}"]))
 
 
+def test_a_damaged_tokenizer_is_named_not_the_text_encoder(tmp_path, folder):
+    import shutil
+
+    path, _ = folder
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "tokenizer" / "tokenizer_config.json").write_text("")
+    with pytest.raises(UserError, match=f"cannot load the tokenizer from '{broken / 'tokenizer'}'"):
+        Pipeline.from_config(load_config(None, [f"model={broken}"]))
+
+
 def test_an_empty_soragen_yaml_is_named(folder):
     path, _ = folder
     (path / "soragen.yaml").write_text("")

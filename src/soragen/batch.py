@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover  (Windows: no flock; shards should not f
     fcntl = None
 
 from soragen import __version__
-from soragen.config import MAX_SEED, Config, read_text, update
+from soragen.config import MAX_SEED, Config, read_text, text_lines, update
 from soragen.errors import UserError
 
 FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "negative_prompt", "name")
@@ -116,15 +116,9 @@ def _item(index: int, where: str, data: Any, raw: str) -> RawItem:
         return RawItem(index, where, None, str(e), raw)
 
 
-def _lines(text: str) -> list[str]:
-    """Lines ended by \n, \r\n or \r only: unlike str.splitlines, U+2028 and the like stay inside a prompt (JSON
-    strings, and the manifests batch writes with ensure_ascii=False, may hold them raw)."""
-    return re.split(r"\r\n?|\n", text)
-
-
 def _read_txt(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(_lines(text), 1):
+    for n, line in enumerate(text_lines(text), 1):
         line = line.strip()
         if line and not line.startswith("#"):
             items.append(_item(len(items), f"line {n}", line, line))
@@ -133,7 +127,7 @@ def _read_txt(text: str) -> list[RawItem]:
 
 def _read_jsonl(text: str) -> list[RawItem]:
     items = []
-    for n, line in enumerate(_lines(text), 1):
+    for n, line in enumerate(text_lines(text), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -347,7 +341,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except (FileNotFoundError, UnicodeDecodeError):
         return []
     out = []
-    for line in _lines(text):
+    for line in text_lines(text):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

@@ -581,7 +581,7 @@ def read_text(path: Path, what: str) -> str:
     """A user-given text file (UTF-8, BOM dropped), every failure turned into one clear line naming `what`."""
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give the file itself")
-    if not path.is_file():
+    if not path.exists():  # (a pipe, as bash's <(...) gives, is read as a file)
         raise UserError(f"{what} not found: {path}")
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -589,6 +589,19 @@ def read_text(path: Path, what: str) -> str:
         raise UserError(f"{what} {path} is not valid UTF-8 (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def frame_count(seconds: float, fps: float) -> int:
+    """Frames in `seconds` at `fps`, a half frame rounded up (Python's round sends halves to the even number, so
+    2.5 s at 1 fps would give 2 frames and 3.5 s 4)."""
+    return math.floor(seconds * fps + 0.5)
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines ended by \n, \r\n or \r only, as an editor numbers them: unlike str.splitlines, a form feed or
+    U+0085 and U+2028 stay inside a line (JSON strings, and the manifests batch writes with ensure_ascii=False,
+    may hold them raw)."""
+    return re.split(r"\r\n?|\n", text)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

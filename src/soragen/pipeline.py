@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from soragen import __version__
-from soragen.config import Config
+from soragen.config import Config, frame_count
 from soragen.errors import UserError
 from soragen.heap import hold_heap, trim_heap
 
@@ -63,7 +63,7 @@ def plan_video(cfg: Config) -> VideoPlan:
     if not math.isfinite(v.seconds) or v.seconds <= 0:
         raise UserError(f"--seconds must be a positive number of seconds, got {v.seconds}")
     if v.seconds > v.max_seconds:
-        raise UserError(f"--seconds {v.seconds:g} is above the maximum of {v.max_seconds:g} (video.max_seconds)")
+        raise UserError(f"--seconds {v.seconds:.12g} is above the maximum of {v.max_seconds:.12g} (video.max_seconds)")
     if not 1 <= v.fps <= MAX_FPS:
         raise UserError(f"--fps must be between 1 and {MAX_FPS}, got {v.fps}")
     model_fps = v.model_rate
@@ -83,9 +83,10 @@ def plan_video(cfg: Config) -> VideoPlan:
     if max(v.width, v.height) * v.upscale > MAX_SIDE:
         raise UserError(f"--upscale {v.upscale} makes frames of {v.width * v.upscale}x{v.height * v.upscale}; "
                         f"upscaled frames are at most {MAX_SIDE} px a side (--output-size then fits them)")
-    num_frames = round(v.seconds * v.fps)
+    num_frames = frame_count(v.seconds, v.fps)
     if num_frames < 1:
-        raise UserError(f"--seconds {v.seconds:g} at {v.fps} fps gives no frame; ask for at least {1 / v.fps:.3g} s")
+        raise UserError(f"--seconds {v.seconds:g} at {v.fps} fps gives no frame (seconds x fps, rounded); ask for at "
+                        f"least {0.5 / v.fps:.3g} s, half a frame")
     # The model frames up to the one the last output frame shows (all of them when the rates agree).
     model_frames = (num_frames - 1) * model_fps // v.fps + 1
     f = cfg.vae.temporal_compression

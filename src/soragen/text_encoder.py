@@ -146,7 +146,14 @@ class TextEncoder(nn.Module):
 
         def load(local_only: bool):
             t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True, local_files_only=local_only)
-            return t5, AutoTokenizer.from_pretrained(str(tok_source), local_files_only=local_only)
+            try:
+                return t5, AutoTokenizer.from_pretrained(str(tok_source), local_files_only=local_only)
+            except (OSError, ValueError) as e:
+                if tokenizer_path is None or not Path(tok_source).expanduser().is_dir():
+                    raise
+                # A model folder's own tokenizer/ (beside the T5, which loaded): name it, not the T5.
+                raise UserError(f"cannot load the tokenizer from '{tok_source}': {first_line(e)} (expected the files "
+                                "a tokenizer's save_pretrained writes, e.g. tokenizer.json)") from None
 
         try:
             try:

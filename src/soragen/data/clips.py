@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from soragen.config import DataConfig, read_text
+from soragen.config import DataConfig, frame_count, read_text
 from soragen.errors import UserError, first_line
 
 MANIFEST = "manifest.jsonl"
@@ -252,7 +252,7 @@ def write_shapes_dataset(
     (out / "videos").mkdir(parents=True, exist_ok=True)
     write_text(out / DATASET_MARKER, json.dumps(request) + "\n")
     rng = np.random.default_rng(seed)
-    num_frames = max(1, round(seconds * shapes.FPS))
+    num_frames = max(1, frame_count(seconds, shapes.FPS))
     records = []
     for i in range(num):
         scene = shapes.sample_scene(rng, held_out=held_out, two_objects=two_objects)

@@ -38,10 +38,10 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts of a text file: one a line; blank lines and `#` comments skipped; each must parse."""
     from soragen.data.shapes import parse_caption
 
-    from soragen.config import read_text
+    from soragen.config import read_text, text_lines
 
     prompts = []
-    for n, line in enumerate(read_text(Path(path), "prompt file").splitlines(), 1):
+    for n, line in enumerate(text_lines(read_text(Path(path), "prompt file")), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
