@@ -85,7 +85,7 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
             steps = window_steps(s, ctx)
             guided_share = guided_steps(s, steps) / steps  # sampler.guidance_interval leaves some steps unguided
             frames = window_frames(s, ctx, new)
-            calls = denoise_iterations(steps, frames - ctx, s.frame_lag)
+            calls = denoise_iterations(steps, new, s.frame_lag)  # the staircase stops when the kept frames are clean
             for rows, share in ((2, guided_share), (1, 1.0 - guided_share)) if guidance != 1.0 else ((1, 1.0),):
                 x = torch.randn(rows, cfg.vae.latent_channels, frames, plan.latent_height, plan.latent_width)
                 counter = FlopCounterMode(display=False)

@@ -36,18 +36,19 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_digest_is_that_of_before_settings_that_change_no_frame():
     """A batch re-renders an item whose config digest changed; settings added later keep the digest of a
-    config that makes the same frames as before they existed."""
+    config that makes the same frames as before they existed, and whole windows (sampler.full_windows, the
+    default now) change it."""
     import hashlib
     import json
 
-    cfg = load_config(None, ["sampler.steps=7"], builtin_default=False)
-    data = cfg.to_dict()
-    del data["video"]["model_fps"], data["sampler"]["continuation_steps"], data["sampler"]["full_windows"]  # before all three
-    before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-    assert cfg.digest() == before
-    assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=7"], builtin_default=False).digest() == before
-    assert load_config(None, ["sampler.steps=7", "sampler.continuation_steps=3"], builtin_default=False).digest() != before
-    assert load_config(None, ["sampler.steps=7", "sampler.full_windows=false"], builtin_default=False).digest() != before
+    old = ["sampler.steps=7", "sampler.full_windows=false"]  # frames as before sampler.full_windows existed
+    data = load_config(None, old, builtin_default=False).to_dict()
+    del data["video"]["model_fps"], data["sampler"]["continuation_steps"], data["sampler"]["full_windows"]
+    before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]  # a config written before all three
+    assert load_config(None, old, builtin_default=False).digest() == before
+    assert load_config(None, old + ["sampler.continuation_steps=7"], builtin_default=False).digest() == before
+    assert load_config(None, old + ["sampler.continuation_steps=3"], builtin_default=False).digest() != before
+    assert load_config(None, ["sampler.steps=7"], builtin_default=False).digest() != before
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,36 @@ def test_a_video_shorter_than_a_window_is_cut_from_a_whole_one():
     assert not torch.allclose(latents(2 / 8, False), short)
 
 
+def test_continuation_guidance_of_zero_is_guidance():
+    """continuation_guidance 0 (the unconditional prediction alone) needs the unconditional text rows even when the
+    first window is unguided: it is not read as "unset"."""
+    from soragen.pipeline import Pipeline
+
+    cfg = tiny_config(sampler={"guidance": 1.0, "continuation_guidance": 0.0})
+    text, _ = Pipeline.from_config(cfg).encode_text("a red ball", "")
+    assert text.shape[0] == 2
+
+
+def test_the_staircase_gives_each_branch_its_own_estimate():
+    """sampler.branch_estimates holds in the staircase (frame_lag > 0) too, for a self-conditioned model."""
+    cfg = tiny_config(sampler={"kind": "ddim", "steps": 3}, dit={"self_condition": True})
+    torch.manual_seed(0)
+    te = TextEncoder.from_config(cfg.text_encoder).eval()
+    dit = DiT(cfg.dit, cfg.vae.latent_channels, te.dim).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        text, mask = te(["a red ball", ""])
+
+    def sample(branch: bool) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, 4, 3, 4, 4, generator=g)
+        return denoise(dit, make_scheduler(cfg.sampler), noise, text, mask, steps=3, guidance=3.0, generator=g,
+                       frame_lag=0.5, branch_estimates=branch)
+
+    assert not torch.allclose(sample(True), sample(False))
+
+
 def test_continuation_steps():
     """sampler.continuation_steps: the first window takes `steps` model calls, each later window its own number,
     and the progress total counts them."""

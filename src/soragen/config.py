@@ -479,6 +479,15 @@ class Config(_Frozen):
             raise ValueError(f"must be between 0 and {MAX_SEED}, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _whole_patches(self) -> "Config":
+        pt = self.dit.patch_size[0]  # a window, and the context carried over, are whole token-frames
+        for name, value in (("window", self.sampler.window), ("context_frames", self.sampler.context_frames)):
+            if value % pt:
+                raise ValueError(f"sampler.{name} {value} must be a multiple of the temporal patch size "
+                                 f"dit.patch_size[0] = {pt}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML values."""
         return json.loads(self.model_dump_json())
@@ -490,14 +499,13 @@ class Config(_Frozen):
     def digest(self) -> str:
         """A short stable hash of the resolved config (video.model_fps left out where it is the output's rate,
         and sampler.continuation_steps where it is unset or `steps`, as before these settings existed: the
-        same frames, the same hash; sampler.full_windows where true: whole windows changed only videos that end
-        inside one)."""
+        same frames, the same hash; sampler.full_windows where false, as videos were made before it)."""
         data = self.to_dict()
         if data["video"].get("model_fps") in (None, data["video"]["fps"]):
             del data["video"]["model_fps"]
         if data["sampler"].get("continuation_steps") in (None, data["sampler"]["steps"]):
             del data["sampler"]["continuation_steps"]
-        if data["sampler"].get("full_windows", True):
+        if not data["sampler"].get("full_windows", True):
             del data["sampler"]["full_windows"]
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

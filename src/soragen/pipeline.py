@@ -85,8 +85,9 @@ def plan_video(cfg: Config) -> VideoPlan:
                         f"upscaled frames are at most {MAX_SIDE} px a side (--output-size then fits them)")
     num_frames = frame_count(v.seconds, v.fps)
     if num_frames < 1:
+        least = math.ceil(0.5 / v.fps * 1e4) / 1e4  # half a frame, rounded up to a value that gives one
         raise UserError(f"--seconds {v.seconds:g} at {v.fps} fps gives no frame (seconds x fps, rounded); ask for at "
-                        f"least {0.5 / v.fps:.3g} s, half a frame")
+                        f"least {least:g} s, half a frame")
     # The model frames up to the one the last output frame shows (all of them when the rates agree).
     model_frames = (num_frames - 1) * model_fps // v.fps + 1
     f = cfg.vae.temporal_compression
@@ -151,8 +152,7 @@ def denoise_calls(cfg: Config, plan: VideoPlan) -> int:
     from soragen.sampler import denoise_iterations
 
     s = cfg.sampler
-    return sum(denoise_iterations(window_steps(s, ctx), window_frames(s, ctx, new) - ctx, s.frame_lag)
-               for ctx, new in plan_windows(cfg, plan))
+    return sum(denoise_iterations(window_steps(s, ctx), new, s.frame_lag) for ctx, new in plan_windows(cfg, plan))
 
 
 def window_frames(s, ctx: int, new: int) -> int:
@@ -232,7 +232,7 @@ class Pipeline:
     def encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tokens for the sampler: [cond; uncond] batched when guidance is on."""
         s = self.cfg.sampler
-        guided = s.guidance != 1.0 or (s.continuation_guidance or 1.0) != 1.0
+        guided = s.guidance != 1.0 or (s.continuation_guidance is not None and s.continuation_guidance != 1.0)
         prompts = [prompt, negative_prompt] if guided else [prompt]
         return self.text_encoder(prompts)  # (1 or 2, L, D), (1 or 2, L)
 
@@ -283,10 +283,10 @@ class Pipeline:
             x = denoise(
                 self.dit, scheduler, noise, text[:rows], mask[:rows], steps=steps, guidance=guidance, generator=generator,
                 context=context, context_timestep=s.context_timestep, frame_lag=s.frame_lag,
-                guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates,
+                guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates, finish=new,
                 on_step=None if on_step is None else (lambda i, done=done: on_step(done + i)),
             )
-            done += denoise_iterations(steps, frames - ctx, s.frame_lag)
+            done += denoise_iterations(steps, new, s.frame_lag)  # the staircase stops when the kept frames are clean
             previous = x[:, :, : ctx + new]  # the frames past the video's end are not the video's
             trim_heap()  # the window's activations are freed: keeps peak memory flat in the video's length
             yield previous[:, :, ctx:]  # (1, C, new, h, w)

@@ -81,13 +81,14 @@ def denoise(
     on_step: Callable[[int], None] | None = None,
     guidance_interval: tuple[int, int] | None = None,
     branch_estimates: bool = False,
+    finish: int | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, C, T, H, W] into clean latents.
 
     text/text_mask hold the conditional batch followed by the unconditional (negative
     prompt) batch, [2B, L, D] / [2B, L], when guidance != 1, else just [B, L, D].
     `context` [B, C, Tc, H, W] fixes the first Tc latent frames (clean, or re-noised to
-    `context_timestep`); they carry their own per-frame timestep and are never stepped.
+    `context_timestep`); they carry their own per-frame timestep, and are put back after every step.
     With `frame_lag` > 0 the frames are denoised in a staircase: frame k starts k*lag
     steps after the first, so each frame is denoised next to cleaner frames before it
     (the "pyramid" schedule of diffusion forcing). It takes `denoise_iterations` model calls.
@@ -99,13 +100,16 @@ def denoise(
     With `branch_estimates`, a self-conditioned model's conditional and unconditional passes each
     get their own previous x0 estimate (as in training, where the estimate is the model's own
     unguided one) instead of both getting the guided estimate.
+    With `finish`, the staircase stops once the first `finish` generated frames are clean: the frames
+    after them, which the caller drops (sampler.full_windows), are left part-way.
     """
     if start and frame_lag > 0:
         raise ValueError("denoise: start > 0 is not supported with the staircase (frame_lag > 0)")
     if frame_lag > 0:
         return _denoise_staircase(dit, scheduler, noise, text, text_mask, steps=steps, guidance=guidance,
                                   generator=generator, context=context, context_timestep=context_timestep,
-                                  frame_lag=frame_lag, on_step=on_step, guidance_interval=guidance_interval)
+                                  frame_lag=frame_lag, on_step=on_step, guidance_interval=guidance_interval,
+                                  branch_estimates=branch_estimates, finish=finish)
     b, _, t_frames, _, _ = noise.shape
     n_ctx = 0 if context is None else context.shape[2]
     text, text_mask = _condition_text(dit, text, text_mask)
@@ -217,11 +221,13 @@ def _denoise_staircase(
     dit: DiT, scheduler, noise: torch.Tensor, text, text_mask, *, steps: int, guidance: float,
     generator: torch.Generator, context: torch.Tensor | None, context_timestep: int, frame_lag: float,
     on_step: Callable[[int], None] | None, guidance_interval: tuple[int, int] | None = None,
+    branch_estimates: bool = False, finish: int | None = None,
 ) -> torch.Tensor:
     """`denoise` with frame k lagging k*frame_lag steps; frames at the same step are stepped together."""
     b, _, t_frames, _, _ = noise.shape
     n_ctx = 0 if context is None else context.shape[2]
     new = t_frames - n_ctx
+    finish = new if finish is None else min(finish, new)
     text, text_mask = _condition_text(dit, text, text_mask)
     scheduler.set_timesteps(steps)
     ladder = [int(t) for t in scheduler.timesteps]  # (steps,): noisiest first
@@ -230,15 +236,18 @@ def _denoise_staircase(
         ctx_t = torch.full((b,), context_timestep, dtype=torch.long)
         x[:, :, :n_ctx] = scheduler.add_noise(context, torch.randn(context.shape, generator=generator), ctx_t) if context_timestep else context
     estimate = torch.zeros_like(x) if _self_conditioned(dit) else None  # (B, C, T, H, W)
-    for it in range(denoise_iterations(steps, new, frame_lag)):
+    for it in range(denoise_iterations(steps, finish, frame_lag)):
         pos = frame_indices(it, new, steps, frame_lag)  # (new,): position of each generated frame
         # A clean frame is shown at timestep 0, like a context frame.
         t_new = [ladder[p] if p < steps else 0 for p in pos]
         timesteps = torch.tensor([context_timestep] * n_ctx + t_new, dtype=torch.long).expand(b, t_frames)
-        pred, _ = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, max(t_new), guidance_interval),
-                          estimate)
+        pred, branches = _guided(dit, x, timesteps, text, text_mask,
+                                 _guidance_at(guidance, max(t_new), guidance_interval), estimate)
         if estimate is not None:
-            estimate = x0_estimate(scheduler, x, pred, timesteps)
+            if branch_estimates and branches is not None:  # (2B, ...): conditional rows, then unconditional
+                estimate = x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
+            else:
+                estimate = x0_estimate(scheduler, x, pred, timesteps)
         # Step the frames that are at the same schedule position together, with the diffusers scheduler.
         for p in sorted(set(pos) - {steps}):
             frames = [n_ctx + k for k, q in enumerate(pos) if q == p and it - math.floor(frame_lag * k) >= 0]

@@ -427,13 +427,15 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(vae)
-        save_file_atomic(model.state_dict(), run.vae / WEIGHTS)
-        (run.vae / "config.json").write_text(cfg.vae.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        run.vae.mkdir(parents=True, exist_ok=True)
         if cfg.data.kind == "shapes" and cfg.train.vae_gate_clips:
             gate = vae_gate(cfg, model.eval(), clips=cfg.train.vae_gate_clips)
             _write_json(run.vae / "gate.json", gate)
             run.log_metrics({"stage": "vae", "step": step, "time": time.time(), **{f"gate_{k}": v for k, v in gate.items()}})
             log.info("VAE reconstructions scored by the detector: %s", gate)
+        # The weights last: a run killed before them resumes the stage from its last checkpoint, gate and all.
+        _write_text_atomic(run.vae / "config.json", cfg.vae.model_dump_json(indent=2) + "\n")
+        save_file_atomic(model.state_dict(), run.vae / WEIGHTS)
     _end_stage(acc)
 
 
@@ -1488,13 +1490,15 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         torch.set_num_threads(cfg.train.threads)
     import_package()
     hold_heap()  # each step's freed activations serve the next: no fresh page faults every step
+    # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
+    # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.
+    state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
+    if not state.is_main_process:
+        log.setLevel(logging.ERROR)  # the main process tells what the run does, and warns once
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     warn_short_clips(cfg)
     run = RunFolder(Path(cfg.train.output_dir))
     check_before_stages(cfg, run, resume)
-    # Under `accelerate launch`, one of several processes. The others wait while the main one alone encodes
-    # the latent cache or writes samples, which can outlast gloo's default 30 minutes on a slow machine.
-    state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"train.output_dir {run.root} is a file; give a folder for the run")
     inside = next((p for p in run.root.resolve().parents
@@ -1520,8 +1524,6 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(config_file, recorded_config(cfg).to_yaml())
-    else:
-        log.setLevel(logging.WARNING)  # the main process tells what the run does
     written = _written(run)
     try:
         finished = _run_stages(cfg, run, resume, progress)

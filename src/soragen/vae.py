@@ -77,7 +77,7 @@ class CausalConv3d(nn.Module):
                 prev = x[:, :, :1].expand(-1, -1, self.pad_t, -1, -1)  # (B, C, kt-1, H, W)
             x = torch.cat([prev, x], dim=2)  # (B, C, kt-1+T, H, W)
             if cache is not None:
-                cache[self] = x[:, :, -self.pad_t :].detach()
+                cache[self] = x[:, :, -self.pad_t :].detach().clone()  # a copy: a view would keep all of x alive
         conv = self.conv
         if onednn_takes(x):
             # torch sends a 3D convolution to its native kernel when batch x channels x frames x rows is
