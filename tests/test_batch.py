@@ -285,7 +285,7 @@ def test_failures_are_isolated_and_summarised(tmp_path, tiny_yaml, capsys):
     assert code == 1
     assert "2 rendered, 0 already done, 3 failed" in stdout
     assert "line 2 'bad steps': steps: must be between 1 and 1000" in stdout
-    assert "line 3 'too long': seconds 1e+09 is above the maximum" in stdout
+    assert "line 3 'too long': seconds 1000000000 is above the maximum" in stdout
     assert "line 4: unknown field 'promt'" in stdout
     records = manifest(out)
     assert [r["status"] for r in records] == ["ok", "failed", "failed", "failed", "ok"]

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -213,12 +212,14 @@ class _StageLog:
             configured = _learning_rates(self.lr_sched)
             try:
                 self.acc.load_state(str(ckpt / "state"))
-            except (SafetensorError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or overwritten
+            except (SafetensorError, EOFError) as e:  # a file cut short or overwritten
                 raise damaged(e) from None
-            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # other model sizes, parts or groups
+            except Exception as e:
                 if _cut_short(e):
                     raise damaged(e) from None
-                raise CheckpointMismatch(
+                if not isinstance(e, (RuntimeError, ValueError, KeyError, FileNotFoundError)):
+                    raise
+                raise CheckpointMismatch(  # other model sizes, parts or groups
                     f"checkpoint {ckpt} does not fit this run's settings ({first_line(e)}); resume with the settings "
                     f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
             try:
@@ -286,9 +287,10 @@ def _keep_learning_rates(lr_sched, configured: list[float] | None, stage: str) -
 
 
 def _cut_short(e: Exception) -> bool:
-    """Whether torch's reading of a file failed because the file is damaged (cut short, not a zip archive)."""
+    """Whether torch's reading of a file failed because the file is damaged (cut short, not a zip archive, or
+    not the data torch's safe loader expects)."""
     text = str(e)
-    return "PytorchStreamReader" in text or "central directory" in text
+    return type(e).__name__ == "UnpicklingError" or "PytorchStreamReader" in text or "central directory" in text
 
 
 def _cosine(optimizer, warmup: int, total: int):
