@@ -57,6 +57,8 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
          "error: config key 'sampler.continuation_steps': must be between 1 and 1000, got 1001"),
         (["--guidance", "-1"], "error: config key 'sampler.guidance': must be a finite number >= 0, got -1.0"),
         (["--output-size", "100"], "error: config key 'video.output_size': must be WIDTHxHEIGHT in pixels"),
+        (["--set", "video.output_size=0x10"],
+         "error: config key 'video.output_size': must be WIDTHxHEIGHT in pixels, e.g. 640x360, not a number (got 16)"),
         (["--output-size", "101x100"], "error: video.output_size 101x100: mp4 needs an even width and height (yuv420p)"),
         (["--set", "text_encoder.pretrained=/nonexistent-t5"],
          "error: T5 text encoder folder not found: /nonexistent-t5 (text_encoder.pretrained)"),

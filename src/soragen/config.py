@@ -263,6 +263,8 @@ class VideoConfig(_Frozen):
             if not m:
                 raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. 640x360")
             return (int(m.group(1)), int(m.group(2)))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # (YAML reads 0x10 as the number 16)
+            raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. 640x360, not a number")
         return v
 
     @model_validator(mode="after")
