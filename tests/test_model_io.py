@@ -96,6 +96,16 @@ def test_a_damaged_tokenizer_is_named_not_the_text_encoder(tmp_path, folder):
         Pipeline.from_config(load_config(None, [f"model={broken}"]))
 
 
+def test_an_invalid_value_in_a_model_folders_config_names_the_folder(folder):
+    path, _ = folder
+    text = (path / "soragen.yaml").read_text()
+    (path / "soragen.yaml").write_text(text.replace("seed: 0", "seed: -1", 1) if "seed: 0" in text else text + "seed: -1\n")
+    with pytest.raises(UserError, match=f"model folder {path}: its soragen.yaml is not valid: config key 'seed'"):
+        load_config(None, [f"model={path}"])
+    with pytest.raises(UserError, match=r"^config key 'seed'"):  # a bad value of the user's own is the user's
+        load_config(None, ["seed=-2"])
+
+
 def test_an_empty_soragen_yaml_is_named(folder):
     path, _ = folder
     (path / "soragen.yaml").write_text("")

@@ -686,6 +686,16 @@ def load_config(
             video["model_fps"] = video.get("fps", VideoConfig.model_fields["fps"].default)  # its rate is its fps
         data = merge(base, data)
         data["model"] = model
+        try:
+            return build_config(data)
+        except UserError as e:
+            try:
+                build_config({**base, "model": None})
+            except UserError:  # the folder's own config is at fault: name the file to fix
+                from soragen.model_io import resolve_model
+
+                raise UserError(f"model folder {resolve_model(model)}: its soragen.yaml is not valid: {e}") from None
+            raise
     return build_config(data)
 
 
