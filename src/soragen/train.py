@@ -1488,6 +1488,8 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     """Run the configured stages; returns the final model folder (or the run folder when there is none yet)."""
     from accelerate import PartialState
 
+    from soragen.video_io import missing_folders
+
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     import_package()
@@ -1521,7 +1523,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     state.wait_for_everyone()  # every process has looked at the folder before the first one writes to it
     config_file = run.root / "config.yaml"
     previous = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
-    made = [d for d in (run.root, *run.root.parents) if not d.exists()]  # the folders this run creates, deepest first
+    made = missing_folders(run.root)  # the folders this run creates, deepest first
     had_tb = (run.root / "tb").exists()
     if state.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -1545,14 +1547,12 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
 def _undo_start(run: RunFolder, made: list[Path], had_tb: bool) -> None:
     """A new run refused before it wrote anything leaves no trace: its config.yaml, the TensorBoard folder it
     began and the folders it created go, unless something else (e.g. a latent cache) is in them."""
+    from soragen.video_io import remove_empty_folders
+
     (run.root / "config.yaml").unlink(missing_ok=True)
     if not had_tb:
         shutil.rmtree(run.root / "tb", ignore_errors=True)
-    for folder in made:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or already gone
-            break
+    remove_empty_folders(made)
 
 
 # The settings that name a folder (relative ones are taken from the working directory).
