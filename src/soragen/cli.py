@@ -403,7 +403,7 @@ def eval_(
     prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file, one Shapes World caption a line.", callback=_home)],
     out: Annotated[Path, typer.Option("--out", help="Folder for the videos and eval.json.", callback=_home)] = Path("eval"),
     seconds: Annotated[Optional[float], typer.Option(help="Duration of each video.")] = None,
-    seeds: Annotated[int, typer.Option(help="Videos per prompt (seeds seed, seed+1, ...).")] = 1,
+    seeds: Annotated[int, typer.Option(help="Videos per prompt, 1 to 1000 (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
     steps: Annotated[Optional[int], typer.Option(help=STEPS_HELP)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
