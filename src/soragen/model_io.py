@@ -99,6 +99,20 @@ def architecture_changes(cfg: Config, folder: Path) -> list[tuple[str, Any, Any]
     return changes
 
 
+def files_digest(paths: list[Path], root: Path | None = None) -> str:
+    """A short sha256 of the files' bytes in the order given (and, with `root`, of their paths below it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in paths:
+        if root is not None:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename it into place."""
     from safetensors.torch import save_file

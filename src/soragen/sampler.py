@@ -134,10 +134,7 @@ def denoise(
         pred, branches = _guided(dit, x, timesteps, text, text_mask, _guidance_at(guidance, int(t), guidance_interval),
                                  estimate)
         if estimate is not None:
-            if branch_estimates and branches is not None:  # (2B, ...): conditional rows, then unconditional
-                estimate = x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
-            else:
-                estimate = x0_estimate(scheduler, x, pred, timesteps)
+            estimate = next_estimate(scheduler, x, pred, branches, timesteps, branch_estimates)
 
         # 2c. One scheduler step x_t -> x_{t-1}.
         x = scheduler.step(pred, t, x, generator=generator).prev_sample
@@ -152,6 +149,15 @@ def denoise(
 def _self_conditioned(dit) -> bool:
     """Whether the denoiser takes its previous x0 estimate (dit.self_condition)."""
     return bool(getattr(getattr(dit, "cfg", None), "self_condition", False))
+
+
+def next_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, branches: torch.Tensor | None,
+                  timesteps: torch.Tensor, branch_estimates: bool) -> torch.Tensor:
+    """A self-conditioned model's previous x0 estimate for its next call: one per guided branch [2B, ...]
+    (conditional rows, then unconditional) with `branch_estimates` on a guided step, else the guided one [B, ...]."""
+    if branch_estimates and branches is not None:
+        return x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
+    return x0_estimate(scheduler, x, pred, timesteps)
 
 
 def x0_estimate(scheduler, x: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -244,10 +250,7 @@ def _denoise_staircase(
         pred, branches = _guided(dit, x, timesteps, text, text_mask,
                                  _guidance_at(guidance, max(t_new), guidance_interval), estimate)
         if estimate is not None:
-            if branch_estimates and branches is not None:  # (2B, ...): conditional rows, then unconditional
-                estimate = x0_estimate(scheduler, torch.cat([x, x]), branches, torch.cat([timesteps, timesteps]))
-            else:
-                estimate = x0_estimate(scheduler, x, pred, timesteps)
+            estimate = next_estimate(scheduler, x, pred, branches, timesteps, branch_estimates)
         # Step the frames that are at the same schedule position together, with the diffusers scheduler.
         for p in sorted(set(pos) - {steps}):
             frames = [n_ctx + k for k, q in enumerate(pos) if q == p and it - math.floor(frame_lag * k) >= 0]

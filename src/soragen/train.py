@@ -1221,7 +1221,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     """
     from soragen.config import load_config
     from soragen.data.clips import make_source
-    from soragen.model_io import WEIGHTS, portable_config, save_file_atomic
+    from soragen.model_io import WEIGHTS, files_digest, portable_config, save_file_atomic
     from soragen.pipeline import Pipeline
     from soragen.sampler import denoise, draw_noise, make_scheduler
 
@@ -1250,7 +1250,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     scheduler.set_timesteps(s.steps)
     ladder = scheduler.timesteps.clone()  # (steps,): the sampler's timesteps, noisiest first
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
-    tuned_on = _file_digest(run.model / "transformer" / WEIGHTS)  # the DiT whose latents the decoder learns
+    tuned_on = files_digest([run.model / "transformer" / WEIGHTS])  # the DiT whose latents the decoder learns
     if resume:
         _forget_stale_decoder(acc, run, tuned_on)
     stage = _StageLog(acc, run, cfg, "decoder", t.steps, t.batch_size, progress, lr_sched=lr_sched,
@@ -1298,16 +1298,6 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
             log.info("fine-tuned decoder, reconstructions scored by the detector: %s", info["gate"])
         _write_json(done_marker, info)
     _end_stage(acc)
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _forget_stale_decoder(acc, run: RunFolder, tuned_on: str) -> None:

@@ -101,20 +101,13 @@ def made_before(path: Path, prompt: str, model: str, cfg: Config, weights: str |
 def weights_digest(cfg: Config) -> str | None:
     """A digest of the model folder's weights and tokenizer files (None without a model folder): a model trained
     on in place (a run's model/) makes the videos of an interrupted evaluation of it stale."""
-    import hashlib
-
-    from soragen.model_io import resolve_model
+    from soragen.model_io import files_digest, resolve_model
 
     if cfg.model is None:
         return None
     folder = resolve_model(cfg.model)
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return files_digest(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()),
+                        root=folder)
 
 
 def video_name(index: int, seed: int) -> str:
