@@ -36,12 +36,12 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--fps", "61"], "error: --fps must be between 1 and 60, got 61"),
+        (["--fps", "61"], "error: --fps (video.fps) must be between 1 and 60, got 61"),
         (["--set", "video.model_fps=61"], "error: video.model_fps must be between 1 and 60, got 61"),
         (["--set", "video.model_fps=0"], "error: config key 'video.model_fps': Input should be greater than or equal to 1"),
-        (["--height", "8"], "error: --height 8 is not valid: it must be between 16 and 4096"),
-        (["--width", "4112"], "error: --width 4112 is not valid: it must be between 16 and 4096"),
-        (["--height", "100"], "error: --height 100 is not valid: it must be a multiple of 16; nearest: 96 or 112"),
+        (["--height", "8"], "error: --height 8 (video.height) is not valid: it must be between 16 and 4096"),
+        (["--width", "4112"], "error: --width 4112 (video.width) is not valid: it must be between 16 and 4096"),
+        (["--height", "100"], "error: --height 100 (video.height) is not valid: it must be a multiple of 16; nearest: 96 or 112"),
         (["--seconds", "3601"], "error: --seconds 3601 is above the maximum of 3600 (video.max_seconds)"),
         (["--seconds", "3600.0000001"], "error: --seconds 3600.0000001 is above the maximum of 3600 (video.max_seconds)"),
         (["--seconds", "0.062", "--fps", "8"], "error: --seconds 0.062 at 8 fps gives no frame (seconds x fps, rounded); "
@@ -51,7 +51,7 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
         (["--set", "video.max_seconds=-1"], "error: video.max_seconds must be a positive number of seconds, got -1.0"),
         (["--crf", "99"], "error: video.crf for mp4 must be between 0 (best) and 51 (worst), got 99"),
         (["--width", "4096", "--upscale", "16"], "error: --upscale 16 makes frames of 65536x1024; upscaled frames are at most"),
-        (["--upscale", "0"], "error: --upscale must be an integer between 1 and 16, got 0"),
+        (["--upscale", "0"], "error: --upscale (video.upscale) must be an integer between 1 and 16, got 0"),
         (["--steps", "0"], "error: config key 'sampler.steps': must be between 1 and 1000, got 0"),
         (["--set", "sampler.continuation_steps=1001"],
          "error: config key 'sampler.continuation_steps': must be between 1 and 1000, got 1001"),

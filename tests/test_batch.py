@@ -457,7 +457,7 @@ def test_bad_batch_arguments_are_one_line(tmp_path, tiny_yaml, capsys):
     for args, fragment in [
         (["--out", str(tmp_path / "file")], "is a file"),
         (["--out", str(tmp_path / "o"), "--shard", "2/2"], "--shard expects i/n"),
-        (["--out", str(tmp_path / "o"), "--seconds", "-1"], "--seconds must be a positive"),
+        (["--out", str(tmp_path / "o"), "--seconds", "-1"], "--seconds (video.seconds) must be a positive"),
     ]:
         code, _, err = run_cli(["batch", str(prompts), "-c", str(tiny_yaml), *args], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err

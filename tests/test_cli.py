@@ -62,13 +62,13 @@ def test_same_seed_same_frames(tmp_path, tiny_yaml, capsys):
     [
         (["generate", ""], "prompt is empty"),
         (["generate", "   "], "prompt is empty"),
-        (["generate", "x", "--seconds", "-1"], "--seconds must be a positive"),
-        (["generate", "x", "--seconds", "0"], "--seconds must be a positive"),
-        (["generate", "x", "--seconds", "nan"], "--seconds must be a positive"),
-        (["generate", "x", "--seconds", "inf"], "--seconds must be a positive"),
+        (["generate", "x", "--seconds", "-1"], "--seconds (video.seconds) must be a positive"),
+        (["generate", "x", "--seconds", "0"], "--seconds (video.seconds) must be a positive"),
+        (["generate", "x", "--seconds", "nan"], "--seconds (video.seconds) must be a positive"),
+        (["generate", "x", "--seconds", "inf"], "--seconds (video.seconds) must be a positive"),
         (["generate", "x", "--seconds", "1e9"], "above the maximum"),
         (["generate", "x", "--width", "70"], "nearest: 64 or 80"),
-        (["generate", "x", "--fps", "0"], "--fps must be between"),
+        (["generate", "x", "--fps", "0"], "--fps (video.fps) must be between"),
         (["generate", "x", "--set", "dit.depthh=3"], "did you mean 'dit.depth'"),
         (["generate", "x", "--config", "missing.yaml"], "config file not found"),
         (["generate", "x", "--sampler", "euler"], "'ddim' or 'ddpm'"),
@@ -118,7 +118,7 @@ def test_info_describes_model(capsys, tiny_yaml):
 def test_info_refuses_video_settings_generate_refuses(capsys, tiny_yaml):
     """info showed `--set video.fps=1000` as the model's config, with exit code 0; generate refuses it."""
     code, out, err = run_cli(["info", "--config", str(tiny_yaml), "--set", "video.fps=1000"], capsys)
-    assert code == 2 and out == "" and err.strip() == "error: --fps must be between 1 and 60, got 1000"
+    assert code == 2 and out == "" and err.strip() == "error: --fps (video.fps) must be between 1 and 60, got 1000"
 
 
 def test_a_config_that_changes_a_models_architecture_is_named(capsys):
@@ -203,7 +203,7 @@ def test_console_script_and_module_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "soragen", "generate", "x", "--seconds", "-1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --seconds must be a positive number of seconds, got -1.0"
+    assert proc.stderr.strip() == "error: --seconds (video.seconds) must be a positive number of seconds, got -1.0"
 
 
 def test_a_log_file_gets_a_line_per_tenth_of_a_cache_whatever_its_chunks():

@@ -61,11 +61,11 @@ def plan_video(cfg: Config) -> VideoPlan:
     """Check duration, fps and size against what the model can make; return the latent sizes."""
     v = cfg.video
     if not math.isfinite(v.seconds) or v.seconds <= 0:
-        raise UserError(f"--seconds must be a positive number of seconds, got {v.seconds}")
+        raise UserError(f"--seconds (video.seconds) must be a positive number of seconds, got {v.seconds}")
     if v.seconds > v.max_seconds:
         raise UserError(f"--seconds {v.seconds:.12g} is above the maximum of {v.max_seconds:.12g} (video.max_seconds)")
     if not 1 <= v.fps <= MAX_FPS:
-        raise UserError(f"--fps must be between 1 and {MAX_FPS}, got {v.fps}")
+        raise UserError(f"--fps (video.fps) must be between 1 and {MAX_FPS}, got {v.fps}")
     model_fps = v.model_rate
     if not 1 <= model_fps <= MAX_FPS:
         raise UserError(f"video.model_fps must be between 1 and {MAX_FPS}, got {model_fps}")
@@ -77,9 +77,9 @@ def plan_video(cfg: Config) -> VideoPlan:
                 valid = f"between {m} and {MAX_SIDE}"
             else:
                 valid = f"a multiple of {m}; nearest: {_nearest_multiples(value, m)}"
-            raise UserError(f"--{name} {value} is not valid: it must be {valid}")
+            raise UserError(f"--{name} {value} (video.{name}) is not valid: it must be {valid}")
     if not 1 <= v.upscale <= 16:
-        raise UserError(f"--upscale must be an integer between 1 and 16, got {v.upscale}")
+        raise UserError(f"--upscale (video.upscale) must be an integer between 1 and 16, got {v.upscale}")
     if max(v.width, v.height) * v.upscale > MAX_SIDE:
         raise UserError(f"--upscale {v.upscale} makes frames of {v.width * v.upscale}x{v.height * v.upscale}; "
                         f"upscaled frames are at most {MAX_SIDE} px a side (--output-size then fits them)")
