@@ -478,3 +478,109 @@ def test_other_formats_render_and_resume(tmp_path, fmt):
     if fmt == "frames":  # a frame changed inside the folder: the item is rendered again
         next(video.iterdir()).write_bytes(b"not a png")
         assert len(run_batch(base_config(format=fmt), prompts, out).rendered) == 1
+
+
+def test_new_weights_in_the_same_model_folder_render_again(tmp_path, capsys):
+    """A model trained on in place (a run's model/) keeps its folder's name and config: its weights' digest,
+    recorded per item, makes the earlier videos stale."""
+    import torch
+
+    from soragen.model_io import WEIGHTS, save_model
+    from soragen.pipeline import Pipeline
+    from soragen.sampler import make_scheduler
+    from safetensors.torch import load_file, save_file
+
+    cfg = base_config()
+    pipe = Pipeline.from_config(cfg)
+    model = tmp_path / "model"
+    save_model(model, cfg, pipe.text_encoder, pipe.vae, pipe.dit, make_scheduler(cfg.sampler))
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": "a red ball"}])
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "--model", str(model), "--seconds", "1", "--fps", "4",
+            "--width", "32", "--height", "32", "--steps", "2"]
+    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(args, capsys)[1].count("0 rendered, 1 already done") == 1
+    weights = model / "transformer" / WEIGHTS
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01 * torch.randn_like(tensors[name])
+    save_file(tensors, weights)
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "1 rendered, 0 already done" in stdout
+    assert manifest(out)[0]["weights"] is not None
+
+
+def test_a_failed_attempt_leaves_the_finished_videos_for_the_next_run(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """Run, then a run with other settings whose every item fails, then the first settings again: the first run's
+    videos, still intact, are done (not rendered again) and the manifest and gallery say ok again."""
+    import soragen.batch
+
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": "a red ball"}, {"prompt": "a blue ball"}])
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    assert run_cli(args, capsys)[0] == 0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+
+    def out_of_memory(*a, **k):
+        raise MemoryError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(soragen.batch, "render_item", out_of_memory)
+        code, stdout, _ = run_cli(args + ["--steps", "3"], capsys)
+    assert code == 1 and "0 rendered, 0 already done, 2 failed" in stdout
+    assert [r["status"] for r in manifest(out)] == ["failed", "failed"]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "0 rendered, 2 already done" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
+    records = manifest(out)
+    assert [r["status"] for r in records] == ["ok", "ok"] and all(files_intact(out, r) for r in records)
+    assert "failed:" not in (out / "index.html").read_text()
+    with monkeypatch.context() as m:  # failed again, then another format: the old videos are replaced, not left
+        m.setattr(soragen.batch, "render_item", out_of_memory)
+        assert run_cli(args + ["--steps", "3"], capsys)[0] == 1
+    code, stdout, _ = run_cli(args + ["--format", "webm"], capsys)
+    assert code == 0 and "2 rendered" in stdout
+    assert not list(out.glob("*.mp4")) and len(list(out.glob("*.webm"))) == 2
+
+
+def test_a_skipped_item_is_placed_where_it_now_is_in_the_prompt_file(tmp_path, tiny_yaml, capsys):
+    prompts = write_prompt_file(tmp_path / "p.txt", [{"prompt": "a red ball"}, {"prompt": "a blue ball"}])
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "-c", str(tiny_yaml)]
+    assert run_cli(args, capsys)[0] == 0
+    prompts.write_text("# more\na green ball\na red ball\na blue ball\n")
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "1 rendered, 2 already done" in stdout
+    records = manifest(out)
+    assert [(r["index"], r["where"], r["prompt"]) for r in records] == [
+        (0, "line 2", "a green ball"), (1, "line 3", "a red ball"), (2, "line 4", "a blue ball")]
+
+
+@pytest.mark.parametrize("files", [{}, {"video": "x.mp4"}, {"video": {"path": 3}}, {"video": {"path": "x.mp4"}, "poster": None}])
+def test_a_damaged_ok_record_counts_as_not_there(tmp_path, files):
+    from soragen.batch import merge_manifests
+
+    items = plan_items(read_prompt_file(write_prompt_file(tmp_path / "p.txt", [{"prompt": "a red ball"}])), 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    rec = {"key": items[0].key, "index": 0, "where": "line 1", "name": items[0].stem, "prompt": "a red ball",
+           "status": "ok", "finished_at": "2026-01-01", "files": files, "video": {}, "timings_seconds": {}}
+    (out / "manifest.shard-1-of-2.jsonl").write_text(json.dumps(rec) + "\n")
+    assert read_records(out / "manifest.shard-1-of-2.jsonl") == []
+    assert [r["status"] for r in merge_manifests(out, items, "t")] == ["pending"]
+
+
+def test_prompt_files_python_will_not_read_are_one_line(tmp_path, tiny_yaml, capsys):
+    """A number of over 4300 digits (Python's limit on int from text), a YAML anchor holding itself."""
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"prompt": "a red ball", "seed": ' + "9" * 5000 + '}\n{"prompt": "a blue ball"}\n')
+    items = read_prompt_file(big)
+    assert items[0].error.startswith("unreadable JSON: Exceeds the limit") and items[1].error is None
+    for text, fragment in (("- &a [*a]\n", None), ("- &a {prompt: x, name: *a}\n", None),
+                           ("- {prompt: x, seed: " + "9" * 5000 + "}\n", "cannot be read as a list of items")):
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        code, stdout, err = run_cli(["batch", str(path), "--out", str(tmp_path / "o"), "-c", str(tiny_yaml)], capsys)
+        assert code in (1, 2) and "Traceback" not in err + stdout, (text, err)
+        if fragment:
+            assert code == 2 and fragment in err

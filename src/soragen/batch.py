@@ -136,6 +136,9 @@ def _read_jsonl(text: str) -> list[RawItem]:
         except json.JSONDecodeError as e:
             items.append(RawItem(len(items), f"line {n}", None, f"invalid JSON: {e.msg} (column {e.colno})", line))
             continue
+        except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting deeper than Python's stack
+            items.append(RawItem(len(items), f"line {n}", None, f"unreadable JSON: {e}", line))
+            continue
         items.append(_item(len(items), f"line {n}", data, line))
     return items
 
@@ -214,6 +217,8 @@ def _read_yaml(text: str, path: Path) -> list[RawItem]:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path} is malformed YAML{at}: {getattr(e, 'problem', None) or 'invalid YAML'}") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits; an anchor that holds itself
+        raise UserError(f"{path} cannot be read as a list of items: {e}") from None
     if not isinstance(data, list):
         raise UserError(f"{path} must hold a YAML list of items (each a prompt or a mapping of {', '.join(FIELDS)}), "
                         f"got {type(data).__name__}")
@@ -223,8 +228,8 @@ def _read_yaml(text: str, path: Path) -> list[RawItem]:
             entry = {str(k): v for k, v in entry.items()}
         try:
             identity = json.dumps(entry, sort_keys=True, default=str)
-        except TypeError:  # keys of mixed types deeper in a value: its text stands for it
-            identity = repr(entry)
+        except (TypeError, ValueError, RecursionError):  # keys of mixed types deeper in a value, a value that holds
+            identity = repr(entry)  # itself (YAML anchors): its text stands for it
         items.append(_item(n, f"item {n + 1}", entry, identity))
     return items
 
@@ -344,7 +349,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     for line in text_lines(text):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or a number or nesting Python will not read
             continue
         if isinstance(rec, dict) and isinstance(rec.get("key"), str) and _well_formed(rec):
             out.append(rec)
@@ -357,7 +362,9 @@ def _well_formed(rec: dict[str, Any]) -> bool:
     text = all(isinstance(rec.get(k, ""), str) for k in ("name", "prompt", "where", "status", "finished_at"))
     if rec.get("status") != "ok":
         return text
-    return text and all(isinstance(rec.get(k), dict) for k in ("files", "video", "timings_seconds"))
+    files = rec.get("files")
+    return (text and all(isinstance(rec.get(k), dict) for k in ("files", "video", "timings_seconds"))
+            and "video" in files and all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in files.values()))
 
 
 def manifest_records(folder: Path) -> list[dict[str, Any]]:
@@ -366,11 +373,11 @@ def manifest_records(folder: Path) -> list[dict[str, Any]]:
     return [rec for path in paths for rec in read_records(path)]
 
 
-def latest_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The newest finished (ok or failed) record per item key."""
+def latest_records(records: list[dict[str, Any]], statuses: tuple[str, ...] = ("ok", "failed")) -> dict[str, dict[str, Any]]:
+    """The newest finished (ok or failed; or only those of `statuses`) record per item key."""
     best: dict[str, dict[str, Any]] = {}
     for rec in records:
-        if rec.get("status") not in ("ok", "failed"):
+        if rec.get("status") not in statuses:
             continue
         old = best.get(rec["key"])
         if old is None or str(rec.get("finished_at", "")) > str(old.get("finished_at", "")):
@@ -378,11 +385,23 @@ def latest_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def kept_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ok records that failed records keep (`done_before`: the item's files from before the failed attempt)."""
+    kept = [(rec, rec.get("done_before")) for rec in records if rec.get("status") == "failed"]
+    return [k for rec, k in kept if isinstance(k, dict) and k.get("key") == rec.get("key") and k.get("status") == "ok"
+            and _well_formed(k)]
+
+
+def done_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest ok record per item key, those that failed records keep included."""
+    return latest_records(records + kept_records(records), ("ok",))
+
+
 def listed_names(records: list[dict[str, Any]]) -> set[str]:
     """Every file path (relative to the folder) that a record lists: what batch wrote there, or claimed before
     writing."""
     names: set[str] = set()
-    for rec in records:
+    for rec in records + kept_records(records):
         files = rec.get("files")
         if isinstance(files, dict):
             names.update(e["path"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("path"), str))
@@ -551,6 +570,8 @@ def merge_manifests(folder: Path, items: list[Item], title: str) -> list[dict[st
             if rec is None:
                 rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
                        "prompt": item.fields.get("prompt", ""), "seed": item.seed, "status": "pending", "error": None}
+            else:  # where the item is now: lines added above it since it was rendered moved it
+                rec = {**rec, "index": item.index, "where": item.where}
             merged.append(rec)
         write_text(folder / MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
         write_index(folder, merged, title)
@@ -619,8 +640,9 @@ def output_names(item: Item, fmt: str) -> dict[str, str]:
             "poster": f"{item.stem}.poster.png", "contact_sheet": f"{item.stem}.sheet.png"}
 
 
-def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter) -> dict[str, Any]:
-    """Render one item: video, sidecar, poster and contact sheet; returns its manifest record (status ok)."""
+def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter, weights: str | None = None) -> dict[str, Any]:
+    """Render one item: video, sidecar, poster and contact sheet; returns its manifest record (status ok).
+    `weights`: the model folder's `model_io.weights_digest`, recorded for the resume."""
     from soragen.gallery import FrameSampler
     from soragen.pipeline import Pipeline, plan_video
     from soragen.video_io import write_png
@@ -651,6 +673,7 @@ def render_item(pipe, cfg: Config, item: Item, folder: Path, reporter: Reporter)
         "seed_from": "item" if "seed" in item.fields else "derived",
         "config_hash": cfg.digest(),
         "model": pipe.model_name,
+        "weights": weights,
         "format": cfg.video.format,
         "files": {role: file_entry(folder, folder / name) for role, name in names.items()},
         "video": {k: sidecar["video"][k] for k in ("seconds", "frames", "fps", "model_fps", "width", "height")},
@@ -716,6 +739,7 @@ def run_batch(
 def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int, int], reporter: Reporter,
                   title: str, t_start: float) -> BatchResult:
     """run_batch's work once its checks passed and it holds the shard's lock."""
+    from soragen.model_io import weights_digest
     from soragen.pipeline import Pipeline, plan_video
     from soragen.video_io import SUFFIXES, not_frames, write_text
 
@@ -729,6 +753,11 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
     own = {r["key"]: r for r in read_records(own_manifest)}
     records = manifest_records(folder)  # read once: what is done, and which files are batch's
     known, listed = latest_records(records), listed_names(records)
+    done = done_records(records)  # an item's newest ok record: a later failed attempt leaves its files
+    try:
+        weights = weights_digest(cfg.model)  # new weights in the same model folder make every video stale
+    except UserError as e:
+        raise ModelError(str(e)) from None
     result = BatchResult(shard, items=len(items))
     pipe = None
     last_merge = time.perf_counter()
@@ -739,9 +768,12 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                 if item.error is not None:
                     raise UserError(item.error)
                 item_cfg = item_config(cfg, item)
-                old = known.get(item.key)
-                if (old is not None and old.get("status") == "ok" and old.get("config_hash") == item_cfg.digest()
+                old = done.get(item.key)
+                if (old is not None and old.get("config_hash") == item_cfg.digest() and old.get("weights") == weights
                         and old.get("name") == item.stem and files_intact(folder, old)):
+                    if known.get(item.key) is not old:  # a failed attempt since: the item is done again as it was
+                        old = own[item.key] = known[item.key] = {**old, "finished_at": _now()}
+                        write_text(own_manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own.values()))
                     result.skipped.append(item)
                     reporter.item_end(item, "skipped", old)
                     continue
@@ -776,7 +808,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                                  "error": None, "files": {role: {"path": n} for role, n in names.items()}}
                 listed.update(names.values())
                 write_text(own_manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own.values()))
-                rec = render_item(pipe, item_cfg, item, folder, reporter)
+                rec = render_item(pipe, item_cfg, item, folder, reporter, weights)
                 _remove_replaced(folder, old, rec, {n for n, key in owner.items() if key != item.key})
                 result.rendered.append(item)
                 status = "ok"
@@ -786,10 +818,14 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                 message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                 rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
                        "prompt": item.fields.get("prompt", ""), "seed": item.seed, "status": "failed", "error": message}
+                if item.key in done:  # its files from before stay (and a run with the settings they had keeps them)
+                    rec["done_before"] = {k: v for k, v in done[item.key].items() if k != "done_before"}
                 result.failed.append((item, message))
                 status = "failed"
             rec.update(shard=f"{shard[0]}/{shard[1]}", finished_at=_now(), soragen_version=__version__)
             own[item.key] = known[item.key] = rec
+            if status == "ok":
+                done[item.key] = rec
             write_text(own_manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own.values()))
             reporter.item_end(item, status, rec)
             if time.perf_counter() - last_merge > MERGE_EVERY_SECONDS:

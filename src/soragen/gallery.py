@@ -158,7 +158,8 @@ def _card(rec: dict[str, Any]) -> str:
     elif fmt == "gif":
         media = f'<img class="media" src="{_href(video)}" alt="{_e(rec.get("prompt", ""))}">'
     else:  # frames: a folder of PNGs; show the poster, link the folder
-        media = f'<a href="{_href(video)}/"><img class="media" src="{_href(poster)}" alt="frames"></a>'
+        shown = f'<img class="media" src="{_href(poster)}" alt="frames">' if poster else "frames"
+        media = f'<a href="{_href(video)}/">{shown}</a>'
     v = rec.get("video", {})
     t = rec.get("timings_seconds", {})
     timings = ", ".join(f"{k.replace('_', ' ')} {val:.2f} s" for k, val in t.items() if isinstance(val, (int, float)))

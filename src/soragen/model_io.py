@@ -113,6 +113,17 @@ def files_digest(paths: list[Path], root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(model: str | None) -> str | None:
+    """A digest of a model folder's weights and tokenizer files (None for no model folder). Videos made from a model
+    trained on in place (a run's model/), or from a built-in model a new release replaced, are stale: `eval` and
+    `batch` compare it before reusing them."""
+    if model is None:
+        return None
+    folder = resolve_model(model)
+    return files_digest(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()),
+                        root=folder)
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename it into place."""
     from safetensors.torch import save_file

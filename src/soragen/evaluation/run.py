@@ -98,18 +98,6 @@ def made_before(path: Path, prompt: str, model: str, cfg: Config, weights: str |
     return sidecar if same and path.is_file() else None
 
 
-def weights_digest(cfg: Config) -> str | None:
-    """A digest of the model folder's weights and tokenizer files (None without a model folder): a model trained
-    on in place (a run's model/) makes the videos of an interrupted evaluation of it stale."""
-    from soragen.model_io import files_digest, resolve_model
-
-    if cfg.model is None:
-        return None
-    folder = resolve_model(cfg.model)
-    return files_digest(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()),
-                        root=folder)
-
-
 def video_name(index: int, seed: int) -> str:
     """The file name of prompt `index`'s video for `seed` in an evaluation folder."""
     return f"{index:03d}_seed{seed}.mp4"
@@ -179,10 +167,11 @@ def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reus
     """evaluate's work once the model is loaded and --out is made."""
     from soragen.data.clips import read_frames
     from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
+    from soragen.model_io import weights_digest
     from soragen.pipeline import plan_video
     from soragen.video_io import remove_path, sidecar_path, write_json
 
-    weights = weights_digest(cfg)
+    weights = weights_digest(cfg.model)
     if not reuse:  # replacing: an interrupted run must not leave the old report beside new videos
         remove_path(out / "eval.json")
         names = {video_name(i, cfg.seed + s) for i in range(len(prompts)) for s in range(seeds)}
