@@ -1140,3 +1140,15 @@ def test_a_manifest_cache_keyed_as_before_stays_valid(tmp_path, caplog):
     cache = (run / "latents.safetensors").stat().st_mtime_ns
     train(train_config(settings), resume=True)
     assert (run / "latents.safetensors").stat().st_mtime_ns == cache and "rebuilding" not in caplog.text
+
+
+def test_a_resume_logs_each_step_and_the_vae_gate_once(tmp_path):
+    """forget_metrics drops what a resume from step `after` logs again: later steps, and the gate at `after`."""
+    run = RunFolder(tmp_path)
+    lines = [{"stage": "vae", "step": 90, "loss": 1.0}, {"stage": "vae", "step": 100, "loss": 0.9},
+             {"stage": "vae", "step": 100, "gate_colour": 1.0}, {"stage": "dit", "step": 120, "loss": 0.5},
+             {"stage": "vae", "step": 110, "loss": 0.8}]
+    run.metrics.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"stage": "vae", "st')
+    run.forget_metrics("vae", 100)
+    kept = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    assert kept == lines[:2] + lines[3:4]

@@ -116,7 +116,8 @@ class RunFolder:
 
     def forget_metrics(self, stage: str, after: int) -> None:
         """Drop the stage's metric lines past step `after` (logged after the checkpoint a resume continues from,
-        and about to be logged again), so metrics.jsonl holds each step once."""
+        and about to be logged again), so metrics.jsonl holds each step once. The VAE gate's line at the checkpoint's
+        own step goes too: a run killed between the gate and the weights scores its reconstructions again."""
         if not self.metrics.is_file():
             return
         lines = self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -126,8 +127,9 @@ class RunFolder:
                 record = json.loads(line)
             except ValueError:  # a line cut short by a killed process
                 return True
-            return isinstance(record, dict) and record.get("stage") == stage and isinstance(record.get("step"), int) \
-                and record["step"] > after
+            if not (isinstance(record, dict) and record.get("stage") == stage and isinstance(record.get("step"), int)):
+                return False
+            return record["step"] > after or (record["step"] == after and any(k.startswith("gate_") for k in record))
 
         kept = [line for line in lines if not later(line)]
         if len(kept) != len(lines):
