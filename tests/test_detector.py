@@ -197,3 +197,77 @@ def test_frame_change_profile_and_boundary_jump():
     assert D.boundary_jump(jumpy, [7]) > 2.0 > D.boundary_jump(profile, [7])
     with pytest.raises(ValueError, match="boundaries"):
         D.boundary_jump(profile, [])
+
+
+# ---------------------------------------------------------------- what must not pass (session 36's review)
+
+
+def test_an_upside_down_triangle_is_no_triangle():
+    text = "a large red triangle moving right"
+    frames = _clip(text, 17)
+    assert D.score_video(frames, text)["objects"][0]["shape"]
+    flipped = np.ascontiguousarray(frames[:, ::-1])
+    assert D.score_video(flipped, text)["objects"][0]["shape"] is False
+
+
+def test_a_ball_that_falls_and_stays_on_the_floor_is_not_bouncing():
+    text = "a large cyan ball bouncing"
+    scene = Scene((ShapeObject("cyan", "circle", "large", "bouncing", 20.0, 14.0, 0.0),), False)
+    frames = S.render(scene, 33)  # 4 s: the first rebound near 0.6 s
+    assert D.score_video(frames, text)["objects"][0]["direction"]
+    ys = [D.detect_frame(f)[0].cy for f in frames]
+    floor = int(np.argmax(ys))
+    dead = frames.copy()
+    dead[floor + 1:] = frames[floor]  # lies where it landed...
+    dead[floor + 1] = np.roll(frames[floor], -4, axis=0)  # ...but for a 4-px twitch
+    assert D.score_video(dead, text)["objects"][0]["direction"] is False
+
+
+def test_an_object_gone_for_good_neither_re_emerges_nor_keeps_bouncing():
+    text = "a small red circle moving right and a large blue circle bouncing behind a gray wall"
+    scene = S.scene_from_caption(text, np.random.default_rng(0))
+    frames = S.render(scene, 60 * 8)
+    frames[100:] = S.render(Scene((), True), 380)  # both gone after 12.5 s
+    red, blue = D.score_long_video(frames, text)["objects"]
+    assert not red["found"] and red["re_emerges"] is False and red["vanishes"]
+    assert not blue["found"] and blue["keeps_bouncing"] is False
+    from soragen.evaluation.run import tabulate_long
+
+    long = tabulate_long([{"long": {"objects": [red, blue], "count": 0.2}}])
+    assert long["re_emerges"] == 0.0 and long["keeps_bouncing"] == 0.0
+
+
+def test_a_mover_that_never_reaches_the_wall_does_not_re_emerge():
+    text = "a small red circle moving right behind a gray wall"
+    scene = Scene((ShapeObject("red", "circle", "small", "right", 6.0, 32.0, 16.0),), True)
+    there = S.render(scene, 8)  # x 6 to 20: clear of the wall (columns 28-35)
+    frames = np.concatenate([there, there[::-1]] * 30)  # back and forth for 60 s
+    obj = D.score_long_video(frames, text)["objects"][0]
+    assert obj["moves"] == 1.0 and not obj["vanishes"]
+    assert obj["wall_passages"] == 0 and obj["wall_passages_needed"] == D.passages_needed(60.0) == 8
+    assert obj["re_emerges"] is False
+
+
+def test_only_a_horizontal_mover_is_excused_at_the_wall_and_briefly():
+    text = "a small green circle bouncing behind a gray wall"
+    scene = Scene((ShapeObject("green", "circle", "small", "bouncing", 42.0, 12.0, 0.0),), True)  # beside the wall
+    frames = S.render(scene, 240)
+    empty = S.render(Scene((), True), 1)[0]
+    for start in range(20, 240, 60):
+        frames[start:start + 15] = empty
+    obj = D.score_long_video(frames, text)["objects"][0]
+    assert obj["vanishes"] and obj["vanish_frames"] == 60
+
+    text = "a small red circle moving right behind a gray wall"
+    frames = S.render(S.scene_from_caption(text, np.random.default_rng(3)), 240)
+    at_wall = [i for i, f in enumerate(frames) if any(b.clipped for b in D.detect_frame(f))]
+    assert D.score_long_video(frames, text)["objects"][0]["vanishes"] is False
+    cut = frames.copy()
+    cut[at_wall[2:6]] = S.render(Scene((), True), 1)[0]  # 4 frames (0.5 s) of a passage: not behind the 8-px wall
+    obj = D.score_long_video(cut, text)["objects"][0]
+    assert obj["vanishes"] and obj["vanish_frames"] == 4
+
+
+def test_a_frozen_video_does_not_swamp_the_boundary_jump():
+    profile = np.array([0.0] * 7 + [2.5] + [0.0] * 7)
+    assert D.boundary_jump(profile, [7]) == pytest.approx(2.5 / D.MIN_CHANGE)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,27 @@ def test_tabulate_long_and_its_table():
     assert "far side" in lines[at + 1] and "90.0%" in lines[at + 1]
     assert "of their median" in lines[at - 1] and "75.0%" in lines[at - 1]
     assert tabulate_long([{"verdicts": {}}]) is None
+
+
+def test_rescore_script_scores_an_evaluation_again_as_it_was_scored(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """scripts/rescore_eval.py on an evaluation the current detector made gives its tables back; it names a
+    missing video and a folder that holds no evaluation."""
+    from conftest import load_script, run_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue box bouncing behind a gray wall\n")
+    ev = tmp_path / "ev"
+    args = ["eval", "--prompts", str(prompts), "--out", str(ev), "-c", str(tiny_yaml), "--seconds", "10"]
+    assert run_cli(args, capsys)[0] == 0
+    script = load_script("rescore_eval")
+    old, new = script.rescore(ev)
+    assert new["table"] == old["table"] and new["long_table"] == old["long_table"] is not None
+    monkeypatch.setattr("sys.argv", ["rescore_eval.py", str(ev), "--write"])
+    script.main()
+    assert json.loads((ev / "eval.rescored.json").read_text())["table"] == old["table"]
+    assert "coherence scored again now" in capsys.readouterr().out
+    (ev / "000_seed0.mp4").unlink()
+    with pytest.raises(UserError, match="000_seed0.mp4, video 1 of .* is missing"):
+        script.rescore(ev)
+    with pytest.raises(UserError, match="is not the report of a soragen eval"):
+        script.rescore(tmp_path)

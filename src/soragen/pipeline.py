@@ -147,6 +147,18 @@ def plan_windows(cfg: Config, plan: VideoPlan) -> list[tuple[int, int]]:
     return out
 
 
+def window_starts(cfg: Config, plan: VideoPlan) -> list[int]:
+    """Index of the first output frame of each window after the first, within plan.num_frames."""
+    from soragen.vae import frames_for
+
+    starts, done = [], 0
+    for _, new in plan_windows(cfg, plan)[:-1]:
+        done += new  # latent frames 0..done-1 decode to model frames 0..frames_for(done)-1
+        first = frames_for(done, cfg.vae.temporal_compression)  # the window's first model frame
+        starts.append(-(-first * plan.fps // plan.model_fps))  # the first output frame that shows it
+    return [k for k in starts if k < plan.num_frames]
+
+
 def denoise_calls(cfg: Config, plan: VideoPlan) -> int:
     """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""
     from soragen.sampler import denoise_iterations
@@ -242,14 +254,7 @@ class Pipeline:
 
     def window_starts(self, plan: VideoPlan) -> list[int]:
         """Index of the first output frame of each window after the first, within plan.num_frames."""
-        from soragen.vae import frames_for
-
-        starts, done = [], 0
-        for _, new in self.windows(plan)[:-1]:
-            done += new  # latent frames 0..done-1 decode to model frames 0..frames_for(done)-1
-            first = frames_for(done, self.cfg.vae.temporal_compression)  # the window's first model frame
-            starts.append(-(-first * plan.fps // plan.model_fps))  # the first output frame that shows it
-        return [k for k in starts if k < plan.num_frames]
+        return window_starts(self.cfg, plan)
 
     def denoise_calls(self, plan: VideoPlan) -> int:
         """Model calls (progress steps) of a whole generation: per window, the steps plus any staircase lag."""

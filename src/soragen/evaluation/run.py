@@ -165,10 +165,7 @@ def evaluate(
 def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reuse: bool,
               on_video: Callable[[int, int], None] | None, on_step: Callable[[int], None] | None) -> dict[str, Any]:
     """evaluate's work once the model is loaded and --out is made."""
-    from soragen.data.clips import read_frames
-    from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
     from soragen.model_io import weights_digest
-    from soragen.pipeline import plan_video
     from soragen.video_io import remove_path, sidecar_path, write_json
 
     weights = weights_digest(cfg.model)
@@ -192,16 +189,8 @@ def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reus
                                         sidecar_extra={"eval_video": path.name, "eval_weights": weights})
             else:
                 reused += 1
-            frames = read_frames(path)
-            score = score_video(frames, prompt, fps=cfg.video.fps)
             record = {"prompt": prompt, "seed": seed, "category": category(prompt), "video": path.name,
-                      "verdicts": video_verdicts(score), "score": score, "timings_seconds": sidecar["timings_seconds"]}
-            if cfg.video.seconds >= LONG_SECONDS:
-                record["long"] = score_long_video(frames, prompt, fps=cfg.video.fps)
-                profile = frame_change_profile(frames)  # (T - 1,)
-                seams = [k - 1 for k in pipe.window_starts(plan_video(pipe.cfg)) if k - 1 < len(profile)]
-                if 0 < len(seams) < len(profile):  # a window's last frame to the next one's first, against inside
-                    record["long"]["boundary_jump"] = boundary_jump(profile, seams)
+                      **score_file(path, prompt, pipe.cfg), "timings_seconds": sidecar["timings_seconds"]}
             results.append(record)
             if on_video is not None:
                 on_video(len(results), total)
@@ -210,6 +199,25 @@ def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reus
               "long_table": tabulate_long(results), "results": results, "config": cfg.to_dict()}
     write_json(out / "eval.json", report)
     return report
+
+
+def score_file(path: Path, prompt: str, cfg: Config) -> dict[str, Any]:
+    """Score the video at `path`, made for `prompt` with `cfg`: its verdicts and score, and for a long video
+    ("long") its coherence with the jump at the seams between generation windows."""
+    from soragen.data.clips import read_frames
+    from soragen.evaluation.detector import boundary_jump, frame_change_profile, score_long_video, score_video
+    from soragen.pipeline import plan_video, window_starts
+
+    frames = read_frames(path)
+    score = score_video(frames, prompt, fps=cfg.video.fps)
+    out: dict[str, Any] = {"verdicts": video_verdicts(score), "score": score}
+    if cfg.video.seconds >= LONG_SECONDS:
+        out["long"] = score_long_video(frames, prompt, fps=cfg.video.fps)
+        profile = frame_change_profile(frames)  # (T - 1,)
+        seams = [k - 1 for k in window_starts(cfg, plan_video(cfg)) if k - 1 < len(profile)]
+        if 0 < len(seams) < len(profile):  # a window's last frame to the next one's first, against inside
+            out["long"]["boundary_jump"] = boundary_jump(profile, seams)
+    return out
 
 
 LONG_MEASURES = (  # (key, what is measured, issue 4's target)
@@ -222,8 +230,9 @@ LONG_MEASURES = (  # (key, what is measured, issue 4's target)
 )
 
 
-# Graded companions of two all-or-nothing measures, pooled over objects: (key, what, of which measure,
-# the per-object counts it pools). A single bad apex or passage fails a whole object above; these show how far off.
+# Graded companions of two all-or-nothing measures, pooled over the objects found (an object gone for good fails
+# the measure above but has no apexes or passages to pool): (key, what, of which measure, the per-object counts it
+# pools). A single bad apex or passage fails a whole object above; these show how far off.
 GRADED_MEASURES = (
     ("apexes_in_band", f"its apexes within {APEX_TOLERANCE / 2:g} px of their median", "keeps_bouncing",
      ("apexes_in_band", "apexes")),
