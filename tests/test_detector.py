@@ -271,3 +271,15 @@ def test_only_a_horizontal_mover_is_excused_at_the_wall_and_briefly():
 def test_a_frozen_video_does_not_swamp_the_boundary_jump():
     profile = np.array([0.0] * 7 + [2.5] + [0.0] * 7)
     assert D.boundary_jump(profile, [7]) == pytest.approx(2.5 / D.MIN_CHANGE)
+
+
+@pytest.mark.parametrize("fps", [4, 12, 30])
+def test_bouncing_is_judged_at_other_frame_rates(fps):
+    """Rebounds and apexes are found in time, not frames: at 4 fps the frame nearest a bounce is far from the floor,
+    at 30 fps the step after an apex is under 0.2 px."""
+    text = "a large cyan ball bouncing"
+    scene = S.scene_from_caption(text, np.random.default_rng(3))
+    assert D.score_video(S.render(scene, 4 * fps + 1, fps), text, fps=fps)["objects"][0]["direction"]
+    at_8 = D.score_long_video(S.render(scene, 30 * 8), text)["objects"][0]
+    obj = D.score_long_video(S.render(scene, 30 * fps, fps), text, fps=fps)["objects"][0]
+    assert obj["keeps_bouncing"] and abs(obj["apexes"] - at_8["apexes"]) <= 1

@@ -1152,3 +1152,17 @@ def test_a_resume_logs_each_step_and_the_vae_gate_once(tmp_path):
     run.forget_metrics("vae", 100)
     kept = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     assert kept == lines[:2] + lines[3:4]
+
+
+def test_contrast_captions_never_name_a_held_out_combination():
+    """Swapping a training caption can name a held-out combination (WORLD.md): such rows are not contrasted."""
+    from soragen.data.shapes import names_held_out, swap_shapes
+    from soragen.train import swapped_rows
+
+    prompts = ["a large magenta circle moving up", "a red ball moving up", "一个品红色的小圆向上移动", "a magenta box moving left"]
+    rows, texts = swapped_rows(prompts, np.zeros(4, int), limit=8)
+    assert rows == [1, 3] and texts == ["a red ball moving down", "a magenta box moving right"]
+    rows, texts = swapped_rows(["a large cyan circle moving left", "a small cyan ball bouncing", "a green box bouncing"],
+                               np.zeros(3, int), limit=8, swap=swap_shapes)
+    assert rows == [1, 2] and texts == ["a small cyan box bouncing", "a green ball bouncing"]
+    assert not any(names_held_out(t) for t in texts) and not names_held_out("not a caption")

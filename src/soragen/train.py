@@ -744,14 +744,16 @@ def twin_inputs(twins: torch.Tensor, idx: np.ndarray, starts: np.ndarray, window
 def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int, swap: Callable[[str], str | None] | None = None,
                  skip: Sequence[int] = ()) -> tuple[list[int], list[str]]:
     """The first `limit` rows without context (and not in `skip`) whose caption `swap` changes, and those
-    captions swapped; `swap` defaults to the Shapes World direction swap (left <-> right, up <-> down)."""
-    from soragen.data.shapes import swap_directions
+    captions swapped; `swap` defaults to the Shapes World direction swap (left <-> right, up <-> down). A swap
+    that names a held-out combination (magenta moving up -> down, cyan circle -> square) is not used: those
+    never appear in training data, as negatives neither."""
+    from soragen.data.shapes import names_held_out, swap_directions
 
     swap = swap or swap_directions
     rows, texts = [], []
     for i, prompt in enumerate(prompts):
         other = swap(prompt) if n_ctx[i] == 0 and i not in skip else None
-        if other is not None and len(rows) < limit:
+        if other is not None and len(rows) < limit and not names_held_out(other):
             rows.append(i)
             texts.append(other)
     return rows, texts

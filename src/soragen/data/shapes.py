@@ -127,6 +127,15 @@ def is_held_out(obj: ShapeObject | ObjectSpec) -> bool:
     )
 
 
+def names_held_out(text: str) -> bool:
+    """Whether a caption names a held-out combination (False for text that is no Shapes World caption)."""
+    try:
+        specs, _ = parse_caption(text)
+    except ValueError:
+        return False
+    return any(is_held_out(s) for s in specs)
+
+
 # ---------------------------------------------------------------- physics
 
 

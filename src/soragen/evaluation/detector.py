@@ -318,25 +318,38 @@ def _direction(track: _Track, fps: int) -> str:
     return "down" if vy > 0 else "up"
 
 
-def _rebounds(track: _Track) -> list[int]:
-    """Frames where the object turns from falling to rising near the floor."""
+def _reach(fps: int) -> int:
+    """Frames that span what 1 frame spans at the world's 8 fps (at least 1)."""
+    return max(1, round(fps / 8))
+
+
+def _rebounds(track: _Track, fps: int) -> list[int]:
+    """Frames where the object turns from falling to rising near the floor. The floor band is 14 px at 8 fps and
+    wider at lower rates (the frame nearest the bounce is up to a frame's fall from it); the rise is looked for
+    over 2 frames' time at 8 fps."""
     idx = np.flatnonzero(track.present)
     y = track.y[idx]
+    band = 14.0 * max(1.0, 8.0 / fps)
+    ahead = 2 * _reach(fps)
     out = []
     for k in range(1, len(y) - 1):
-        near_floor = y[k] + track.height / 2.0 >= SIZE - 14.0
+        near_floor = y[k] + track.height / 2.0 >= SIZE - band
         fell = y[k] - y[: k + 1].min() > 4.0
-        rises = y[k] > y[k + 1] and y[k] - y[k + 1 : k + 3].min() > 2.0
+        rises = y[k] > y[k + 1] and y[k] - y[k + 1 : k + 1 + ahead].min() > 2.0
         if y[k] >= y[k - 1] and rises and near_floor and fell:
             out.append(int(idx[k]))
     return out
 
 
-def _apexes(track: _Track) -> list[float]:
-    """Heights (y of the centre) where the object turns from rising to falling."""
+def _apexes(track: _Track, fps: int) -> list[float]:
+    """Heights (y of the centre) where the object turns from rising to falling: the highest point of the frames
+    within a frame's time at 8 fps either side, at least 0.2 px above the frame that much later (at a higher rate
+    the step after an apex is smaller than 0.2 px)."""
     idx = np.flatnonzero(track.present)
     y = track.y[idx]
-    return [float(y[k]) for k in range(1, len(y) - 1) if y[k] <= y[k - 1] and y[k] < y[k + 1] - 0.2]
+    m = _reach(fps)
+    return [float(y[k]) for k in range(1, len(y) - 1)
+            if y[k] <= y[max(0, k - m) : k].min() and y[k] < y[k + 1 : k + 1 + m].min() and y[k] < y[min(k + m, len(y) - 1)] - 0.2]
 
 
 def _bounces_ok(track: _Track, fps: int) -> bool:
@@ -348,13 +361,15 @@ def _bounces_ok(track: _Track, fps: int) -> bool:
     t, y, x = idx / fps, track.y[idx], track.x[idx]
     if np.ptp(x) > 6.0:  # a bouncer keeps its column
         return False
-    rebounds = _rebounds(track)
+    rebounds = _rebounds(track, fps)
     fall_end = rebounds[0] if rebounds else idx[-1]
-    fall = idx <= fall_end
-    if fall.sum() < 3:
-        return False
-    accel = 2.0 * np.polyfit(t[fall], y[fall], 2)[0]  # px/s^2, downwards positive
-    falls = y[fall][-1] - y[0] > 4.0 and accel > 30.0
+    # The fall: to the rebound's frame, or to the frame before it (that frame may show the bounce already, up to
+    # a frame late: at 4 fps the fit through it can turn the fall's acceleration upwards).
+    falls = False
+    for fall in (idx <= fall_end, idx < fall_end):
+        if fall.sum() >= 3 and not falls:
+            accel = 2.0 * np.polyfit(t[fall], y[fall], 2)[0]  # px/s^2, downwards positive
+            falls = y[fall][-1] - y[0] > 4.0 and accel > 30.0
     long_enough = (len(track.x) - 1) / fps >= 1.0
     if not rebounds:
         return bool(falls and not long_enough)
@@ -544,8 +559,8 @@ def score_long_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
             res |= {"re_emerges": bool(ok), "wall_passages": passages, "wall_passages_through": through,
                     "wall_passages_needed": passages_needed(t_len / fps)}
         if spec.motion == "bouncing":
-            apex = _apexes(tr)
-            rebounds = _rebounds(tr)
+            apex = _apexes(tr, fps)
+            rebounds = _rebounds(tr, fps)
             steady = bool(win2) and all(any(w.start <= r < w.stop for r in rebounds) for w in win2)
             consistent = len(apex) >= 2 and np.ptp(apex) <= APEX_TOLERANCE
             in_band = int(np.sum(np.abs(np.asarray(apex) - np.median(apex)) <= APEX_TOLERANCE / 2)) if apex else 0
