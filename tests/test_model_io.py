@@ -173,3 +173,26 @@ def test_a_training_run_folder_stands_for_its_model(tmp_path, folder, capsys):
                             "--output", str(tmp_path / "a.mp4")], capsys)
     assert code == 0, err
     assert (tmp_path / "a.mp4").stat().st_size > 0
+
+
+def test_weights_digest_reads_small_files_and_stats_large_ones(folder, monkeypatch):
+    """A changed weight changes the digest; a large file is not read but its rewrite (new mtime) still counts."""
+    import os
+
+    import soragen.model_io as mi
+
+    path, _ = folder
+    first = mi.weights_digest(str(path))
+    assert mi.weights_digest(str(path)) == first
+    weights = path / "transformer" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    st = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and time: only reading tells
+    second = mi.weights_digest(str(path))
+    assert second != first
+    monkeypatch.setattr(mi, "DIGEST_READ_BYTES", 0)  # every file "large": stands by size and time
+    stat_only = mi.weights_digest(str(path))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert mi.weights_digest(str(path)) != stat_only

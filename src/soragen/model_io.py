@@ -113,15 +113,28 @@ def files_digest(paths: list[Path], root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+DIGEST_READ_BYTES = 64 << 20  # weights_digest reads files up to this size; a larger one stands by its size and mtime
+
+
 def weights_digest(model: str | None) -> str | None:
     """A digest of a model folder's weights and tokenizer files (None for no model folder). Videos made from a model
     trained on in place (a run's model/), or from a built-in model a new release replaced, are stale: `eval` and
-    `batch` compare it before reusing them."""
+    `batch` compare it before reusing them. Files up to DIGEST_READ_BYTES are read; a larger one (a T5-XXL's
+    weights: reading 19 GB would take a minute) counts by its size and modification time, which a file written
+    again (always under a new name, then renamed) changes."""
+    import hashlib
+
     if model is None:
         return None
     folder = resolve_model(model)
-    return files_digest(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()),
-                        root=folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
+    small = [p for p in files if p.stat().st_size <= DIGEST_READ_BYTES]
+    h = hashlib.sha256(files_digest(small, root=folder).encode())
+    for p in files:
+        if p not in small:
+            st = p.stat()
+            h.update(f"{p.relative_to(folder).as_posix()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
