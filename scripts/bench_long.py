@@ -4,9 +4,13 @@
 
 For each duration, one fresh process generates a video (so its peak resident memory is
 its own) and reports wall time split into text encoding, denoising, VAE decoding and
-MP4 encoding, the real-time factor (wall seconds per second of video), and the
-denoiser's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one forward).
-The same run measures the fp32 matrix-multiply peak, and the time and FLOPs of one
+MP4 encoding (ffmpeg encodes beside the denoising: its own CPU time is shown too), the
+wall time from the process's launch (Python, imports, model loading: what a user of
+`soragen generate` waits for) and the real-time factor (wall seconds per second of video),
+the peak resident memory while generating, and the denoiser's achieved GFLOP/s (FLOPs
+counted by torch's FlopCounterMode on one forward of each kind, after the timed video:
+nothing is warmed up for it) against the fp32 matrix-multiply peak measured in the same
+process after it. The parent measures that peak too, and the time and FLOPs of one
 denoising step of soragen's DiT (and of its linear products alone, the most the step could
 reach were its other work free) and of a diffusers CogVideoXTransformer3DModel of the
 same width, depth and heads on the same number of video tokens, as the reference a user
@@ -58,8 +62,48 @@ def matmul_peak(n: int = 2048, reps: int = 10, rounds: int = 5) -> dict[str, flo
     return peaks
 
 
+def count_attention_flops() -> None:
+    """Give torch's FlopCounterMode the FLOPs of CPU attention. torch counts its CUDA attention kernels but has no
+    formula for the CPU one (`_scaled_dot_product_flash_attention_for_cpu`), which it then counts as 0: a third of
+    the reference's work below went uncounted before session 36."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry or op.default in flop_registry:
+        return
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    register_flop_formula(op)(attention_flops)
+
+
+count_attention_flops()
+
+
+def resident_mb(field: str) -> float | None:
+    """VmRSS or VmHWM (the high-water mark) of this process in MB, from /proc (None where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark of resident memory afresh at the current RSS (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def one_run(seconds: float, overrides: list[str]) -> dict:
-    """Generate one video in this process; report timings, FLOPs and peak RSS."""
+    """Generate one video in this process, timed first (cold, as a user's run); then count the denoiser's FLOPs and
+    measure the matmul peak. Reports timings, FLOPs and the peak RSS while generating."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from soragen.config import load_config
@@ -69,6 +113,21 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
     pipe = Pipeline.from_config(cfg)
     plan = plan_video(cfg)
     windows = pipe.windows(plan)
+    loaded_epoch = time.time()
+    rss_before = resident_mb("VmRSS")
+    fresh = reset_peak_rss()
+    children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        sidecar = pipe.generate("a large red circle moving right", Path(tmp) / "v.mp4")
+        wall = time.perf_counter() - t0
+        done_epoch = time.time()
+    peak_rss = resident_mb("VmHWM") if fresh else None
+    if peak_rss is None:  # no /proc: the process's own high-water mark, loading included
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ffmpeg = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ffmpeg_cpu = (ffmpeg.ru_utime + ffmpeg.ru_stime) - (children_cpu.ru_utime + children_cpu.ru_stime)
+
     # FLOPs of the denoiser forwards: per window, its model calls, each batched (cond + uncond) when guided.
     from soragen.sampler import denoise_iterations, guided_steps
 
@@ -92,21 +151,26 @@ def one_run(seconds: float, overrides: list[str]) -> dict:
                 with counter:
                     pipe.dit(x, torch.zeros(rows, frames, dtype=torch.long), cond.first(rows), x_self=x)
                 flops += counter.get_total_flops() * calls * share
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        sidecar = pipe.generate("a large red circle moving right", Path(tmp) / "v.mp4")
-        wall = time.perf_counter() - t0
     t = sidecar["timings_seconds"]
+    peak = max(matmul_peak(reps=5, rounds=3).values())  # this process's own, right after its run
+    video_seconds = sidecar["video"]["frames"] / cfg.video.fps
     return {
         "seconds": seconds,
         "frames": sidecar["video"]["frames"],
         "windows": len(windows),
         "wall": wall,
+        "loaded_epoch": loaded_epoch,
+        "done_epoch": done_epoch,
         **{k: v for k, v in t.items()},
-        "realtime_factor": wall / (sidecar["video"]["frames"] / cfg.video.fps),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ffmpeg_cpu_seconds": ffmpeg_cpu,
+        "realtime_factor": wall / video_seconds,
+        "video_seconds": video_seconds,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss,
+        "peak_rss_while_generating": fresh,
         "denoiser_gflops": flops / t["denoising"] / 1e9,
-        "tokens_per_window": max(ctx + new for ctx, new in windows)
+        "matmul_peak_gflops": peak,
+        "tokens_per_window": max(window_frames(s, ctx, new) for ctx, new in windows)
         * (plan.latent_height // cfg.dit.patch_size[1]) * (plan.latent_width // cfg.dit.patch_size[2]) // cfg.dit.patch_size[0],
     }
 
@@ -182,8 +246,11 @@ def soragen_step_cost(overrides: list[str]) -> tuple[float, float, dict]:
 
 
 def cogvideox_step_cost(cfg, latent: tuple[int, ...], text_len: int, text_dim: int) -> tuple[float, float]:
-    """(seconds, FLOPs) of one forward of diffusers' CogVideoXTransformer3DModel at the same width, depth, heads and tokens."""
+    """(seconds, FLOPs) of one forward of diffusers' CogVideoXTransformer3DModel at the same width, depth, heads and
+    tokens, with its rotary position embedding made once outside the timing, as CogVideoXPipeline does."""
     from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     b, c, t, h, w = latent
     d = cfg.dit
@@ -196,7 +263,11 @@ def cogvideox_step_cost(cfg, latent: tuple[int, ...], text_len: int, text_dim: i
     x = torch.randn(b, t, c, h, w)  # CogVideoX takes [B, F, C, H, W]
     text = torch.randn(b, text_len, text_dim)
     ts = torch.full((b,), 500)
-    return forward_cost(lambda: model(hidden_states=x, encoder_hidden_states=text, timestep=ts))
+    grid = (h // model.config.patch_size, w // model.config.patch_size)
+    rotary = get_3d_rotary_pos_embed(embed_dim=model.config.attention_head_dim,
+                                     crops_coords=get_resize_crop_region_for_grid(grid, grid[1], grid[0]),
+                                     grid_size=grid, temporal_size=t)
+    return forward_cost(lambda: model(hidden_states=x, encoder_hidden_states=text, timestep=ts, image_rotary_emb=rotary))
 
 
 def main() -> None:
@@ -217,18 +288,38 @@ def main() -> None:
     print("fp32 matmul peak (2048^3): " + ", ".join(f"{name} {gflops:.1f}" for name, gflops in peaks.items())
           + f" GFLOP/s; the denoiser's share is of {peak:.1f}")
     rows = []
-    head = (f"{'video s':>7} {'windows':>7} {'wall s':>7} {'text':>6} {'denoise':>8} {'decode':>7} {'mp4':>6} "
-            f"{'RTF':>6} {'peak MB':>8} {'GFLOP/s':>8} {'% peak':>7}")
+    print("per video: generate()'s wall time and its stages (ffmpeg encodes beside the denoising: 'mp4' is the time spent "
+          "waiting for it, 'ffmpeg' its own CPU time); 'launch' the wall time from starting the process (Python, imports, "
+          "model loading) to the finished file, what `soragen generate` takes; RTF of each per second of video; peak "
+          "resident memory while generating (the process's RSS before it in brackets); the denoiser's rate against the "
+          "matmul peak its own process measured right after")
+    head = (f"{'video s':>7} {'windows':>7} {'wall s':>7} {'text':>6} {'denoise':>8} {'decode':>7} {'mp4':>6} {'ffmpeg':>7} "
+            f"{'launch':>7} {'RTF':>6} {'RTF l.':>6} {'peak MB':>13} {'GFLOP/s':>8} {'% peak':>7}")
     print(head)
     for seconds in args.seconds:
         cmd = [sys.executable, __file__, "--one", str(seconds)] + [x for o in overrides for x in ("--set", o)]
+        launched = time.time()
         row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        row["from_launch"] = row["done_epoch"] - launched
+        row["loading"] = row["loaded_epoch"] - launched
+        row["realtime_factor_from_launch"] = row["from_launch"] / row["video_seconds"]
         rows.append(row)
+        before = f"({row['rss_before_mb']:.0f})" if row["rss_before_mb"] is not None else ""
         print(f"{seconds:>7g} {row['windows']:>7} {row['wall']:>7.2f} {row['text_encoding']:>6.2f} {row['denoising']:>8.2f} "
-              f"{row['vae_decoding']:>7.2f} {row['mp4_encoding']:>6.2f} {row['realtime_factor']:>6.3f} "
-              f"{row['peak_rss_mb']:>8.0f} {row['denoiser_gflops']:>8.1f} {100 * row['denoiser_gflops'] / peak:>6.1f}%")
+              f"{row['vae_decoding']:>7.2f} {row['mp4_encoding']:>6.2f} {row['ffmpeg_cpu_seconds']:>7.2f} "
+              f"{row['from_launch']:>7.2f} {row['realtime_factor']:>6.3f} {row['realtime_factor_from_launch']:>6.3f} "
+              f"{row['peak_rss_mb']:>6.0f} {before:>6} {row['denoiser_gflops']:>8.1f} "
+              f"{100 * row['denoiser_gflops'] / row['matmul_peak_gflops']:>6.1f}%")
     if len(rows) > 1:
-        print(f"peak memory, longest / shortest: {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}x")
+        short, long = min(rows, key=lambda r: r["seconds"]), max(rows, key=lambda r: r["seconds"])
+        print(f"peak memory while generating, {long['seconds']:g} s / {short['seconds']:g} s: "
+              f"{long['peak_rss_mb'] / short['peak_rss_mb']:.3f}x"
+              + (f"; growth over the RSS before generating: {long['peak_rss_mb'] - long['rss_before_mb']:.0f} MB / "
+                 f"{short['peak_rss_mb'] - short['rss_before_mb']:.0f} MB" if long["rss_before_mb"] else ""))
+    if rows:
+        own = [r["matmul_peak_gflops"] for r in rows]
+        print(f"model loading (launch to loaded): {', '.join(format(r['loading'], '.2f') for r in rows)} s; "
+              f"matmul peak in the video processes {min(own):.1f}-{max(own):.1f} GFLOP/s (the parent's: {peak:.1f})")
     ours, ours_flops, info = soragen_step_cost(overrides)
     # The reference as its pipeline runs it (text padded to the encoder's length) and on the prompt's real tokens only.
     ref, ref_flops = cogvideox_step_cost(info["cfg"], info["latent"], info["text_len"], info["text_dim"])

@@ -20,3 +20,18 @@ def test_products_alone_counts_each_call_of_each_linear_layer():
     seconds, flops = load_script("bench_long").products_alone(model, forward, reps=3)
     assert flops == 2 * 15 * 8 * 16 + 2 * 15 * 16 * 4 + 2 * 7 * 16 * 4
     assert 0 < seconds < 1
+
+
+def test_cpu_attention_is_counted():
+    """torch counts no FLOPs for its CPU attention kernel; the script registers them (4 N^2 d per head and row)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    load_script("bench_long")
+    q, k, v = (torch.randn(2, 4, 10, 16) for _ in range(3))
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+    for kwargs in ({}, {"attn_mask": mask}):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert counter.get_total_flops() == 4 * 2 * 4 * 10 * 10 * 16
