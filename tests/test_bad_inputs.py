@@ -63,6 +63,15 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, tiny_yaml, capsys):
         (["--set", "text_encoder.pretrained=/nonexistent-t5"],
          "error: T5 text encoder folder not found: /nonexistent-t5 (text_encoder.pretrained)"),
         (["-c", "."], "error: config file . is a folder; give the file itself"),
+        (["--set", "video.max_seconds=.inf"], "error: config key 'video.max_seconds': Input should be a finite number"),
+        (["--set", "sampler.schedule_shift=.nan"], "error: config key 'sampler.schedule_shift': Input should be a finite"),
+        (["--set", "sampler.frame_lag=.inf"], "error: config key 'sampler.frame_lag': Input should be a finite number"),
+        (["--set", "dit.width=0"], "error: dit.width must be at least 1, got 0"),
+        (["--set", "dit.mlp_ratio=0"], "error: dit.mlp_ratio must be positive"),
+        (["--set", "vae.latent_channels=0"], "error: vae.latent_channels must be >= 1, got 0"),
+        (["--set", "vae.channels=[0, 8, 16, 16]"], "error: vae.channels entries must be >= 1"),
+        (["--set", "vae.temporal_blocks=-1"], "error: vae.temporal_blocks must be >= 0, got -1"),
+        (["--negative-prompt", "bad\udcff"], "error: --negative-prompt (sampler.negative_prompt) holds a byte that is not UTF-8"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path, tiny_yaml, capsys, args, message):
@@ -134,3 +143,19 @@ def test_eval_refuses_videos_it_cannot_score(tmp_path, tiny_yaml, capsys, settin
                             "--set", setting, "--out", str(tmp_path / "e")], capsys)
     assert one_line_error(code, err).startswith(message)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_prompt_with_bytes_that_are_not_utf8_is_one_line(tmp_path, tiny_yaml, capsys):
+    """A Latin-1 terminal or $(cat file) hands Python bytes it keeps as lone surrogates; no tokenizer encodes them."""
+    code, _, err = run_cli(["generate", "a ball\udcff", "-c", str(tiny_yaml), "-o", str(tmp_path / "a.mp4")], capsys)
+    assert one_line_error(code, err) == "error: the prompt holds a byte that is not UTF-8 at character 7 ('a ball' before " \
+        "it); pass the text in UTF-8"
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_a_config_key_given_twice_is_named(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("dit:\n  depth: 3\nvideo:\n  fps: 8\ndit:\n  width: 64\n")
+    code, _, err = run_cli(["info", "-c", str(path)], capsys)
+    assert one_line_error(code, err) == (f"error: config file {path} gives the key 'dit' twice in one mapping (line 5); "
+                                         "give each key once (merge the two sections)")

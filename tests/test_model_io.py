@@ -196,3 +196,48 @@ def test_weights_digest_reads_small_files_and_stats_large_ones(folder, monkeypat
     stat_only = mi.weights_digest(str(path))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert mi.weights_digest(str(path)) != stat_only
+
+
+def test_a_text_encoder_missing_weights_or_cut_short_is_named(folder, tmp_path):
+    """transformers starts missing T5 weights at random and carries on; a half file raised SafetensorError."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    path, _ = folder
+    weights = path / "text_encoder" / "model.safetensors"
+    whole = weights.read_bytes()
+    tensors = load_file(weights)
+    dropped = sorted(k for k in tensors if "block" in k)[-1]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    with pytest.raises(UserError, match=f"lacks 1 of its weights \\(e.g. {dropped}\\)"):
+        Pipeline.from_config(load_config(None, [f"model={path}"]))
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="cannot load the T5 text encoder"):
+        Pipeline.from_config(load_config(None, [f"model={path}"]))
+    weights.write_bytes(whole)
+    other = tmp_path / "big"
+    cfg = tiny_config(text_encoder={"tokenizer": "words"})
+    from soragen.text_encoder import TextEncoder
+
+    big = TextEncoder.from_config(cfg.text_encoder, corpus=[" ".join(f"w{i}" for i in range(600))])
+    big.tokenizer.save_pretrained(other)
+    shutil.rmtree(path / "tokenizer")
+    shutil.copytree(other, path / "tokenizer")
+    with pytest.raises(UserError, match="tokens but the T5 text encoder .* embeds"):
+        Pipeline.from_config(load_config(None, [f"model={path}"]))
+
+
+def test_a_run_config_with_a_model_folder_keeps_the_folders_latent_statistics(folder, tmp_path):
+    """A run's config.yaml holds null for what training measured (latent statistics, the model's frame rate);
+    given with --config beside the run's model folder, the folder's values stay."""
+    path, _ = folder
+    cfg = tiny_config(vae={"latent_mean": [0.5] * 4, "latent_std": [3.0] * 4}, video={"model_fps": 8})
+    pipe = Pipeline.from_config(cfg)
+    save_model(tmp_path / "m2", cfg, pipe.text_encoder, pipe.vae, pipe.dit, make_scheduler(cfg.sampler))
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text(tiny_config().to_yaml())
+    assert tiny_config().vae.latent_mean is None
+    loaded = load_config(run_config, [f"model={tmp_path / 'm2'}", "video.fps=16"])
+    assert loaded.vae.latent_mean == (0.5,) * 4 and loaded.vae.latent_std == (3.0,) * 4
+    assert loaded.video.model_fps == 8 and loaded.video.fps == 16

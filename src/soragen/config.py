@@ -26,7 +26,9 @@ NUMBERS = (int, float, int | None, float | None)  # field types a boolean is ref
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan in any number: JSON (the sidecars, model folders' records) writes them as null, and nan slips
+    # past every range check.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -93,6 +95,13 @@ class VAEConfig(_Frozen):
             )
         if self.temporal_compression < 1:
             raise ValueError(f"vae.temporal_compression must be >= 1, got {self.temporal_compression}")
+        for name in ("latent_channels", "temporal_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vae.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temporal_blocks < 0:
+            raise ValueError(f"vae.temporal_blocks must be >= 0, got {self.temporal_blocks}")
+        if min(self.channels) < 1:
+            raise ValueError(f"vae.channels entries must be >= 1, got {list(self.channels)}")
         if not (math.isfinite(self.latent_scale) and self.latent_scale > 0):
             raise ValueError(f"vae.latent_scale must be a positive number, got {self.latent_scale}")
         for name in ("latent_mean", "latent_std"):
@@ -138,6 +147,10 @@ class DiTConfig(_Frozen):
     def _check(self) -> "DiTConfig":
         if self.heads < 1:
             raise ValueError(f"dit.heads must be at least 1, got {self.heads}")
+        if self.width < 1:
+            raise ValueError(f"dit.width must be at least 1, got {self.width}")
+        if not self.mlp_ratio * self.width >= 1:
+            raise ValueError(f"dit.mlp_ratio must be positive (the MLP's width / dit.width), got {self.mlp_ratio}")
         if self.width % self.heads:
             raise ValueError(f"dit.width ({self.width}) must be divisible by dit.heads ({self.heads})")
         if min(self.patch_size) < 1:
@@ -228,7 +241,7 @@ class SamplerConfig(_Frozen):
 class VideoConfig(_Frozen):
     """What to generate."""
 
-    seconds: float = 2.0  # duration
+    seconds: float = Field(2.0, allow_inf_nan=True)  # duration (nan and inf are refused by plan_video, naming --seconds)
     fps: int = 8  # frames per second of the output
     # Frames per second the model makes (the rate of the clips it was trained on; a model folder records it).
     # Output at another `fps` is resampled in time from the model's frames, each output frame showing the
@@ -614,17 +627,40 @@ def text_lines(text: str) -> list[str]:
     return re.split(r"\r\n?|\n", text)
 
 
+def _key_twice(node) -> tuple[str, int] | None:
+    """(key, line) of the first key given twice in one mapping of a composed YAML document, or None. safe_load keeps
+    the last silently: a second `dit:` section would drop the first."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        return key.value, key.start_mark.line + 1
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping with safe_load, turning every failure into one clear line."""
+    """Read a YAML mapping with safe_load (and no key given twice), turning every failure into one clear line."""
     path = Path(path)
     text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
+        twice = _key_twice(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise UserError(f"config file {path} is malformed YAML{where}: {problem}") from None
+    if twice is not None:
+        raise UserError(f"config file {path} gives the key '{twice[0]}' twice in one mapping (line {twice[1]}); "
+                        "give each key once (merge the two sections)")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -685,6 +721,9 @@ def load_config(
         if isinstance(video, dict) and video.get("model_fps") is None:  # a folder saved before video.model_fps:
             video["model_fps"] = video.get("fps", VideoConfig.model_fields["fps"].default)  # its rate is its fps
         data = merge(base, data)
+        for section, key in WEIGHT_FACTS:  # a config written before training measured them (a run's config.yaml
+            if _get(base, section, key) is not None and _get(data, section, key) is None and isinstance(data[section], dict):
+                data[section][key] = base[section][key]  # says null) keeps the folder's: its weights were trained on them
         data["model"] = model
         try:
             return build_config(data)
@@ -697,6 +736,16 @@ def load_config(
                 raise UserError(f"model folder {resolve_model(model)}: its soragen.yaml is not valid: {e}") from None
             raise
     return build_config(data)
+
+
+# Settings a model folder records about its weights: measured in training, so the config a run began with holds
+# null for them. A null from --config or --set does not replace the folder's value.
+WEIGHT_FACTS = (("vae", "latent_mean"), ("vae", "latent_std"), ("video", "model_fps"))
+
+
+def _get(data: dict[str, Any], section: str, key: str) -> Any:
+    part = data.get(section)
+    return part.get(key) if isinstance(part, dict) else None
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -54,12 +54,24 @@ def check_prompt(prompt: str) -> str:
     """Reject an empty or whitespace-only prompt."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("the prompt is empty; describe the video, e.g. soragen generate \"a red ball bouncing\"")
+    check_utf8(prompt, "the prompt")
     return prompt.strip()
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text holding bytes that were not UTF-8 (Python keeps them as lone surrogates: a Latin-1 terminal,
+    `$(cat file)`), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} holds a byte that is not UTF-8 at character {e.start + 1} "
+                        f"({text[max(0, e.start - 10):e.start]!r} before it); pass the text in UTF-8") from None
 
 
 def plan_video(cfg: Config) -> VideoPlan:
     """Check duration, fps and size against what the model can make; return the latent sizes."""
     v = cfg.video
+    check_utf8(cfg.sampler.negative_prompt, "--negative-prompt (sampler.negative_prompt)")
     if not math.isfinite(v.seconds) or v.seconds <= 0:
         raise UserError(f"--seconds (video.seconds) must be a positive number of seconds, got {v.seconds}")
     if v.seconds > v.max_seconds:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from soragen.config import TextEncoderConfig
@@ -145,7 +146,20 @@ class TextEncoder(nn.Module):
         tok_source = tokenizer_path if tokenizer_path is not None else path
 
         def load(local_only: bool):
-            t5 = T5EncoderModel.from_pretrained(str(path), use_safetensors=True, local_files_only=local_only)
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its load report of missing weights becomes the one line below
+            try:
+                t5, info = T5EncoderModel.from_pretrained(str(path), use_safetensors=True, local_files_only=local_only,
+                                                          output_loading_info=True)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if info["missing_keys"]:  # transformers would start them at random and carry on
+                missing = sorted(info["missing_keys"])
+                raise UserError(f"the T5 text encoder in '{path}' lacks {len(missing)} of its weights (e.g. "
+                                f"{missing[0]}): its model.safetensors is incomplete or from another model; write "
+                                "it again with save_pretrained")
             try:
                 return t5, AutoTokenizer.from_pretrained(str(tok_source), local_files_only=local_only)
             except (OSError, ValueError) as e:
@@ -172,11 +186,15 @@ class TextEncoder(nn.Module):
                 t5, tokenizer = load(local_only=False)
         except UserError:
             raise
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise UserError(
                 f"cannot load the T5 text encoder from '{path}': {first_line(e)} "
                 "(expected a folder with config.json and model.safetensors, as written by save_pretrained)"
             ) from None
+        if len(tokenizer) > t5.config.vocab_size:  # its last ids would index past the T5's embedding
+            raise UserError(f"the tokenizer in '{tok_source}' has {len(tokenizer)} tokens but the T5 text encoder in "
+                            f"'{path}' embeds {t5.config.vocab_size}: they are not one model's; use the tokenizer "
+                            "saved with it")
         return cls(t5, tokenizer, max_length, trainable=trainable)
 
     def save(self, text_encoder_dir: Path, tokenizer_dir: Path) -> None:
