@@ -241,3 +241,11 @@ def test_a_run_config_with_a_model_folder_keeps_the_folders_latent_statistics(fo
     loaded = load_config(run_config, [f"model={tmp_path / 'm2'}", "video.fps=16"])
     assert loaded.vae.latent_mean == (0.5,) * 4 and loaded.vae.latent_std == (3.0,) * 4
     assert loaded.video.model_fps == 8 and loaded.video.fps == 16
+
+
+def test_text_encoder_settings_beside_a_model_folder_are_the_folders(folder):
+    """The folder's own T5 runs whatever --set says of its size; the config (and so the sidecar) records what ran."""
+    path, pipe = folder
+    cfg = load_config(None, [f"model={path}", "text_encoder.d_model=256", "text_encoder.num_layers=6"])
+    assert cfg.text_encoder.d_model == pipe.text_encoder.dim and cfg.text_encoder.num_layers != 6
+    assert Pipeline.from_config(cfg).text_encoder.dim == cfg.text_encoder.d_model

@@ -724,6 +724,7 @@ def load_config(
         for section, key in WEIGHT_FACTS:  # a config written before training measured them (a run's config.yaml
             if _get(base, section, key) is not None and _get(data, section, key) is None and isinstance(data[section], dict):
                 data[section][key] = base[section][key]  # says null) keeps the folder's: its weights were trained on them
+        _keep_folder_text_encoder(base, data)
         data["model"] = model
         try:
             return build_config(data)
@@ -741,6 +742,30 @@ def load_config(
 # Settings a model folder records about its weights: measured in training, so the config a run began with holds
 # null for them. A null from --config or --set does not replace the folder's value.
 WEIGHT_FACTS = (("vae", "latent_mean"), ("vae", "latent_std"), ("video", "model_fps"))
+
+
+# The small T5's settings: a model folder's own text encoder (text_encoder/, used unless text_encoder.pretrained
+# names another) has them built in, whatever --config or --set say.
+TEXT_ENCODER_BUILT = ("tokenizer", "d_model", "num_layers", "num_heads", "d_kv", "d_ff")
+
+
+def _keep_folder_text_encoder(base: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put the model folder's small-T5 settings back where the merged config changed them (the folder's text encoder
+    is what runs, and the config and sidecars record it), saying so at debug level (a full preset given with --model
+    changes them all, and its vae and dit settings then make the one error line)."""
+    import logging
+
+    theirs, ours = base.get("text_encoder"), data.get("text_encoder")
+    if not (isinstance(theirs, dict) and isinstance(ours, dict)) or ours.get("pretrained") is not None:
+        return
+    changed = [k for k in TEXT_ENCODER_BUILT if k in theirs and k in ours and ours[k] != theirs[k]]
+    if changed:
+        logging.getLogger(__name__).debug(
+            "%s: ignored; the model folder's own text encoder runs (%s)",
+            ", ".join(f"text_encoder.{k} {ours[k]!r}" for k in changed),
+            ", ".join(f"{k} {theirs[k]!r}" for k in changed))
+        for k in changed:
+            ours[k] = theirs[k]
 
 
 def _get(data: dict[str, Any], section: str, key: str) -> Any:
