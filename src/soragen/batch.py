@@ -819,7 +819,7 @@ def _render_shard(cfg: Config, items: list[Item], folder: Path, shard: tuple[int
                 rec = {"key": item.key, "index": item.index, "where": item.where, "name": item.stem,
                        "prompt": item.fields.get("prompt", ""), "seed": item.seed, "status": "failed", "error": message}
                 if item.key in done:  # its files from before stay (and a run with the settings they had keeps them)
-                    rec["done_before"] = {k: v for k, v in done[item.key].items() if k != "done_before"}
+                    rec["done_before"] = done[item.key]  # an ok record: it holds none itself
                 result.failed.append((item, message))
                 status = "failed"
             rec.update(shard=f"{shard[0]}/{shard[1]}", finished_at=_now(), soragen_version=__version__)

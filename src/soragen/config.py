@@ -721,10 +721,7 @@ def load_config(
         if isinstance(video, dict) and video.get("model_fps") is None:  # a folder saved before video.model_fps:
             video["model_fps"] = video.get("fps", VideoConfig.model_fields["fps"].default)  # its rate is its fps
         data = merge(base, data)
-        for section, key in WEIGHT_FACTS:  # a config written before training measured them (a run's config.yaml
-            if _get(base, section, key) is not None and _get(data, section, key) is None and isinstance(data[section], dict):
-                data[section][key] = base[section][key]  # says null) keeps the folder's: its weights were trained on them
-        _keep_folder_text_encoder(base, data)
+        _keep_folder_values(base, data)
         data["model"] = model
         try:
             return build_config(data)
@@ -749,12 +746,17 @@ WEIGHT_FACTS = (("vae", "latent_mean"), ("vae", "latent_std"), ("video", "model_
 TEXT_ENCODER_BUILT = ("tokenizer", "d_model", "num_layers", "num_heads", "d_kv", "d_ff")
 
 
-def _keep_folder_text_encoder(base: dict[str, Any], data: dict[str, Any]) -> None:
-    """Put the model folder's small-T5 settings back where the merged config changed them (the folder's text encoder
-    is what runs, and the config and sidecars record it), saying so at debug level (a full preset given with --model
-    changes them all, and its vae and dit settings then make the one error line)."""
+def _keep_folder_values(base: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put back, in the merged config `data`, what the model folder's config `base` fixes: its WEIGHT_FACTS where the
+    layers above left null, and its small-T5 settings wherever they changed them (the folder's text encoder is what
+    runs, and the config and sidecars record it; said at debug level: a full preset given with --model changes them
+    all, and its vae and dit settings then make the one error line)."""
     import logging
 
+    for section, key in WEIGHT_FACTS:
+        ours, theirs = data.get(section), base.get(section)
+        if isinstance(ours, dict) and isinstance(theirs, dict) and ours.get(key) is None and theirs.get(key) is not None:
+            ours[key] = theirs[key]
     theirs, ours = base.get("text_encoder"), data.get("text_encoder")
     if not (isinstance(theirs, dict) and isinstance(ours, dict)) or ours.get("pretrained") is not None:
         return
@@ -766,11 +768,6 @@ def _keep_folder_text_encoder(base: dict[str, Any], data: dict[str, Any]) -> Non
             ", ".join(f"{k} {theirs[k]!r}" for k in changed))
         for k in changed:
             ours[k] = theirs[k]
-
-
-def _get(data: dict[str, Any], section: str, key: str) -> Any:
-    part = data.get(section)
-    return part.get(key) if isinstance(part, dict) else None
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

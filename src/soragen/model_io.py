@@ -127,13 +127,12 @@ def weights_digest(model: str | None) -> str | None:
     if model is None:
         return None
     folder = resolve_model(model)
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
-    small = [p for p in files if p.stat().st_size <= DIGEST_READ_BYTES]
-    h = hashlib.sha256(files_digest(small, root=folder).encode())
-    for p in files:
-        if p not in small:
-            st = p.stat()
-            h.update(f"{p.relative_to(folder).as_posix()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()):
+        st = path.stat()
+        read = st.st_size <= DIGEST_READ_BYTES
+        h.update(files_digest([path], root=folder).encode() if read
+                 else f"{path.relative_to(folder).as_posix()} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 

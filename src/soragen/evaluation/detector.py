@@ -349,7 +349,8 @@ def _apexes(track: _Track, fps: int) -> list[float]:
     y = track.y[idx]
     m = _reach(fps)
     return [float(y[k]) for k in range(1, len(y) - 1)
-            if y[k] <= y[max(0, k - m) : k].min() and y[k] < y[k + 1 : k + 1 + m].min() and y[k] < y[min(k + m, len(y) - 1)] - 0.2]
+            if y[k] <= y[max(0, k - m) : k].min() and y[k] < y[k + 1 : k + 1 + m].min()
+            and y[k] < y[min(k + m, len(y) - 1)] - 0.2]
 
 
 def _bounces_ok(track: _Track, fps: int) -> bool:
