@@ -26,6 +26,17 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.video.seconds == 5.0
 
 
+def test_text_settings_take_the_words_as_written():
+    # YAML would read these as a boolean, an integer and a date; a text setting keeps the text.
+    cfg = load_config(None, ["sampler.negative_prompt=yes", "train.output_dir=2024", "data.kind=manifest", "data.path=2024-01-01"],
+                      builtin_default=False)
+    assert cfg.sampler.negative_prompt == "yes" and cfg.train.output_dir == "2024" and cfg.data.path == "2024-01-01"
+    # null still clears an optional text setting; numbers and choices are still typed (and checked)
+    assert load_config(None, ["model=null"], builtin_default=False).model is None
+    with pytest.raises(UserError, match="sampler.steps"):
+        load_config(None, ["sampler.steps=yes"], builtin_default=False)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["dit.depth=4", "seed=7"])
     path = tmp_path / "resolved.yaml"

@@ -6,6 +6,7 @@ overrides and validates once. Unknown keys fail naming the closest valid key.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -573,7 +574,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text as a string, validation judges it
+    if isinstance(value, (bool, int, float, datetime.date)) and _takes_text(parts):
+        value = raw.strip()  # a text setting takes the words as written: negative_prompt=yes, output_dir=2024
     return parts, value
+
+
+def _takes_text(parts: list[str]) -> bool:
+    """Whether the config key `parts` names a text field (str, or str | None); False for unknown keys."""
+    model: type[BaseModel] = Config
+    for part in parts[:-1]:
+        sub = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return False
+        model = sub
+    field = model.model_fields.get(parts[-1])
+    return field is not None and field.annotation in (str, str | None)
 
 
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
