@@ -345,6 +345,26 @@ def test_linear_matches_nn_linear_with_and_without_gradients():
         assert fast(x).dtype == plain(x).dtype == torch.bfloat16
 
 
+def test_rms_norm_matches_torch_with_gradients():
+    """dit.rms_norm (its own backward in fp32 CPU training) gives F.rms_norm's values and gradients, on a
+    strided slice as the attention takes it and with a gain."""
+    import torch.nn.functional as F
+
+    from soragen.dit import rms_norm
+
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 5, 3, 2, 8) * 4
+    gain = torch.rand(8) + 0.5
+    grads = []
+    for norm in (lambda x, w: rms_norm(x, 1e-6, w), lambda x, w: F.rms_norm(x, (8,), w, eps=1e-6)):
+        x, w = qkv.clone().requires_grad_(), gain.clone().requires_grad_()
+        out = norm(x[:, :, :2], w)
+        (out * torch.linspace(-1, 2, 8)).square().sum().backward()
+        grads.append((out.detach(), x.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_flops_are_counted():
     """The benchmark's FlopCounterMode sees the oneDNN products as it sees addmm: 2 FLOPs per multiply-add."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -113,6 +113,33 @@ class TimestepEmbedder(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMS normalisation over the last axis, no affine, with its backward written out: dx = r (g - y mean(g y)).
+    Autograd's decomposition of F.rms_norm on CPU took 14 ms forward and backward on one attention's queries and
+    keys in training (256 x 17 x 2 x 4 x 64), this 9 ms (session 37)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        y, r = ctx.saved_tensors
+        return torch.addcmul(grad, y, (grad * y).mean(-1, keepdim=True), value=-1).mul_(r), None
+
+
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """F.rms_norm over the last axis (times `weight`); in fp32 CPU training through _RMSNormFunction."""
+    if torch.is_grad_enabled() and x.requires_grad and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = _RMSNormFunction.apply(x, eps)
+        return y if weight is None else y * weight
+    return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+
+
 def qk_gain(q_norm: nn.RMSNorm, k_norm: nn.RMSNorm) -> torch.Tensor:
     """The query and key norms' gains as one gain on the queries [d].
 
@@ -137,7 +164,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)  # (B, N, 3, h, d)
         # Queries and keys normalised together by one kernel, read in the projection's own layout.
-        qk = F.rms_norm(qkv[:, :, :2], (qkv.shape[-1],), eps=self.q_norm.eps)  # (B, N, 2, h, d)
+        qk = rms_norm(qkv[:, :, :2], self.q_norm.eps)  # (B, N, 2, h, d)
         q = qk[:, :, 0] * qk_gain(self.q_norm, self.k_norm)  # (B, N, h, d)
         k, v = qk[:, :, 1], qkv[:, :, 2]  # (B, N, h, d)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, N, d)
@@ -159,12 +186,12 @@ class CrossAttention(nn.Module):
     def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded text [B, L, D] -> normalised keys and values [B, h, L, d]: the same at every denoising step."""
         k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)  # (B, h, L, d) each
-        return F.rms_norm(k, (k.shape[-1],), eps=self.k_norm.eps), v  # the keys' gain acts through the queries
+        return rms_norm(k, self.k_norm.eps), v  # the keys' gain acts through the queries
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor) -> torch.Tensor:
         """x [B, N, D]; keys_values from `keys_values`; attn_mask [B, 1, 1, L], True = attend."""
         q = rearrange(self.q(x), "b n (h d) -> b n h d", h=self.heads)  # (B, N, h, d)
-        q = F.rms_norm(q, (q.shape[-1],), qk_gain(self.q_norm, self.k_norm), eps=self.q_norm.eps)
+        q = rms_norm(q, self.q_norm.eps, qk_gain(self.q_norm, self.k_norm))
         k, v = keys_values
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)

@@ -5,7 +5,8 @@ torch multiplies fp32 matrices on x86 with MKL, and MKL takes its AVX2 code on A
 kernels for the CPU it finds. On the project's 2-core AMD EPYC machines, a 2048^3 fp32 product
 ran at 190-195 GFLOP/s through `torch.matmul` and at 358-435 through oneDNN; one denoising step of
 the built-in DiT took 32-36 ms instead of 55-60 (the same outputs to 5e-6), and a training forward
-and backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry).
+and backward of 16 windows 1.09 s instead of 1.58 (gradients the same to 1e-6 of their largest entry;
+the weight's gradient now goes through torch.mm, see _LinearFunction).
 Anywhere else (no oneDNN, a CPU without AVX-512, not x86-64, not fp32 on CPU, under autocast, empty
 input) `Linear` is plain `nn.Linear`.
 """
@@ -69,7 +70,11 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 
 class _LinearFunction(torch.autograd.Function):
-    """y = x W^T + b with all three products (forward, and both gradients) through oneDNN."""
+    """y = x W^T + b: the forward product and the input's gradient through oneDNN, the weight's gradient through
+    torch.mm. oneDNN takes that product's transposed gradient [out, rows] only after copying it whole (up to a
+    third of a second per training step of the built-in DiT in torch's profiler); MKL reads it transposed in place.
+    A training step of 16 windows, medians of three A/B runs of 10 steps (session 37, AVX-512): 1.97-2.67 s with
+    oneDNN's, 1.88-1.98 s with torch.mm's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +88,7 @@ class _LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
         grad_x = _matmul_t(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ W
-        grad_w = _matmul_t(grad_rows.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # grad^T @ x
+        grad_w = torch.mm(grad_rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # grad^T @ x
         grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
