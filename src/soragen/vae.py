@@ -44,10 +44,19 @@ def _groups(channels: int) -> int:
     return 8 if channels % 8 == 0 else 1
 
 
-def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2D module to every frame of x [B, C, T, H, W]."""
+def per_frame(fn, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Apply a 2D module to every frame of x [B, C, T, H, W].
+
+    channels_last: hand fn the frames stored channels-last on CPU, the layout oneDNN's convolutions work in
+    (in the NCHW layout torch converts each convolution's input, output and gradients). For the decoder's
+    2D stack on 8 clips of 17 frames (session 37, AVX-512): forward and backward 1.82-2.08 -> 1.23-1.28 s,
+    forward alone 0.41-0.50 -> 0.32-0.34 s, the same loss and gradients.
+    """
     b = x.shape[0]
-    y = fn(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C', H', W')
+    frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+    if channels_last and frames.device.type == "cpu":
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    y = fn(frames)  # (B*T, C', H', W')
     return rearrange(y, "(b t) c h w -> b c t h w", b=b)  # (B, C', T, H', W')
 
 
@@ -145,7 +154,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.f
-        h = per_frame(lambda im: self.spatial(self.conv_in(im)), x)  # (B, C, T, h, w)
+        h = per_frame(lambda im: self.spatial(self.conv_in(im)), x, channels_last=True)  # (B, C, T, h, w)
         h = torch.cat([h[:, :, :1].repeat(1, 1, f - 1, 1, 1), h], dim=2)  # (B, C, f*(1+k), h, w): frame 0 fills a group
         h = rearrange(h, "b c (k f) h w -> b (c f) k h w", f=f)  # (B, C*f, 1+k, h, w)
         h = self.time_in(h)  # (B, Ct, 1+k, h, w)
@@ -183,7 +192,8 @@ class Decoder(nn.Module):
             h = h[:, :, f - 1 :]  # (B, C, 1+f*(K-1), h, w): latent frame 0 holds one frame only
         if cache is not None:
             cache["started"] = True
-        return per_frame(lambda im: self.conv_out(F.silu(self.norm_out(self.spatial(im)))), h)  # (B, 3, T, H, W)
+        return per_frame(lambda im: self.conv_out(F.silu(self.norm_out(self.spatial(im)))), h,
+                         channels_last=True)  # (B, 3, T, H, W)
 
 
 # ---------------------------------------------------------------------------
