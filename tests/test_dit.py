@@ -365,6 +365,21 @@ def test_rms_norm_matches_torch_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_with_its_gelu_in_the_product_matches_apart():
+    """DiT's MLP without gradients (the GELU inside oneDNN's product where it is used) gives what the layers give
+    one after another, and the same state-dict keys as the nn.Sequential it replaced."""
+    from soragen.dit import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 64)
+    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    x = torch.randn(2, 3, 5, 16)
+    apart = mlp[2](mlp[1](mlp[0](x)))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), apart.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mlp(x), apart)  # with gradients: the layers themselves
+
+
 def test_linear_flops_are_counted():
     """The benchmark's FlopCounterMode sees the oneDNN products as it sees addmm: 2 FLOPs per multiply-add."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -76,6 +76,18 @@ class GELUTanh(nn.Module):
         return torch.addcmul(self.k, x, x, value=0.044715 * self.K).mul_(x).sigmoid_().mul_(x)
 
 
+class MLP(nn.Sequential):
+    """Linear, tanh GELU, Linear (state-dict keys 0 and 2); the first product takes the GELU with it, to run
+    it inside the product where it can (soragen.linear.Linear)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__(Linear(width, hidden), GELUTanh(), Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, gelu, fc2 = self
+        return fc2(fc1(x, gelu_tanh=gelu))
+
+
 class PlainLayerNorm(nn.Module):
     """LayerNorm without a learned affine (adaLN supplies it), computed through torch's affine kernel with a
     fixed gain of 1 and bias of 0: the same numbers, and on CPU that kernel took 0.024 ms on one window's
@@ -286,7 +298,7 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(width, heads)
         self.norm3 = PlainLayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(Linear(width, hidden), GELUTanh(), Linear(hidden, width))
+        self.mlp = MLP(width, hidden)
         self.adaLN = nn.Sequential(nn.SiLU(), Linear(width, (9 if factorized else 6) * width))
 
     def forward(self, x: torch.Tensor, c: FrameConditioning, keys_values: tuple[torch.Tensor, torch.Tensor],
