@@ -1,4 +1,6 @@
-"""scripts/bench_long.py's products-alone measure: every linear layer's product of one forward, at its shape."""
+"""The benchmark scripts: bench_long.py's products-alone measure and attention FLOPs; bench_train.py runs."""
+
+import json
 
 import torch
 from conftest import load_script
@@ -35,3 +37,15 @@ def test_cpu_attention_is_counted():
         with counter, torch.no_grad():
             F.scaled_dot_product_attention(q, k, v, **kwargs)
         assert counter.get_total_flops() == 4 * 2 * 4 * 10 * 10 * 16
+
+
+def test_bench_train_times_each_step_of_the_recipe(tmp_path, capsys):
+    """scripts/bench_train.py runs the recipe's steps at its settings and reports each (one timed repetition)."""
+    out = tmp_path / "bench.json"
+    results = load_script("bench_train").main(["--steps", "1", "--json", str(out)])
+    assert set(results) == {"vae_step_s", "cache_clips_per_s", "dit_step_s", "dit_first_estimate_s",
+                            "decoder_phase_encode_s", "decoder_phase_denoise_s", "decoder_phase_decoder_s"}
+    assert all(v > 0 for v in results.values())
+    assert json.loads(out.read_text()) == results
+    printed = capsys.readouterr().out
+    assert "DiT stage step (16 windows x 17 latent frames)" in printed and "min per 1,000 steps" in printed
