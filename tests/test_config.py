@@ -31,6 +31,9 @@ def test_text_settings_take_the_words_as_written():
     cfg = load_config(None, ["sampler.negative_prompt=yes", "train.output_dir=2024", "data.kind=manifest", "data.path=2024-01-01"],
                       builtin_default=False)
     assert cfg.sampler.negative_prompt == "yes" and cfg.train.output_dir == "2024" and cfg.data.path == "2024-01-01"
+    # YAML's comments and mappings are words there too; quoted text is YAML's
+    for raw, words in (("blurry, #1 worst", "blurry, #1 worst"), ("blurry: low", "blurry: low"), ('"a # b"', "a # b")):
+        assert load_config(None, [f"sampler.negative_prompt={raw}"], builtin_default=False).sampler.negative_prompt == words
     # null still clears an optional text setting; numbers and choices are still typed (and checked)
     assert load_config(None, ["model=null"], builtin_default=False).model is None
     with pytest.raises(UserError, match="sampler.steps"):

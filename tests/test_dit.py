@@ -366,18 +366,21 @@ def test_rms_norm_matches_torch_with_gradients():
 
 
 def test_mlp_with_its_gelu_in_the_product_matches_apart():
-    """DiT's MLP without gradients (the GELU inside oneDNN's product where it is used) gives what the layers give
-    one after another, and the same state-dict keys as the nn.Sequential it replaced."""
-    from soragen.dit import MLP
+    """The block's MLP without gradients (the GELU inside oneDNN's product where it is used) gives what the layers
+    give one after another; with gradients it is the layers one after another."""
+    from soragen.dit import GELUTanh, run_mlp
+    from soragen.linear import Linear
 
     torch.manual_seed(0)
-    mlp = MLP(16, 64)
-    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    layers = torch.nn.Sequential(Linear(16, 64), GELUTanh(), Linear(64, 16))
     x = torch.randn(2, 3, 5, 16)
-    apart = mlp[2](mlp[1](mlp[0](x)))
+    apart = layers(x)
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x), apart.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mlp(x), apart)  # with gradients: the layers themselves
+        torch.testing.assert_close(run_mlp(layers, x), apart.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_mlp(layers, x), apart)
+    if not layers[0].fuses_gelu(x):  # with gradients, or without oneDNN: asking for the fused GELU is an error
+        with pytest.raises(ValueError, match="gelu_tanh"):
+            layers[0](x, gelu_tanh=True)
 
 
 def test_linear_flops_are_counted():

@@ -6,7 +6,6 @@ overrides and validates once. Unknown keys fail naming the closest valid key.
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import hashlib
 import json
@@ -563,19 +562,21 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") 
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b.c=value` into (["a", "b", "c"], parsed value); values are YAML scalars or lists."""
+    """Split `a.b.c=value` into (["a", "b", "c"], parsed value); values are YAML scalars or lists, but a text
+    setting's value is its words as written (YAML reads a quoted one; null clears it)."""
     if "=" not in text:
         raise UserError(f"--set expects key.path=value, got {text!r}")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
         raise UserError(f"--set expects key.path=value with a non-empty dotted key, got {text!r}")
+    text = raw.strip()
+    if _takes_text(parts) and text[:1] not in ("'", '"') and text not in ("null", "Null", "NULL", "~"):
+        return parts, text  # a text setting takes the words as written: negative_prompt=yes, "blurry, #1 worst"
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if text else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text as a string, validation judges it
-    if isinstance(value, (bool, int, float, datetime.date)) and _takes_text(parts):
-        value = raw.strip()  # a text setting takes the words as written: negative_prompt=yes, output_dir=2024
     return parts, value
 
 

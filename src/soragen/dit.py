@@ -76,16 +76,12 @@ class GELUTanh(nn.Module):
         return torch.addcmul(self.k, x, x, value=0.044715 * self.K).mul_(x).sigmoid_().mul_(x)
 
 
-class MLP(nn.Sequential):
-    """Linear, tanh GELU, Linear (state-dict keys 0 and 2); the first product takes the GELU with it, to run
-    it inside the product where it can (soragen.linear.Linear)."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__(Linear(width, hidden), GELUTanh(), Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1, gelu, fc2 = self
-        return fc2(fc1(x, gelu_tanh=gelu))
+def run_mlp(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP (Linear, tanh GELU, Linear). Where oneDNN takes the first product without gradients, the
+    GELU runs inside it (so a hook on layers[0] sees its output after the GELU there, and layers[1] is not called);
+    elsewhere the layers run one after another."""
+    fc1, gelu, fc2 = layers
+    return fc2(fc1(x, gelu_tanh=True) if fc1.fuses_gelu(x) else gelu(fc1(x)))
 
 
 class PlainLayerNorm(nn.Module):
@@ -298,7 +294,7 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(width, heads)
         self.norm3 = PlainLayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = MLP(width, hidden)
+        self.mlp = nn.Sequential(Linear(width, hidden), GELUTanh(), Linear(hidden, width))
         self.adaLN = nn.Sequential(nn.SiLU(), Linear(width, (9 if factorized else 6) * width))
 
     def forward(self, x: torch.Tensor, c: FrameConditioning, keys_values: tuple[torch.Tensor, torch.Tensor],
@@ -319,7 +315,7 @@ class DiTBlock(nn.Module):
         if self.tconv is not None:
             x = x + self.tconv(x)  # the same place one token-frame before and after
         x = x + self.cross(self.norm2(x).reshape(b, tf * s, d), keys_values, attn_mask).view(b, tf, s, d)
-        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
+        x = torch.addcmul(x, gate2, run_mlp(self.mlp, modulate(self.norm3(x), shift2, scale2)))
         return x  # (B, Tf, S, D)
 
 

@@ -96,20 +96,27 @@ class _LinearFunction(torch.autograd.Function):
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys); fp32 on CPU, through oneDNN."""
 
-    def forward(self, x: torch.Tensor, gelu_tanh: nn.Module | None = None) -> torch.Tensor:
-        """x W^T + b, then `gelu_tanh` (a tanh-approximation GELU module) when given. Without gradients on
-        oneDNN that GELU runs inside the product, on each block of it while it is in cache: in the built-in
-        DiT's MLP a denoising step took 75.6 ms against 82.4, and 92.4 against 98.9 in a slower hour (medians
-        of 128 interleaved steps each, session 37), the same outputs to 3e-6."""
-        if not (onednn_active() and x.numel() and self.weight.dtype == torch.float32 and onednn_takes(x)):
-            y = F.linear(x, self.weight, self.bias)
-        elif torch.is_grad_enabled():
-            y = _LinearFunction.apply(x, self.weight, self.bias)
-        elif gelu_tanh is not None:
+    def takes_onednn(self, x: torch.Tensor) -> bool:
+        return onednn_active() and bool(x.numel()) and self.weight.dtype == torch.float32 and onednn_takes(x)
+
+    def fuses_gelu(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, gelu_tanh=True) is taken here: oneDNN's product without gradients."""
+        return not torch.is_grad_enabled() and self.takes_onednn(x)
+
+    def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """x W^T + b; with gelu_tanh (only where `fuses_gelu`), its tanh-approximation GELU computed inside
+        oneDNN's product, on each block of it while it is in cache: in the built-in DiT's MLP a denoising step
+        took 75.6 ms against 82.4, and 92.4 against 98.9 in a slower hour (medians of 128 interleaved steps
+        each, session 37), the same outputs to 3e-6."""
+        if gelu_tanh:
+            if not self.fuses_gelu(x):
+                raise ValueError("gelu_tanh is computed inside oneDNN's product without gradients only (see fuses_gelu)")
             return _LINEAR(x, self.weight, self.bias, "gelu", [], "tanh")
-        else:
-            return _matmul_t(x, self.weight, self.bias)
-        return y if gelu_tanh is None else gelu_tanh(y)
+        if not self.takes_onednn(x):
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            return _LinearFunction.apply(x, self.weight, self.bias)
+        return _matmul_t(x, self.weight, self.bias)
 
 
 def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
