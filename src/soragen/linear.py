@@ -97,6 +97,7 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys); fp32 on CPU, through oneDNN."""
 
     def takes_onednn(self, x: torch.Tensor) -> bool:
+        """Whether this layer's product on x runs through oneDNN (else F.linear)."""
         return onednn_active() and bool(x.numel()) and self.weight.dtype == torch.float32 and onednn_takes(x)
 
     def fuses_gelu(self, x: torch.Tensor) -> bool:
