@@ -42,6 +42,13 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimizer step on loss, as training takes it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed repetitions of each step (median)")
@@ -71,15 +78,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=0.0)
 
     def vae_step():
-        loss, _ = vae_loss(vae, clips, t.vae)
-        vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        vae_opt.step()
+        update(vae_opt, vae_loss(vae, clips, t.vae)[0])
 
     results["vae_step_s"] = timed(vae_step, args.steps)
     vae.eval().requires_grad_(False)
 
-    # The latent cache: clips of 2 * clip_latent_frames - 1 frames.
+    # The latent cache: clips of 1 + f * (clip_latent_frames - 1) frames (39 in the recipe).
     frames = vae.temporal_compression * (recipe.data.clip_latent_frames - 1) + 1
     cache_clips = torch.rand(8, 3, frames, *size) * 2 - 1
     with torch.no_grad():
@@ -98,11 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def dit_step():
         text, mask = text_encoder(prompts)
-        loss = dit_loss(dit, scheduler, x0, text, mask, n_ctx, t.dit.context_noise, generator,
-                        frame_noise=t.dit.frame_noise, noise_correlation=sampler.noise_correlation)
-        dit_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dit_opt.step()
+        update(dit_opt, dit_loss(dit, scheduler, x0, text, mask, n_ctx, t.dit.context_noise, generator,
+                                 frame_noise=t.dit.frame_noise, noise_correlation=sampler.noise_correlation))
 
     def first_estimate():  # self-conditioning's forward without gradients, taken in half the steps
         with torch.no_grad():
@@ -135,10 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dec_opt = torch.optim.AdamW(decoder.parameters(), lr=0.0)
 
     def decoder_step():
-        loss, _ = reconstruction_loss(decoder(vae.denormalize(z)), clips, t.vae.object_weight, t.vae.edge_weight)
-        dec_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dec_opt.step()
+        update(dec_opt, reconstruction_loss(decoder(vae.denormalize(z)), clips, t.vae.object_weight,
+                                            t.vae.edge_weight)[0])
 
     results["decoder_phase_decoder_s"] = timed(decoder_step, args.steps)
 
