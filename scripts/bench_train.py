@@ -1,6 +1,6 @@
 """Benchmark the built-in model's training recipe step by step on this machine.
 
-    python scripts/bench_train.py [--steps 10] [--json FILE]
+    python scripts/bench_train.py [--steps 10] [--mixed-precision bf16] [--json FILE]
 
 Times, on the built-in model's architecture and the recipe's settings (configs/default.yaml,
 scripts/train_default.sh), the steps its phases repeat, each the median of --steps after two
@@ -16,6 +16,8 @@ untimed ones:
   these 5, the last 3 unguided in both);
 - encoding the latent cache: clips of 39 frames per second.
 Random weights of the built-in model's sizes stand in for trained ones: the work is the same.
+With --mixed-precision bf16 the models train.mixed_precision=bf16 trains (the VAE, the DiT and its T5, the decoder)
+run their forward under bf16 autocast, as accelerate wraps them; encoding the cache and sampling stay fp32, as there.
 Multiply by a phase's steps (scripts/train_default.sh's header lists them) for its time.
 """
 
@@ -26,6 +28,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import contextlib
 
 import torch
 
@@ -52,6 +56,8 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed repetitions of each step (median)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="as train.mixed_precision: bf16 autocast in the training steps")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -72,6 +78,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     size = (recipe.video.height, recipe.video.width)
     results: dict[str, float] = {}
 
+    @contextlib.contextmanager
+    def prepared(*models):
+        """The models' forward as accelerate's prepare() wraps it for --mixed-precision bf16 (autocast, fp32 outputs)."""
+        from accelerate.utils import convert_outputs_to_fp32
+
+        if args.mixed_precision == "bf16":
+            for m in models:
+                m.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(m.forward))
+        try:
+            yield
+        finally:
+            for m in models:
+                m.__dict__.pop("forward", None)
+
     # The VAE stage.
     vae.train().requires_grad_(True)
     clips = torch.rand(t.vae.batch_size, 3, t.vae.clip_frames, *size) * 2 - 1
@@ -80,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def vae_step():
         update(vae_opt, vae_loss(vae, clips, t.vae)[0])
 
-    results["vae_step_s"] = timed(vae_step, args.steps)
+    with prepared(vae):
+        results["vae_step_s"] = timed(vae_step, args.steps)
     vae.eval().requires_grad_(False)
 
     # The latent cache: clips of 1 + f * (clip_latent_frames - 1) frames (39 in the recipe).
@@ -110,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             text, mask = text_encoder(prompts)
             dit(x0, torch.full(x0.shape[:1], 500), text, mask)
 
-    results["dit_step_s"] = timed(dit_step, args.steps)
-    results["dit_first_estimate_s"] = timed(first_estimate, args.steps)
+    with prepared(dit, text_encoder):
+        results["dit_step_s"] = timed(dit_step, args.steps)
+        results["dit_first_estimate_s"] = timed(first_estimate, args.steps)
     dit.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
@@ -139,10 +161,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         update(dec_opt, reconstruction_loss(decoder(vae.denormalize(z)), clips, t.vae.object_weight,
                                             t.vae.edge_weight)[0])
 
-    results["decoder_phase_decoder_s"] = timed(decoder_step, args.steps)
+    with prepared(decoder):
+        results["decoder_phase_decoder_s"] = timed(decoder_step, args.steps)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; medians of {args.steps} steps")
+          f"{torch.backends.cpu.get_cpu_capability()}; mixed precision {args.mixed_precision}; medians of "
+          f"{args.steps} steps")
     print(f"VAE stage step ({t.vae.batch_size} clips x {t.vae.clip_frames} frames): {results['vae_step_s']:.3f} s "
           f"({results['vae_step_s'] * 1000 / 60:.1f} min per 1,000 steps)")
     print(f"latent cache: {results['cache_clips_per_s']:.1f} clips of {frames} frames per second")

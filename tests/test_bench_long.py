@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import load_script
 from torch import nn
@@ -39,13 +40,15 @@ def test_cpu_attention_is_counted():
         assert counter.get_total_flops() == 4 * 2 * 4 * 10 * 10 * 16
 
 
-def test_bench_train_times_each_step_of_the_recipe(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_bench_train_times_each_step_of_the_recipe(tmp_path, capsys, precision):
     """scripts/bench_train.py runs the recipe's steps at its settings and reports each (one timed repetition)."""
     out = tmp_path / "bench.json"
-    results = load_script("bench_train").main(["--steps", "1", "--json", str(out)])
+    results = load_script("bench_train").main(["--steps", "1", "--mixed-precision", precision, "--json", str(out)])
     assert set(results) == {"vae_step_s", "cache_clips_per_s", "dit_step_s", "dit_first_estimate_s",
                             "decoder_phase_encode_s", "decoder_phase_denoise_s", "decoder_phase_decoder_s"}
     assert all(v > 0 for v in results.values())
     assert json.loads(out.read_text()) == results
     printed = capsys.readouterr().out
     assert "DiT stage step (16 windows x 17 latent frames)" in printed and "min per 1,000 steps" in printed
+    assert f"mixed precision {precision};" in printed

@@ -365,6 +365,30 @@ def test_rms_norm_matches_torch_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_under_cpu_autocast_runs_in_fp32_with_gradients():
+    """Under CPU autocast (train.mixed_precision=bf16) dit.attention takes bf16 or fp32 inputs to fp32 SDPA: the
+    same values and gradients as SDPA outside autocast on the same inputs."""
+    import torch.nn.functional as F
+
+    from soragen.dit import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 8).bfloat16().float() for _ in range(3))
+    mask = torch.tensor([True] * 5 + [False] * 2).view(1, 1, 1, 7)
+    results = []
+    for under_autocast in (True, False):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            a, b, c = inputs[0], inputs[1].bfloat16(), inputs[2].bfloat16()  # keys and values from bf16 products
+            out = attention(a, b, c, mask) if under_autocast else F.scaled_dot_product_attention(
+                a, b.float(), c.float(), attn_mask=mask)
+        assert out.dtype == torch.float32
+        out.square().sum().backward()
+        results.append((out.detach(), *(x.grad for x in inputs)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_mlp_with_its_gelu_in_the_product_matches_apart():
     """The block's MLP without gradients (the GELU inside oneDNN's product where it is used) gives what the layers
     give one after another; with gradients it is the layers one after another."""

@@ -1166,3 +1166,48 @@ def test_contrast_captions_never_name_a_held_out_combination():
                                np.zeros(3, int), limit=8, swap=swap_shapes)
     assert rows == [1, 2] and texts == ["a small cyan box bouncing", "a green ball bouncing"]
     assert not any(names_held_out(t) for t in texts) and not names_held_out("not a caption")
+
+
+def test_bf16_mixed_precision_trains_in_bf16_keeps_fp32_weights_and_resumes_in_fp32(tmp_path, monkeypatch):
+    """train.mixed_precision=bf16: the DiT's products run under accelerate's CPU autocast (its attention in fp32),
+    the model folder holds fp32 weights, and the run resumes without it from its checkpoint."""
+    import soragen.dit
+
+    seen = []
+    attention = soragen.dit.attention
+
+    def recording(q, k, v, attn_mask=None):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), v.dtype))
+        out = attention(q, k, v, attn_mask)
+        assert out.dtype == torch.float32  # CPU autocast's bf16 flash attention backward was 10x slower
+        return out
+
+    monkeypatch.setattr(soragen.dit, "attention", recording)
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.mixed_precision=bf16", "train.dit.stop_after=2"])
+    train(cfg)
+    assert (True, True, torch.bfloat16) in seen  # a training forward, its values from a bf16 product
+    assert RunFolder(tmp_path).latest("dit").name == "dit-0000002"
+    seen.clear()
+    more = train_config(TINY + [f"train.output_dir={tmp_path}"])  # mixed_precision "no"
+    assert train(more, resume=True) == tmp_path / "model"
+    assert seen and not any(autocast for autocast, _, _ in seen)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
+
+
+def test_fp16_mixed_precision_without_a_gpu_is_refused_before_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"'fp16' needs a GPU.*'bf16'"):
+        train(train_config(TINY + [f"train.output_dir={run}", "train.mixed_precision=fp16"]))
+    assert not run.exists()
+
+
+def test_accelerate_launchs_mixed_precision_is_named_when_it_is_not_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="soragen"):
+        train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]"]))
+    assert "--set train.mixed_precision=bf16" in caplog.text

@@ -160,13 +160,23 @@ def _cpu_only() -> bool:
         return True
 
 
-def _make_accelerator(root: Path):
+def _make_accelerator(root: Path, mixed_precision: str):
+    """The stage's Accelerator, with train.mixed_precision (its autocast wraps the forward of every prepared model)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    shared = AcceleratorState._shared_state  # (reading it does not create the state, as AcceleratorState() would)
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        # An earlier run in this process trained at another precision: accelerate keeps one per process unless its
+        # state is cleared (the process group, in PartialState, stays).
+        AcceleratorState._reset_state()
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else None
-    acc = Accelerator(cpu=_cpu_only(), log_with=log_with,
-                      project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
+    try:
+        acc = Accelerator(cpu=_cpu_only(), log_with=log_with, mixed_precision=mixed_precision,
+                          project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
+    except ValueError as e:  # e.g. a device without autocast in that precision
+        raise UserError(f"train.mixed_precision '{mixed_precision}': {e}; 'no' works everywhere") from None
     if log_with:
         acc.init_trackers("soragen")
     return acc
@@ -402,7 +412,7 @@ def train_vae(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     from soragen.vae import VideoVAE
 
     t = cfg.train.vae
-    acc = _make_accelerator(run.root)
+    acc = _make_accelerator(run.root, cfg.train.mixed_precision)
     torch.manual_seed(cfg.seed)
     vae = VideoVAE(cfg.vae)
     if t.init_model is not None:
@@ -1003,7 +1013,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     # A resume keeps the word vocabulary its checkpoints were trained with; decided by every process before
     # the main one may write it below.
     kept = resume and run.latest("dit") is not None and (run.vocabulary / "tokenizer.json").is_file()
-    acc = _make_accelerator(run.root)
+    acc = _make_accelerator(run.root, cfg.train.mixed_precision)
     vae = load_trained_vae(cfg, run)
     with acc.main_process_first():  # one process encodes the clips; the others read its cache
         cache = build_latent_cache(cfg, run, vae, progress if acc.is_main_process else None)
@@ -1245,7 +1255,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     vae, dit, text_encoder = pipe.vae, pipe.dit.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
     decoder = vae.decoder.requires_grad_(True)
-    acc = _make_accelerator(run.root)
+    acc = _make_accelerator(run.root, cfg.train.mixed_precision)
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=t.lr, weight_decay=0.0)
     lr_sched = _cosine(optimizer, warmup=min(50, t.steps // 10), total=t.steps)
@@ -1381,6 +1391,9 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     from soragen.model_io import WEIGHTS, missing_parts, resolve_model
 
     t = cfg.train
+    if t.mixed_precision == "fp16" and _cpu_only():  # accelerate would take it and train in fp32 without a word
+        raise UserError("train.mixed_precision 'fp16' needs a GPU, and this machine has none; on a CPU use 'bf16' "
+                        "(fast on CPUs with AMX) or 'no'")
     if "vae" in t.stages and t.vae_model is None and t.vae.init_model is not None and not (
             resume and (run.vae / WEIGHTS).is_file()):  # (a resumed run whose VAE is trained does not start from it)
         _finished_vae(t.vae.init_model, "train.vae.init_model")
@@ -1494,6 +1507,10 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
     if not state.is_main_process:
         log.setLevel(logging.ERROR)  # the main process tells what the run does, and warns once
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision (or its config)
+    if launched not in ("no", cfg.train.mixed_precision):
+        log.warning("accelerate launch's mixed precision '%s' is not used: soragen trains with train.mixed_precision "
+                    "'%s'; set that (e.g. --set train.mixed_precision=%s)", launched, cfg.train.mixed_precision, launched)
     warn_short_clips(cfg)
     run = RunFolder(Path(cfg.train.output_dir))
     check_before_stages(cfg, run, resume)
