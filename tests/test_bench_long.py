@@ -40,7 +40,17 @@ def test_cpu_attention_is_counted():
         assert counter.get_total_flops() == 4 * 2 * 4 * 10 * 10 * 16
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+def has_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): elsewhere bf16 runs emulated, far slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@pytest.mark.parametrize("precision", ["no", pytest.param("bf16", marks=pytest.mark.skipif(
+    not has_bf16_products(), reason="bf16 products are emulated on this CPU: the recipe's steps would take minutes"))])
 def test_bench_train_times_each_step_of_the_recipe(tmp_path, capsys, precision):
     """scripts/bench_train.py runs the recipe's steps at its settings and reports each (one timed repetition)."""
     out = tmp_path / "bench.json"

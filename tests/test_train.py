@@ -1211,3 +1211,40 @@ def test_accelerate_launchs_mixed_precision_is_named_when_it_is_not_used(tmp_pat
     with caplog.at_level("WARNING", logger="soragen"):
         train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.stages=[vae]"]))
     assert "--set train.mixed_precision=bf16" in caplog.text
+
+
+def test_a_checkpoint_without_a_loss_scale_resumes_in_a_run_that_keeps_one(tmp_path, monkeypatch):
+    """fp16 (on a GPU) keeps a loss scaler, which checkpoints written in bf16 or fp32 do not hold: a resume starts
+    it afresh instead of failing on the missing state/scaler.pt. A CPU GradScaler stands in for the GPU's."""
+    import soragen.train as train_module
+
+    train(train_config(TINY + [f"train.output_dir={tmp_path}", "train.dit.stop_after=2"]))
+    assert not (RunFolder(tmp_path).latest("dit") / "state" / "scaler.pt").exists()
+    make = train_module._make_accelerator
+
+    def with_scaler(root, mixed_precision):
+        acc = make(root, mixed_precision)
+        acc.scaler = torch.amp.GradScaler("cpu")
+        return acc
+
+    monkeypatch.setattr(train_module, "_make_accelerator", with_scaler)
+    assert train(train_config(TINY + [f"train.output_dir={tmp_path}"]), resume=True) == tmp_path / "model"
+    assert (RunFolder(tmp_path).latest("dit") / "state" / "scaler.pt").is_file()
+
+
+def test_a_precision_the_device_has_no_autocast_for_is_refused(tmp_path):
+    """accelerate takes fp16 on a CPU (e.g. `accelerate launch --cpu` on a GPU machine) and trains in fp32."""
+    from soragen.train import _make_accelerator
+
+    with pytest.raises(UserError, match=r"'fp16' is not available on this run's device \(cpu\); use 'no' or 'bf16'"):
+        _make_accelerator(tmp_path, "fp16")
+
+
+def test_bf16_mixed_precision_with_a_frozen_text_encoder_trains(tmp_path):
+    """A frozen text encoder is not prepared by accelerate: soragen runs it under the run's autocast itself."""
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path}", "train.mixed_precision=bf16",
+                               "text_encoder.trainable=false", "train.dit.direction_contrast=0.03",
+                               "train.dit.contrast_from=0"])
+    assert train(cfg) == tmp_path / "model"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("contrast" in m for m in lines) and all(math.isfinite(m["loss"]) for m in lines if "loss" in m)

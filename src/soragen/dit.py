@@ -146,8 +146,9 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
     if torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         y = _RMSNormFunction.apply(x.float(), eps)
         return y if weight is None else y * weight
-    if weight is not None and weight.dtype != x.dtype:  # bf16 under autocast, fp32 gain: in fp32 (a fused kernel)
-        x, weight = x.float(), weight.float()
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        x = x.float()  # under train.mixed_precision=bf16, as with gradients above (F.rms_norm's fused kernel wants one dtype)
+        weight = None if weight is None else weight.float()
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 

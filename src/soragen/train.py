@@ -176,7 +176,12 @@ def _make_accelerator(root: Path, mixed_precision: str):
         acc = Accelerator(cpu=_cpu_only(), log_with=log_with, mixed_precision=mixed_precision,
                           project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tb")))
     except ValueError as e:  # e.g. a device without autocast in that precision
-        raise UserError(f"train.mixed_precision '{mixed_precision}': {e}; 'no' works everywhere") from None
+        if mixed_precision == "no":
+            raise
+        raise UserError(f"train.mixed_precision '{mixed_precision}': {str(e).rstrip('.')}; 'no' works everywhere") from None
+    if mixed_precision != "no" and not acc.native_amp:  # accelerate would train in fp32 without a word
+        raise UserError(f"train.mixed_precision '{mixed_precision}' is not available on this run's device "
+                        f"({acc.device}); use 'no'" + (" or 'bf16'" if mixed_precision == "fp16" else ""))
     if log_with:
         acc.init_trackers("soragen")
     return acc
@@ -222,6 +227,9 @@ class _StageLog:
                     f"or train the {self.stage} stage anew in another train.output_dir")
 
             configured = _learning_rates(self.lr_sched)
+            scaler = self.acc.scaler  # fp16's loss scaler (GPU), absent from checkpoints written in bf16 or fp32
+            if scaler is not None and not (ckpt / "state" / "scaler.pt").is_file():
+                self.acc.scaler = None  # the checkpoint has no scale to load: the scaler starts afresh
             try:
                 self.acc.load_state(str(ckpt / "state"))
             except (SafetensorError, EOFError) as e:  # a file cut short or overwritten
@@ -234,6 +242,8 @@ class _StageLog:
                 raise CheckpointMismatch(  # other model sizes, parts or groups
                     f"checkpoint {ckpt} does not fit this run's settings ({first_line(e)}); resume with the settings "
                     f"it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
+            finally:
+                self.acc.scaler = scaler
             try:
                 meta = json.loads((ckpt / "meta.json").read_text())
                 step = meta["step"]
@@ -1063,6 +1073,8 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     dit, optimizer, lr_sched = acc.prepare(dit, optimizer, lr_sched)
     if train_text:
         text_encoder = acc.prepare(text_encoder)
+    else:  # frozen (a pretrained T5): not prepared, so neither placed nor run under the run's autocast by accelerate
+        text_encoder.to(acc.device)
     if probe is not None:
         probe = acc.prepare(probe)  # after the text encoder: its weights are the checkpoint's third model
     ema = EMAModel(trained, decay=t.ema_decay, use_ema_warmup=True, power=0.75)
@@ -1103,6 +1115,15 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + step + acc.process_index)
     dit.train()
     text_encoder.train(train_text)
+
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' embeddings; a frozen text encoder (not prepared) under the run's autocast, fp32 out."""
+        if train_text:
+            return text_encoder(prompts)
+        with acc.autocast():
+            text, mask = text_encoder(prompts)
+        return text.float(), mask
+
     while step < end:
         idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
         x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
@@ -1111,11 +1132,11 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
             cue = torch.stack([cues[k, s : s + t.window] for k, s in zip(idx, starts)]).float()
             pixel_weight = (1.0 + t.shape_weight * cue).to(acc.device)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
-        text, mask = text_encoder(prompts)  # (B, L, D), (B, L)
+        text, mask = encode(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         swapped, groups = None, []
         if step >= t.contrast_from:
-            swapped, groups = contrast_batch(text_encoder, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
+            swapped, groups = contrast_batch(encode, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
         metrics, twin = {}, None
         if probe is not None:
             labels = acc.unwrap_model(probe).labels(acc.unwrap_model(text_encoder).tokenizer, prompts,
@@ -1259,6 +1280,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=t.lr, weight_decay=0.0)
     lr_sched = _cosine(optimizer, warmup=min(50, t.steps // 10), total=t.steps)
+    vae.to(acc.device), dit.to(acc.device), text_encoder.to(acc.device)  # the frozen parts: accelerate places the decoder
     decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
     scheduler = make_scheduler(s)
     scheduler.set_timesteps(s.steps)
@@ -1300,7 +1322,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
         stage.after_step(step, {"loss": loss.item(), **metrics, "sampler_steps": k})
     acc.wait_for_everyone()
     if acc.is_main_process:
-        vae.decoder = acc.unwrap_model(decoder)
+        vae.decoder = acc.unwrap_model(decoder, keep_fp32_wrapper=False)  # its gate decodes in fp32, as generation does
         vae.eval()
         save_file_atomic(vae.state_dict(), run.model / "vae" / WEIGHTS)
         # The folder's config records this stage's settings, not those of the run that trained the DiT.
@@ -1508,7 +1530,7 @@ def train(cfg: Config, *, resume: bool = False, progress: Progress | None = None
         log.setLevel(logging.ERROR)  # the main process tells what the run does, and warns once
     cfg = with_data_rate(shapes_options_off(cfg))  # before config.yaml records what the run does
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision (or its config)
-    if launched not in ("no", cfg.train.mixed_precision):
+    if launched in ("bf16", "fp16") and launched != cfg.train.mixed_precision:
         log.warning("accelerate launch's mixed precision '%s' is not used: soragen trains with train.mixed_precision "
                     "'%s'; set that (e.g. --set train.mixed_precision=%s)", launched, cfg.train.mixed_precision, launched)
     warn_short_clips(cfg)
