@@ -4,7 +4,10 @@
 # the model folder with its card as runs/default/candidate. Compare its card with
 # src/soragen/weights/shapes/README.md, and replace the shipped built-in model with it by the same
 # ship_model.py line with --replace instead of --to.
-# Re-running continues an interrupted phase from its newest checkpoint and skips finished ones.
+# Re-running continues an interrupted phase from its newest checkpoint and skips finished ones, and every phase
+# before a finished one. --dry-run lists what a run would do next, and trains nothing. To carry a run to another
+# machine, copy what scripts/carry_run.sh selects (each phase's config and metrics, the base phase's VAE and the
+# newest finished phase's model, without checkpoints or caches) and run this script on the copy.
 #   bash scripts/train_default.sh                                   # runs/default
 #   bash scripts/train_default.sh --out runs/b --set train.dit.text_binding=0.5   # the recipe with a change
 # Each --set KEY=VALUE is passed to every phase (a setting of a stage a phase does not train has no effect there).
@@ -29,16 +32,38 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 run=runs/default
 extra=()
+dry=0
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
+    --dry-run) dry=1; shift ;;
     --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; run=$(realpath -m -- "$2"); shift 2 ;;
     --set) [[ ${2-} == *=* ]] || { echo "error: --set needs KEY=VALUE, e.g. --set train.dit.text_binding=0.5" >&2; exit 2; }
            extra+=(--set "$2"); shift 2 ;;
-    *) echo "error: unknown argument '$1'; valid: --out DIR, --set KEY=VALUE, --help" >&2; exit 2 ;;
+    *) echo "error: unknown argument '$1'; valid: --out DIR, --set KEY=VALUE, --dry-run, --help" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/.."
+. scripts/recipe_phases.sh  # phases, finished NAME
+
+# Whether phase NAME is done: it or a later phase has finished (a carried run holds the newest one's model only).
+done_from() {
+  local p seen=0
+  for p in "${phases[@]}"; do
+    [ "$p" = "$1" ] && seen=1
+    [ $seen = 1 ] && finished "$p" && return 0
+  done
+  return 1
+}
+
+if [ $dry = 1 ]; then
+  for p in "${phases[@]}"; do
+    if done_from "$p"; then echo "$p: done"
+    elif [ -d "$run/$p/checkpoints" ] && [ -n "$(ls -A "$run/$p/checkpoints")" ]; then echo "$p: resumes from its newest checkpoint"
+    else echo "$p: to train"; fi
+  done
+  exit 0
+fi
 command -v soragen >/dev/null || {
   echo "error: no soragen command on PATH; activate the environment soragen is installed in (README, set-up: . .venv/bin/activate)" >&2
   exit 2
@@ -50,29 +75,28 @@ train() {
   soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@" ${extra[@]+"${extra[@]}"}
 }
 
-# One phase: skipped when finished.
+# One phase: skipped when done.
 phase() {
-  [ -f "$run/$1/model/soragen.yaml" ] || train "$@"
+  done_from "$1" || train "$@"
 }
 
-# A DiT phase from the phase before, on the base phase's VAE. The latent caches are copied from the phase
+# A DiT phase from the phase before, on the base phase's VAE (the run folder base: its model's VAE, or its VAE
+# stage's in a carried run). The latent caches are copied from the phase
 # before (under a temporary name, then renamed: an interrupted copy is never taken for a cache), not encoded again.
 tune() {
   local name=$1 from=$2 cache; shift 2
-  [ -f "$run/$name/model/soragen.yaml" ] && return 0
+  done_from "$name" && return 0
   mkdir -p "$run/$name"
   for cache in latents.safetensors latents.json twin_latents.safetensors; do
     if [ -f "$run/$from/$cache" ] && [ ! -f "$run/$name/$cache" ]; then
       cp "$run/$from/$cache" "$run/$name/$cache.part" && mv "$run/$name/$cache.part" "$run/$name/$cache"
     fi
   done
-  phase "$name" --set 'train.stages=[dit]' --set "train.vae_model=$run/base/model" \
+  phase "$name" --set 'train.stages=[dit]' --set "train.vae_model=$run/base" \
     --set "train.dit.init_model=$run/$from/model" --set train.dit.contrast_from=0 --set train.dit.twin_rows=4 "$@"
 }
 
-if [ ! -f "$run/vae-base/vae/diffusion_pytorch_model.safetensors" ]; then
-  train vae-base --set 'train.stages=[vae]'
-fi
+done_from vae-base || train vae-base --set 'train.stages=[vae]'
 phase base --set "train.vae.init_model=$run/vae-base" --set train.vae.shape_separation=0.3 \
   --set train.vae.batch_size=12 --set train.vae.lr=3e-4 --set train.vae.steps=600
 tune tune1 base --set train.dit.steps=600 --set train.dit.lr=1.5e-4 --set train.dit.text_lr=4e-4 \
@@ -84,7 +108,7 @@ tune cool1 tune2 --set train.dit.steps=600 --set train.dit.lr=8e-5 --set train.d
 tune cool2 cool1 --set train.dit.steps=800 --set train.dit.lr=5e-5 --set train.dit.text_lr=1.2e-4 \
   --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
 # The decoder phase works on a copy of cool2's model folder (copied under a temporary name, then renamed).
-if [ ! -f "$run/decoder/model/vae/decoder_finetune.json" ]; then
+if ! done_from decoder; then
   mkdir -p "$run/decoder"
   if [ ! -d "$run/decoder/model" ]; then
     rm -rf "$run/decoder/model.part"

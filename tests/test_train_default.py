@@ -8,12 +8,12 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
 
 
 def test_help_lists_the_phases_and_trains_nothing(tmp_path):
-    out = run("--out", str(tmp_path / "runs"), "--help")
+    out = run_script("--out", str(tmp_path / "runs"), "--help")
     assert out.returncode == 0 and out.stderr == ""
     for phase in ("vae-base", "base", "tune1", "tune2", "cool1", "cool2", "--set KEY=VALUE"):
         assert phase in out.stdout
@@ -26,7 +26,7 @@ def test_help_lists_the_phases_and_trains_nothing(tmp_path):
     (["--out"], "--out needs a folder"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, fragment):
-    out = run("--out", str(tmp_path / "runs"), *args)
+    out = run_script("--out", str(tmp_path / "runs"), *args)
     assert out.returncode == 2 and out.stdout == ""
     assert fragment in out.stderr and out.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists()
@@ -40,3 +40,56 @@ def test_without_soragen_on_path_says_to_activate_it(tmp_path):
     assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
     assert "no soragen command on PATH" in out.stderr and ". .venv/bin/activate" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+CARRY = SCRIPT.parent / "carry_run.sh"
+
+
+def fake_phase(run: Path, name: str, model: bool = True) -> None:
+    """The files a finished phase of train_default.sh leaves (small stand-ins for its weights)."""
+    folder = run / name
+    (folder / "checkpoints" / "dit-0000100").mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"phase: {name}\n")
+    (folder / "metrics.jsonl").write_text('{"stage": "dit", "step": 1, "time": 0}\n')
+    (folder / "latents.safetensors").write_bytes(b"cache")
+    if name in ("vae-base", "base"):
+        (folder / "vae").mkdir()
+        for f in ("config.json", "diffusion_pytorch_model.safetensors", "gate.json"):
+            (folder / "vae" / f).write_text(name)
+    if model and name != "vae-base":
+        (folder / "model" / "transformer").mkdir(parents=True)
+        (folder / "model" / "soragen.yaml").write_text(name)
+        (folder / "model" / "transformer" / "diffusion_pytorch_model.safetensors").write_text(name)
+
+
+def test_a_carried_run_goes_on_after_its_newest_finished_phase(tmp_path):
+    """carry_run.sh copies each finished phase's config and metrics, the base VAE and the newest model, and no
+    checkpoints or caches; train_default.sh --dry-run on the copy skips every phase up to that one."""
+    run, dest = tmp_path / "run", tmp_path / "carried"
+    for name in ("vae-base", "base", "tune1"):
+        fake_phase(run, name)
+    (run / "tune2" / "checkpoints" / "dit-0000300").mkdir(parents=True)  # a phase stopped half-way: not carried
+    out = subprocess.run(["bash", str(CARRY), str(run), str(dest)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "phases up to tune1" in out.stdout
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == sorted([
+        "vae-base/config.yaml", "vae-base/metrics.jsonl", "vae-base/vae/gate.json",
+        "base/config.yaml", "base/metrics.jsonl", "base/vae/gate.json", "base/vae/config.json",
+        "base/vae/diffusion_pytorch_model.safetensors",
+        "tune1/config.yaml", "tune1/metrics.jsonl", "tune1/model/soragen.yaml",
+        "tune1/model/transformer/diffusion_pytorch_model.safetensors"])
+    plan = run_script("--out", str(dest), "--dry-run")
+    assert plan.returncode == 0 and plan.stderr == ""
+    assert plan.stdout.splitlines() == ["vae-base: done", "base: done", "tune1: done", "tune2: to train",
+                                        "cool1: to train", "cool2: to train", "decoder: to train"]
+    plan = run_script("--out", str(run), "--dry-run")  # the original: tune2 resumes from its checkpoint
+    assert plan.stdout.splitlines()[3] == "tune2: resumes from its newest checkpoint"
+
+
+def test_carry_run_with_no_finished_phase_carries_nothing(tmp_path):
+    (tmp_path / "run" / "vae-base" / "checkpoints").mkdir(parents=True)
+    out = subprocess.run(["bash", str(CARRY), str(tmp_path / "run"), str(tmp_path / "dest")], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "no phase of" in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "dest").exists()
