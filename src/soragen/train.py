@@ -1280,7 +1280,8 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=t.lr, weight_decay=0.0)
     lr_sched = _cosine(optimizer, warmup=min(50, t.steps // 10), total=t.steps)
-    vae.to(acc.device), dit.to(acc.device), text_encoder.to(acc.device)  # the frozen parts: accelerate places the decoder
+    for frozen in (vae, dit, text_encoder):  # accelerate places the decoder only
+        frozen.to(acc.device)
     decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
     scheduler = make_scheduler(s)
     scheduler.set_timesteps(s.steps)
