@@ -141,14 +141,13 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """F.rms_norm over the last axis (times `weight`); in CPU training through _RMSNormFunction, in fp32 (bf16
-    input under train.mixed_precision=bf16 too: the attention that reads it runs in fp32 on CPU)."""
-    if torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        y = _RMSNormFunction.apply(x.float(), eps)
-        return y if weight is None else y * weight
+    """F.rms_norm over the last axis (times `weight`); in fp32 under CPU autocast (train.mixed_precision=bf16: the
+    attention that reads it runs in fp32 there), and in fp32 CPU training through _RMSNormFunction."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        x = x.float()  # under train.mixed_precision=bf16, as with gradients above (F.rms_norm's fused kernel wants one dtype)
-        weight = None if weight is None else weight.float()
+        x, weight = x.float(), None if weight is None else weight.float()
+    if torch.is_grad_enabled() and x.requires_grad and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = _RMSNormFunction.apply(x, eps)
+        return y if weight is None else y * weight
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 
