@@ -10,6 +10,7 @@
 # newest finished phase's model, without checkpoints or caches) and run this script on the copy.
 #   bash scripts/train_default.sh                                   # runs/default
 #   bash scripts/train_default.sh --out runs/b --set train.dit.text_binding=0.5   # the recipe with a change
+#   bash scripts/train_default.sh --out runs/c --precision no       # in fp32 even where bf16 is native
 # Each --set KEY=VALUE is passed to every phase (a setting of a stage a phase does not train has no effect there).
 #
 # The phases (the shipped model's lineage; docs/training-log.md, sessions 17-25), with their times on 2 cores:
@@ -25,24 +26,31 @@
 #   decoder   the VAE decoder fine-tuned on latents cool2's model denoised from real clips noised to one of the
 #             sampler's last 10 steps (train stage 'decoder'), 1,000 steps of 8 clips (~55 min): its squares'
 #             sides come out straighter (docs/training-log.md, session 30)
-# About 4.5 h in all. On 2 cores without AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base
+# About 4.5 h in all, in fp32. In bf16 run r38 took 181 min of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on
+# an Intel Xeon with AMX; cool1 10, cool2 14, decoder 18 on an AMD EPYC with AVX-512 BF16). On 2 cores without AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base
 # ~35 min, the VAE fine-tune ~17 min, the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min):
-# 6 h or more. On a CPU with AMX (Intel Xeon, session 38; scripts/bench_train.py --mixed-precision bf16 tells)
-# --set train.mixed_precision=bf16 makes the VAE steps 1.3x and the DiT steps 1.5x faster: run r38 took it.
+# 6 h or more. --precision auto (the default) trains in bf16 (train.mixed_precision=bf16) on a CPU that multiplies
+# bf16 natively (AMX or AVX-512 BF16: the DiT steps 1.5-1.8x faster, scripts/bench_train.py) and in fp32 elsewhere;
+# --precision bf16 or no chooses. Run r38 (sessions 38-39) took the recipe from nothing in bf16 to a model as good
+# as the shipped fp32 one within the eval's noise.
 # Each phase resumes from its newest checkpoint (every 100 steps) when the script is run again.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 run=runs/default
 extra=()
 dry=0
+precision=auto
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
     --dry-run) dry=1; shift ;;
+    --precision) case ${2-} in auto|no|bf16) precision=$2; shift 2 ;;
+                 *) echo "error: --precision takes auto, no or bf16, got '${2-}'" >&2; exit 2 ;; esac ;;
     --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; run=$(realpath -m -- "$2"); shift 2 ;;
     --set) [[ ${2-} == *=* ]] || { echo "error: --set needs KEY=VALUE, e.g. --set train.dit.text_binding=0.5" >&2; exit 2; }
            extra+=(--set "$2"); shift 2 ;;
-    *) echo "error: unknown argument '$1'; valid: --out DIR, --set KEY=VALUE, --dry-run, --help" >&2; exit 2 ;;
+    *) echo "error: unknown argument '$1'; valid: --out DIR, --set KEY=VALUE, --precision auto|no|bf16, --dry-run, --help" >&2
+       exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/.."
@@ -58,6 +66,24 @@ done_from() {
   return 1
 }
 
+[ $dry = 1 ] || command -v soragen >/dev/null || {
+  echo "error: no soragen command on PATH; activate the environment soragen is installed in (README, set-up: . .venv/bin/activate)" >&2
+  exit 2
+}
+
+# The training precision: auto takes bf16 where the CPU multiplies it natively (soragen.linear.native_bf16_products).
+# A --set train.mixed_precision=... comes after it on every phase's command line, so it wins.
+why=""
+for arg in ${extra[@]+"${extra[@]}"}; do
+  [[ $arg == train.mixed_precision=* ]] && { precision=${arg#*=}; why=" (--set)"; }
+done
+if [ $precision = auto ]; then
+  flag=$(python -c 'from soragen.linear import native_bf16_products as f; print(f() or "")' 2>/dev/null) || flag=""
+  if [ -n "$flag" ]; then precision=bf16; why=" (auto: this CPU multiplies bf16 natively, $flag)"
+  else precision=no; why=" (auto: no native bf16 products on this CPU, or soragen not importable)"; fi
+fi
+echo "precision: train.mixed_precision=$precision$why"
+
 if [ $dry = 1 ]; then
   for p in "${phases[@]}"; do
     if done_from "$p"; then echo "$p: done"
@@ -66,15 +92,12 @@ if [ $dry = 1 ]; then
   done
   exit 0
 fi
-command -v soragen >/dev/null || {
-  echo "error: no soragen command on PATH; activate the environment soragen is installed in (README, set-up: . .venv/bin/activate)" >&2
-  exit 2
-}
 
 # soragen train in $run/NAME, continued (--resume) when begun, with the --set arguments given to this script last.
 train() {
   local name=$1; shift
-  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" "$@" ${extra[@]+"${extra[@]}"}
+  soragen train --config configs/default.yaml --resume --set "train.output_dir=$run/$name" \
+    --set "train.mixed_precision=$precision" "$@" ${extra[@]+"${extra[@]}"}
 }
 
 # One phase: skipped when done.

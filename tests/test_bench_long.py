@@ -7,7 +7,7 @@ import torch
 from conftest import load_script
 from torch import nn
 
-from soragen.linear import Linear
+from soragen.linear import Linear, native_bf16_products
 
 
 def test_products_alone_counts_each_call_of_each_linear_layer():
@@ -40,17 +40,8 @@ def test_cpu_attention_is_counted():
         assert counter.get_total_flops() == 4 * 2 * 4 * 10 * 10 * 16
 
 
-def has_bf16_products() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): elsewhere bf16 runs emulated, far slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 @pytest.mark.parametrize("precision", ["no", pytest.param("bf16", marks=pytest.mark.skipif(
-    not has_bf16_products(), reason="bf16 products are emulated on this CPU: the recipe's steps would take minutes"))])
+    native_bf16_products() is None, reason="bf16 products are emulated on this CPU: the recipe's steps would take minutes"))])
 def test_bench_train_times_each_step_of_the_recipe(tmp_path, capsys, precision):
     """scripts/bench_train.py runs the recipe's steps at its settings and reports each (one timed repetition)."""
     out = tmp_path / "bench.json"

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from soragen.linear import native_bf16_products
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
 
 
@@ -24,6 +26,7 @@ def test_help_lists_the_phases_and_trains_nothing(tmp_path):
     (["--bogus"], "unknown argument '--bogus'"),
     (["--set", "train.dit.text_binding"], "--set needs KEY=VALUE"),
     (["--out"], "--out needs a folder"),
+    (["--precision", "fp16"], "--precision takes auto, no or bf16, got 'fp16'"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, fragment):
     out = run_script("--out", str(tmp_path / "runs"), *args)
@@ -40,6 +43,21 @@ def test_without_soragen_on_path_says_to_activate_it(tmp_path):
     assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
     assert "no soragen command on PATH" in out.stderr and ". .venv/bin/activate" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], None),  # auto: bf16 where this CPU multiplies it natively
+    (["--precision", "no"], "no"),
+    (["--precision", "bf16"], "bf16"),
+    (["--precision", "no", "--set", "train.mixed_precision=bf16"], "bf16"),  # the --set comes last on each phase
+])
+def test_the_training_precision_is_chosen_and_said(tmp_path, args, expected):
+    if expected is None:
+        expected = "no" if native_bf16_products() is None else "bf16"
+    out = run_script("--out", str(tmp_path / "runs"), "--dry-run", *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith(f"precision: train.mixed_precision={expected}")
+    assert "vae-base: to train" in out.stdout and not (tmp_path / "runs").exists()
 
 
 CARRY = SCRIPT.parent / "carry_run.sh"
@@ -81,10 +99,10 @@ def test_a_carried_run_goes_on_after_its_newest_finished_phase(tmp_path):
         "tune1/model/transformer/diffusion_pytorch_model.safetensors"])
     plan = run_script("--out", str(dest), "--dry-run")
     assert plan.returncode == 0 and plan.stderr == ""
-    assert plan.stdout.splitlines() == ["vae-base: done", "base: done", "tune1: done", "tune2: to train",
+    assert plan.stdout.splitlines()[1:] == ["vae-base: done", "base: done", "tune1: done", "tune2: to train",
                                         "cool1: to train", "cool2: to train", "decoder: to train"]
     plan = run_script("--out", str(run), "--dry-run")  # the original: tune2 resumes from its checkpoint
-    assert plan.stdout.splitlines()[3] == "tune2: resumes from its newest checkpoint"
+    assert plan.stdout.splitlines()[4] == "tune2: resumes from its newest checkpoint"
 
 
 def test_carry_run_with_no_finished_phase_carries_nothing(tmp_path):

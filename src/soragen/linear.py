@@ -35,6 +35,21 @@ def on_x86_with_onednn() -> bool:
     return _X86 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
+def native_bf16_products() -> str | None:
+    """The CPU flag by which this x86 CPU multiplies bf16 natively (`amx_bf16`, then `avx512_bf16`), or None.
+
+    Elsewhere torch emulates bf16 products, far slower than fp32. Where it is native, training under
+    `train.mixed_precision=bf16` took 0.67 s a DiT step against 1.20 s in fp32 (AMD EPYC with AVX-512 BF16,
+    session 39) and 0.85 against 1.32 s (Intel Xeon with AMX, session 38).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None) if _X86 else None
+
+
 def onednn_takes(x: torch.Tensor) -> bool:
     """Whether soragen sends work on x to oneDNN's kernels: fp32 on CPU, outside autocast, on x86-64 with oneDNN."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")

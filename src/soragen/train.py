@@ -1416,7 +1416,7 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     t = cfg.train
     if t.mixed_precision == "fp16" and _cpu_only():  # accelerate would take it and train in fp32 without a word
         raise UserError("train.mixed_precision 'fp16' needs a GPU, and this machine has none; on a CPU use 'bf16' "
-                        "(fast on CPUs with AMX) or 'no'")
+                        "(fast on CPUs with AMX or AVX-512 BF16) or 'no'")
     if "vae" in t.stages and t.vae_model is None and t.vae.init_model is not None and not (
             resume and (run.vae / WEIGHTS).is_file()):  # (a resumed run whose VAE is trained does not start from it)
         _finished_vae(t.vae.init_model, "train.vae.init_model")
