@@ -389,6 +389,35 @@ def test_attention_under_cpu_autocast_runs_in_fp32_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("queries, keys, masked", [(16, 16, 0), (17, 17, 0), (272, 5, 2)])
+def test_small_attention_in_inference_matches_sdpa(queries, keys, masked):
+    """In fp32 inference on CPU the DiT's small attentions (within a frame, across frames, to the prompt's tokens,
+    some of them padding) run as two products and a softmax: the same values as SDPA on strided inputs, as the
+    blocks pass them. A row whose keys are all masked, and attentions above EXPLICIT_ATTENTION_MAX, go to SDPA."""
+    import torch.nn.functional as F
+
+    import soragen.dit as dit
+
+    torch.manual_seed(0)
+    qkv = torch.randn(3, queries, 4, 64)  # (three, N, h, d)
+    q = qkv[0].unsqueeze(0).expand(2, -1, -1, -1).transpose(1, 2)  # (2, h, N, d), not contiguous
+    k, v = (torch.randn(2, keys, 4, 64).transpose(1, 2) for _ in range(2))
+    mask = torch.arange(keys).view(1, 1, 1, keys) < keys - masked
+    mask = mask.expand(2, 1, 1, keys).clone() if masked else None
+    with torch.no_grad():
+        torch.testing.assert_close(dit.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                   rtol=1e-5, atol=1e-5)
+        if masked:
+            mask[1] = False  # the second row attends to nothing: SDPA's answer, whatever it is
+            torch.testing.assert_close(dit.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                       equal_nan=True)
+        old, dit.EXPLICIT_ATTENTION_MAX = dit.EXPLICIT_ATTENTION_MAX, 0
+        try:
+            assert torch.equal(dit.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        finally:
+            dit.EXPLICIT_ATTENTION_MAX = old
+
+
 def test_mlp_with_its_gelu_in_the_product_matches_apart():
     """The block's MLP without gradients (the GELU inside oneDNN's product where it is used) gives what the layers
     give one after another; with gradients it is the layers one after another."""

@@ -151,13 +151,30 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 
+# Score entries (batch x heads x queries x keys) up to which inference on CPU attends explicitly (4M: 16 MB of scores).
+EXPLICIT_ATTENTION_MAX = 1 << 22
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """F.scaled_dot_product_attention on [B, h, N, d]; in fp32 under CPU autocast (train.mixed_precision=bf16), where
-    torch's CPU flash attention in bf16 took 1.09 s of a recipe training step's forward and backward against 0.11 s
-    in fp32 (session 38, a CPU with AMX)."""
+    """F.scaled_dot_product_attention on [B, h, N, d]; attn_mask [B, 1, 1, L] (True = attend) or None.
+
+    - Under CPU autocast (train.mixed_precision=bf16) it runs in fp32: torch's CPU flash attention in bf16 took 1.09 s
+      of a recipe training step's forward and backward against 0.11 s in fp32 (session 38, a CPU with AMX).
+    - In fp32 inference on CPU, on the DiT's small attentions (16 tokens within a frame, 17 across frames, the
+      prompt's few tokens), it is two products and a softmax: torch's flash kernel took 276 / 293 / 172 us on them
+      where this takes 94 / 128 / 139 (session 39, AMD EPYC; on session 38's Intel Xeon they were alike). Rows whose
+      keys are all masked go to SDPA, as do large attentions (their scores would not fit in cache).
+    """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs down again
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+    if (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+            and q.shape[:-1].numel() * k.shape[-2] <= EXPLICIT_ATTENTION_MAX
+            and (attn_mask is None or bool(attn_mask.any(-1).all()))):
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, h, N, L)
+        if attn_mask is not None:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
