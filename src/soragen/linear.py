@@ -42,12 +42,14 @@ def native_bf16_products() -> str | None:
     `train.mixed_precision=bf16` took 0.67 s a DiT step against 1.20 s in fp32 (AMD EPYC with AVX-512 BF16,
     session 39) and 0.85 against 1.32 s (Intel Xeon with AMX, session 38).
     """
+    if not _X86:
+        return None
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return None
-    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None) if _X86 else None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
 def onednn_takes(x: torch.Tensor) -> bool:
