@@ -29,9 +29,10 @@
 # About 4.5 h in all, in fp32. In bf16 run r38 took 181 min of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on
 # an Intel Xeon with AMX; cool1 10, cool2 14, decoder 18 on an AMD EPYC with AVX-512 BF16). On 2 cores without
 # AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base ~35 min, the VAE fine-tune ~17 min,
-# the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min): 6 h or more. --precision auto (the default) trains in bf16 (train.mixed_precision=bf16) on a CPU that multiplies
-# bf16 natively (AMX or AVX-512 BF16: the DiT steps 1.5-1.8x faster, scripts/bench_train.py) and in fp32 elsewhere;
-# --precision bf16 or no chooses. Run r38 (sessions 38-39) took the recipe from nothing in bf16 to a model as good
+# the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min): 6 h or more.
+# --precision auto (the default) trains in bf16 (train.mixed_precision=bf16) on a CPU that multiplies bf16 natively
+# (AMX or AVX-512 BF16: the DiT steps 1.5-1.8x faster, scripts/bench_train.py) and in fp32 elsewhere; --precision
+# bf16 or no chooses. Run r38 (sessions 38-39) took the recipe from nothing in bf16 to a model as good
 # as the shipped fp32 one within the eval's noise.
 # Each phase resumes from its newest checkpoint (every 100 steps) when the script is run again.
 set -euo pipefail
