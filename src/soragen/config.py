@@ -305,7 +305,7 @@ class DataConfig(_Frozen):
     kind: Literal["shapes", "manifest"] = "shapes"  # shapes: procedural (WORLD.md); manifest: `path`/manifest.jsonl
     path: str | None = None  # dataset folder holding manifest.jsonl (kind: manifest)
     clips: int = Field(4000, ge=1)  # clips encoded once into the DiT's latent cache
-    clip_latent_frames: int = 11  # latent frames per cached clip (1 + 4k frames each)
+    clip_latent_frames: int = 11  # latent frames per cached clip (1 + f (n - 1) frames each, f = vae.temporal_compression)
     long_fraction: float = Field(0.3, ge=0, le=1)  # shapes: share of clips cut from long trajectories (start time > 0)
     max_start_seconds: float = Field(60.0, ge=0)  # shapes: latest start time of such a clip
     chinese_fraction: float = Field(0.0, ge=0, le=1)  # shapes: share of captions in Chinese
@@ -463,8 +463,8 @@ class TrainConfig(_Frozen):
     vae_gate_clips: int = Field(96, ge=0)  # Shapes World clips the detector scores the VAE's reconstructions on (0 = skip)
     threads: int = Field(0, ge=0)  # torch threads (0 = all cores)
     # Mixed precision (accelerate's autocast; the weights and optimizer stay fp32): "no", "bf16" (GPUs from Ampere on,
-    # and CPUs with AMX, where a DiT step of the recipe took 0.75 s against fp32's 1.3 s), or "fp16" (GPUs, with loss
-    # scaling). It replaces `accelerate launch --mixed_precision`, which soragen does not read.
+    # and CPUs with AMX or AVX-512 BF16, where a DiT step of the recipe took 0.67-0.85 s against fp32's 1.20-1.32 s),
+    # or "fp16" (GPUs, with loss scaling). It replaces `accelerate launch --mixed_precision`, which soragen does not read.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     vae: VAETrainConfig = VAETrainConfig()
     dit: DiTTrainConfig = DiTTrainConfig()

@@ -173,9 +173,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
             and q.shape[:-1].numel() * k.shape[-2] <= EXPLICIT_ATTENTION_MAX
             and (attn_mask is None or bool(attn_mask.any(-1).all()))):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         scores = torch.matmul(q, k.transpose(-1, -2))  # (B, h, N, L)
         if scale != 1.0:
-            scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
+            scores.mul_(scale)
         if attn_mask is not None:
             scores.masked_fill_(~attn_mask, float("-inf"))
         return torch.matmul(scores.softmax(-1), v)
@@ -187,13 +188,14 @@ def qk_gain(q_norm: nn.RMSNorm, k_norm: nn.RMSNorm) -> torch.Tensor:
 
     Attention reads queries and keys only through q . k = sum_i q_i k_i, so RMS-normalised
     queries scaled by g_q * g_k against RMS-normalised keys give the same scores as each scaled
-    by its own gain: one multiply instead of two, and cached keys need none.
+    by its own gain: one multiply instead of two, and cached keys need none. The attentions
+    below also fold the softmax's d^-0.5 into it.
     """
     return q_norm.weight * k_norm.weight
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over all tokens (torch SDPA) with RMS-normalised queries and keys."""
+    """Multi-head self-attention over a sequence of tokens (`attention`) with RMS-normalised queries and keys."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -205,14 +207,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (3, B, h, N, d)
-        if not torch.is_grad_enabled():
-            # Inference: one copy into the heads' layout, then the norm and both products read in place (else
-            # each copies its operands; a denoising step of the built-in DiT ~1 ms faster, session 40).
+        if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
+            # fp32 inference: one copy into the heads' layout, then the norm and both products read in place
+            # (else each copies its operands): a denoising step of the built-in DiT 1-3 ms faster (session 40).
             qkv = qkv.contiguous()
         qk = rms_norm(qkv[:2], self.q_norm.eps)  # queries and keys normalised together by one kernel (2, B, h, N, d)
-        d = qkv.shape[-1]
-        q = qk[0] * (qk_gain(self.q_norm, self.k_norm) * d**-0.5)  # (B, h, N, d), the softmax's scale folded in
-        return self.proj(rearrange(attention(q, qk[1], qkv[2], scale=1.0), "b h n d -> b n (h d)"))  # (B, N, D)
+        q = qk[0] * (qk_gain(self.q_norm, self.k_norm) * qkv.shape[-1] ** -0.5)  # (B, h, N, d)
+        out = attention(q, qk[1], qkv[2], scale=1.0)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -230,16 +232,18 @@ class CrossAttention(nn.Module):
     def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded text [B, L, D] -> normalised keys and values [B, h, L, d]: the same at every denoising step."""
         k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)  # (B, h, L, d) each
+        # Contiguous (also in training: at most 48 text tokens), so each denoising step's products read them in place.
         return rms_norm(k.contiguous(), self.k_norm.eps), v.contiguous()  # the keys' gain acts through the queries
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor) -> torch.Tensor:
         """x [B, N, D]; keys_values from `keys_values`; attn_mask [B, 1, 1, L], True = attend."""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, h, N, d)
-        if not torch.is_grad_enabled():
+        if q.dtype == torch.float32 and not torch.is_grad_enabled():
             q = q.contiguous()  # as in SelfAttention
-        q = rms_norm(q, self.q_norm.eps, qk_gain(self.q_norm, self.k_norm) * q.shape[-1]**-0.5)  # the scale folded in
+        q = rms_norm(q, self.q_norm.eps, qk_gain(self.q_norm, self.k_norm) * q.shape[-1] ** -0.5)
         k, v = keys_values
-        return self.proj(rearrange(attention(q, k, v, attn_mask, scale=1.0), "b h n d -> b n (h d)"))  # (B, N, D)
+        out = attention(q, k, v, attn_mask, scale=1.0)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class TemporalConv(nn.Module):
