@@ -5,7 +5,8 @@
 # src/soragen/weights/shapes/README.md, and replace the shipped built-in model with it by the same
 # ship_model.py line with --replace instead of --to.
 # Re-running continues an interrupted phase from its newest checkpoint and skips finished ones, and every phase
-# before a finished one. --dry-run lists what a run would do next, and trains nothing. To carry a run to another
+# before a finished one; a run whose candidate folder exists is done (delete it to evaluate again). --dry-run lists
+# what a run would do next, and trains nothing. To carry a run to another
 # machine, copy what scripts/carry_run.sh selects (each phase's config and metrics, the base phase's VAE and the
 # newest finished phase's model, without checkpoints or caches) and run this script on the copy.
 #   bash scripts/train_default.sh                                   # runs/default
@@ -91,6 +92,7 @@ if [ $dry = 1 ]; then
     elif [ -d "$run/$p/checkpoints" ] && [ -n "$(ls -A "$run/$p/checkpoints")" ]; then echo "$p: resumes from its newest checkpoint"
     else echo "$p: to train"; fi
   done
+  if [ -d "$run/candidate" ]; then echo "candidate: done"; else echo "candidate: to evaluate and write"; fi
   exit 0
 fi
 
@@ -143,4 +145,8 @@ if ! done_from decoder; then
   train decoder --set 'train.stages=[decoder]' --set train.decoder.steps=1000 --set train.decoder.batch_size=8 \
     --set train.decoder.last_steps=10 --set train.decoder.clean_fraction=0.2
 fi
-python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder} --seeds 2 --to "$run/candidate"
+if [ -d "$run/candidate" ]; then
+  echo "candidate: $run/candidate is already there (delete it to evaluate the run again)"
+else
+  python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder} --seeds 2 --to "$run/candidate"
+fi
