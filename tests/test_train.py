@@ -1176,9 +1176,9 @@ def test_bf16_mixed_precision_trains_in_bf16_keeps_fp32_weights_and_resumes_in_f
     seen = []
     attention = soragen.dit.attention
 
-    def recording(q, k, v, attn_mask=None):
+    def recording(q, k, v, attn_mask=None, scale=None):
         seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), v.dtype))
-        out = attention(q, k, v, attn_mask)
+        out = attention(q, k, v, attn_mask, scale)
         assert out.dtype == torch.float32  # CPU autocast's bf16 flash attention backward was 10x slower
         return out
 
