@@ -25,9 +25,11 @@
 #   cool1     600 steps at lr 8e-5, EMA 0.995 (~16 min)
 #   cool2     800 steps at lr 5e-5 (~21 min)
 #   decoder   the VAE decoder fine-tuned on latents cool2's model denoised from real clips noised to one of the
-#             sampler's last 10 steps (train stage 'decoder'), 1,000 steps of 8 clips (~55 min): its squares'
-#             sides come out straighter (docs/training-log.md, session 30)
-# About 4.5 h in all, in fp32. In bf16 run r38 took 181 min of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on
+#             sampler's last 10 steps (train stage 'decoder'), 1,000 steps of 8 clips (~20-55 min by
+#             machine): its squares' sides come out straighter (docs/training-log.md, session 30)
+# About 4.5 h in all, in fp32. In bf16 run rb2 (session 40) took 2 h 33 min from nothing to its evaluated candidate
+# on one AMD EPYC with AVX-512 BF16 (vae-base 13, base 62, tune1 12, tune2 20, cool1 11, cool2 15, decoder 17, the
+# eval 2 min), and run r38 181 min of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on
 # an Intel Xeon with AMX; cool1 10, cool2 14, decoder 18 on an AMD EPYC with AVX-512 BF16). On 2 cores without
 # AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base ~35 min, the VAE fine-tune ~17 min,
 # the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min): 6 h or more.
