@@ -19,7 +19,7 @@ def rescore(folder: Path) -> tuple[dict, dict]:
     """(the recorded report, the report with every video scored again)."""
     from soragen.config import Config, update
     from soragen.errors import UserError
-    from soragen.evaluation.run import score_file, tabulate, tabulate_long
+    from soragen.evaluation.run import score_file, tabulate, tabulate_long, tabulate_shapes
 
     path = folder / "eval.json"
     try:
@@ -38,7 +38,8 @@ def rescore(folder: Path) -> tuple[dict, dict]:
         new_results.append(new | score_file(video, rec["prompt"], update(cfg, seed=rec["seed"])))
         print(f"\r{folder.name}: {n}/{len(results)} videos scored", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    new = old | {"results": new_results, "table": tabulate(new_results), "long_table": tabulate_long(new_results)}
+    new = old | {"results": new_results, "table": tabulate(new_results), "shape_table": tabulate_shapes(new_results),
+                 "long_table": tabulate_long(new_results)}
     return old, new
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from soragen.errors import UserError
-    from soragen.evaluation.run import format_long_table, format_table
+    from soragen.evaluation.run import format_long_table, format_shape_table, format_table
     from soragen.video_io import write_json
 
     for folder in args.folders:
@@ -62,6 +63,7 @@ def main() -> None:
         print(format_table(old["table"]))
         print("scored again now")
         print(format_table(new["table"]))
+        print(format_shape_table(new["shape_table"]))
         if new["long_table"]:
             if old.get("long_table"):
                 print("coherence as recorded")

@@ -175,7 +175,7 @@ def main() -> None:
 def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, builtin: bool) -> None:
     """Fill tmp with the model, evaluate it, write its card, then rename it to target."""
     from soragen.config import build_config, load_config, read_yaml
-    from soragen.evaluation.run import format_table
+    from soragen.evaluation.run import format_shape_table, format_table
     from soragen.model_io import WEIGHTS, portable_config
 
     earlier, times = earlier_phases((args.after / "README.md").read_text(encoding="utf-8")) if args.after else ([], {})
@@ -267,6 +267,8 @@ World (64x64 scenes of one or two coloured shapes; `src/soragen/data/shapes.py`)
 
 ```
 {format_table(report["table"])}
+
+{format_shape_table(report["shape_table"])}
 ```
 """
     (tmp / "README.md").write_text(card, encoding="utf-8")

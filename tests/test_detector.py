@@ -205,9 +205,12 @@ def test_frame_change_profile_and_boundary_jump():
 def test_an_upside_down_triangle_is_no_triangle():
     text = "a large red triangle moving right"
     frames = _clip(text, 17)
-    assert D.score_video(frames, text)["objects"][0]["shape"]
+    obj = D.score_video(frames, text)["objects"][0]
+    assert obj["shape"] and obj["drawn_shape"] == "triangle"
     flipped = np.ascontiguousarray(frames[:, ::-1])
-    assert D.score_video(flipped, text)["objects"][0]["shape"] is False
+    obj = D.score_video(flipped, text)["objects"][0]
+    assert obj["shape"] is False and obj["drawn_shape"] != "triangle"
+    assert D.score_video(np.zeros_like(frames), text)["objects"][0]["drawn_shape"] is None  # nothing drawn
 
 
 def test_a_ball_that_falls_and_stays_on_the_floor_is_not_bouncing():

@@ -89,6 +89,24 @@ def test_tabulate_long_and_its_table():
     assert tabulate_long([{"verdicts": {}}]) is None
 
 
+def test_tabulate_shapes_counts_every_object_by_the_shape_asked_and_drawn():
+    from soragen.evaluation.run import format_shape_table, tabulate_shapes
+
+    obj = lambda right, drawn: {"shape": right, "drawn_shape": drawn}  # noqa: E731
+    rows = [{"prompt": "a red square moving left and a blue ball moving up",
+             "score": {"objects": [obj(False, "circle"), obj(True, "circle")]}},
+            {"prompt": "a large green box bouncing", "score": {"objects": [obj(False, None)]}},
+            {"prompt": "a small cyan square moving right", "score": {"objects": [obj(True, "square")]}}]
+    table = tabulate_shapes(rows)
+    assert list(table) == ["circle", "square"]  # no triangle was asked for
+    assert table["square"]["objects"] == 3 and table["square"]["right"] == pytest.approx(1 / 3)
+    assert table["square"]["drawn"] == {"circle": 1, "square": 1, "triangle": 0, "none": 1}
+    assert table["circle"] == {"objects": 1, "right": 1.0, "drawn": {"circle": 1, "square": 0, "triangle": 0, "none": 0}}
+    lines = format_shape_table(table).splitlines()
+    assert "drawn as circle / square / triangle / not found" in lines[0]
+    assert lines[2].split() == ["square", "3", "33.3%", "1", "/", "1", "/", "0", "/", "1"]
+
+
 def test_rescore_script_scores_an_evaluation_again_as_it_was_scored(tmp_path, tiny_yaml, capsys, monkeypatch):
     """scripts/rescore_eval.py on an evaluation the current detector made gives its tables back; it names a
     missing video and a folder that holds no evaluation."""
@@ -102,6 +120,7 @@ def test_rescore_script_scores_an_evaluation_again_as_it_was_scored(tmp_path, ti
     script = load_script("rescore_eval")
     old, new = script.rescore(ev)
     assert new["table"] == old["table"] and new["long_table"] == old["long_table"] is not None
+    assert new["shape_table"] == old["shape_table"] and set(old["shape_table"]) == {"circle", "square"}
     monkeypatch.setattr("sys.argv", ["rescore_eval.py", str(ev), "--write"])
     script.main()
     assert json.loads((ev / "eval.rescored.json").read_text())["table"] == old["table"]

@@ -417,7 +417,8 @@ def eval_(
     """Generate a video per prompt and score it with the Shapes World detector; prints a table per category."""
     from soragen.config import MAX_SEED, load_config
     from soragen.data.shapes import SIZE as SHAPES_SIZE
-    from soragen.evaluation.run import MAX_EVAL_SEEDS, evaluate, format_long_table, format_table, read_prompts
+    from soragen.evaluation.run import (MAX_EVAL_SEEDS, evaluate, format_long_table, format_shape_table, format_table,
+                                         read_prompts)
     from soragen.pipeline import denoise_calls, plan_video
 
     if not 1 <= seeds <= MAX_EVAL_SEEDS:
@@ -462,6 +463,7 @@ def eval_(
         typer.echo(f"{report['reused']} of {len(items) * seeds} videos were finished by an earlier, interrupted "
                    f"evaluation in {out} with the same settings: scored, not made again (--overwrite makes all)")
     typer.echo(format_table(report["table"]))
+    typer.echo(format_shape_table(report["shape_table"]))
     if report["long_table"] is not None:
         typer.echo(format_long_table(report["long_table"]))
     typer.echo(f"wrote {out / 'eval.json'}")

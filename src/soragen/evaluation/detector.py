@@ -398,10 +398,12 @@ def score_video(frames: np.ndarray, caption: str, fps: int = 8) -> dict:
     objects = []
     for spec, tr in zip(specs, matched):
         res = {"caption_colour": spec.colour, "colour": False, "shape": False,
-               "size": None if spec.size is None else False, "direction": False, "count": False}
+               "size": None if spec.size is None else False, "direction": False, "count": False,
+               "drawn_shape": None}  # the shape the detector sees most (None: no blob matched this object)
         if tr is not None:
             res["colour"] = tr.colour == spec.colour
-            res["shape"] = tr.vote("shape") == spec.shape
+            res["drawn_shape"] = tr.vote("shape")
+            res["shape"] = res["drawn_shape"] == spec.shape
             if spec.size is not None:
                 res["size"] = tr.vote("size") == spec.size
             if spec.motion == "bouncing":

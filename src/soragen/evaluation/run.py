@@ -86,6 +86,28 @@ def tabulate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def tabulate_shapes(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per shape asked for (synonyms folded): the objects asked for it in every video, the share drawn as asked,
+    and how many the detector saw as each shape ("none": no blob matched the object). The category table's shape
+    column pools the shapes; a model that draws one of them badly shows here which and as what."""
+    from soragen.data.shapes import SHAPES, parse_caption
+
+    table: dict[str, dict[str, Any]] = {}
+    for shape in SHAPES:
+        table[shape] = {"objects": 0, "right": None, "drawn": {name: 0 for name in SHAPES + ("none",)}}
+    right = {shape: 0 for shape in SHAPES}
+    for r in results:
+        specs, _ = parse_caption(r["prompt"])
+        for spec, obj in zip(specs, r["score"]["objects"]):
+            entry = table[spec.shape]
+            entry["objects"] += 1
+            right[spec.shape] += bool(obj["shape"])
+            entry["drawn"][obj["drawn_shape"] or "none"] += 1
+    for shape, entry in table.items():
+        entry["right"] = right[shape] / entry["objects"] if entry["objects"] else None
+    return {shape: entry for shape, entry in table.items() if entry["objects"]}
+
+
 def made_before(path: Path, prompt: str, model: str, cfg: Config, weights: str | None) -> dict[str, Any] | None:
     """The sidecar of video `path` if an earlier (interrupted) evaluation finished it for this prompt, model (its
     name and its weights' `weights_digest`) and config, else None. A video file is complete once it exists
@@ -195,7 +217,7 @@ def _evaluate(pipe, cfg: Config, prompts: list[str], out: Path, seeds: int, reus
             if on_video is not None:
                 on_video(len(results), total)
     report = {"model": pipe.model_name, "seconds": cfg.video.seconds, "seeds": seeds, "reused": reused,
-              "table": tabulate(results),
+              "table": tabulate(results), "shape_table": tabulate_shapes(results),
               "long_table": tabulate_long(results), "results": results, "config": cfg.to_dict()}
     write_json(out / "eval.json", report)
     return report
@@ -290,6 +312,19 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
     for cat, row in table.items():
         cells = " ".join(f"{'-':>9}" if row[a] is None else f"{100 * row[a]:8.1f}%" for a in ATTRIBUTES)
         lines.append(f"{cat:<12} {row['videos']:>6} {cells}")
+    return "\n".join(lines)
+
+
+def format_shape_table(shapes: dict[str, dict[str, Any]]) -> str:
+    """The per-shape table of tabulate_shapes as aligned text."""
+    names = ("circle", "square", "triangle", "none")
+    head = f"{'shape asked':<12} {'objects':>7} {'right':>8}   drawn as " + " / ".join(
+        "not found" if n == "none" else n for n in names)
+    lines = [head]
+    for shape, row in shapes.items():
+        right = "-" if row["right"] is None else f"{100 * row['right']:.1f}%"
+        lines.append(f"{shape:<12} {row['objects']:>7} {right:>8}   "
+                     + " / ".join(str(row["drawn"].get(n, 0)) for n in names))
     return "\n".join(lines)
 
 
