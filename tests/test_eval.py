@@ -96,15 +96,18 @@ def test_tabulate_shapes_counts_every_object_by_the_shape_asked_and_drawn():
     rows = [{"prompt": "a red square moving left and a blue ball moving up",
              "score": {"objects": [obj(False, "circle"), obj(True, "circle")]}},
             {"prompt": "a large green box bouncing", "score": {"objects": [obj(False, None)]}},
-            {"prompt": "a small cyan square moving right", "score": {"objects": [obj(True, "square")]}}]
+            {"prompt": "一个红色的大方块向右移动", "score": {"objects": [obj(True, "square")]}},  # a large red box
+            {"prompt": "a small cyan ball moving right", "score": {"objects": [obj(False, "upside-down triangle")]}}]
     table = tabulate_shapes(rows)
     assert list(table) == ["circle", "square"]  # no triangle was asked for
     assert table["square"]["objects"] == 3 and table["square"]["right"] == pytest.approx(1 / 3)
     assert table["square"]["drawn"] == {"circle": 1, "square": 1, "triangle": 0, "none": 1}
-    assert table["circle"] == {"objects": 1, "right": 1.0, "drawn": {"circle": 1, "square": 0, "triangle": 0, "none": 0}}
+    assert table["circle"] == {"objects": 2, "right": 0.5, "drawn": {"circle": 1, "square": 0, "triangle": 0, "none": 0,
+                                                                      "upside-down triangle": 1}}
     lines = format_shape_table(table).splitlines()
-    assert "drawn as circle / square / triangle / not found" in lines[0]
-    assert lines[2].split() == ["square", "3", "33.3%", "1", "/", "1", "/", "0", "/", "1"]
+    assert "drawn as circle / square / triangle / upside-down triangle / not found" in lines[0]
+    assert lines[1].split()[:4] == ["circle", "2", "50.0%", "1"] and lines[1].endswith("1 / 0 / 0 / 1 / 0")
+    assert lines[2].split() == ["square", "3", "33.3%", "1", "/", "1", "/", "0", "/", "0", "/", "1"]
 
 
 def test_rescore_script_scores_an_evaluation_again_as_it_was_scored(tmp_path, tiny_yaml, capsys, monkeypatch):

@@ -102,7 +102,8 @@ def tabulate_shapes(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             entry = table[spec.shape]
             entry["objects"] += 1
             right[spec.shape] += bool(obj["shape"])
-            entry["drawn"][obj["drawn_shape"] or "none"] += 1
+            drawn = obj["drawn_shape"] or "none"  # or a shape of no caption's, e.g. "upside-down triangle"
+            entry["drawn"][drawn] = entry["drawn"].get(drawn, 0) + 1
     for shape, entry in table.items():
         entry["right"] = right[shape] / entry["objects"] if entry["objects"] else None
     return {shape: entry for shape, entry in table.items() if entry["objects"]}
@@ -317,7 +318,10 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
 
 def format_shape_table(shapes: dict[str, dict[str, Any]]) -> str:
     """The per-shape table of tabulate_shapes as aligned text."""
-    names = ("circle", "square", "triangle", "none")
+    from soragen.data.shapes import SHAPES
+
+    other = sorted({n for row in shapes.values() for n in row["drawn"]} - set(SHAPES) - {"none"})
+    names = (*SHAPES, *other, "none")
     head = f"{'shape asked':<12} {'objects':>7} {'right':>8}   drawn as " + " / ".join(
         "not found" if n == "none" else n for n in names)
     lines = [head]
