@@ -92,21 +92,17 @@ def tabulate_shapes(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     column pools the shapes; a model that draws one of them badly shows here which and as what."""
     from soragen.data.shapes import SHAPES, parse_caption
 
-    table: dict[str, dict[str, Any]] = {}
-    for shape in SHAPES:
-        table[shape] = {"objects": 0, "right": None, "drawn": {name: 0 for name in SHAPES + ("none",)}}
-    right = {shape: 0 for shape in SHAPES}
+    counts = {shape: {"objects": 0, "right": 0, "drawn": dict.fromkeys((*SHAPES, "none"), 0)} for shape in SHAPES}
     for r in results:
         specs, _ = parse_caption(r["prompt"])
         for spec, obj in zip(specs, r["score"]["objects"]):
-            entry = table[spec.shape]
+            entry = counts[spec.shape]
             entry["objects"] += 1
-            right[spec.shape] += bool(obj["shape"])
+            entry["right"] += bool(obj["shape"])
             drawn = obj["drawn_shape"] or "none"  # or a shape of no caption's, e.g. "upside-down triangle"
             entry["drawn"][drawn] = entry["drawn"].get(drawn, 0) + 1
-    for shape, entry in table.items():
-        entry["right"] = right[shape] / entry["objects"] if entry["objects"] else None
-    return {shape: entry for shape, entry in table.items() if entry["objects"]}
+    return {shape: {**entry, "right": entry["right"] / entry["objects"]}
+            for shape, entry in counts.items() if entry["objects"]}
 
 
 def made_before(path: Path, prompt: str, model: str, cfg: Config, weights: str | None) -> dict[str, Any] | None:
@@ -326,8 +322,7 @@ def format_shape_table(shapes: dict[str, dict[str, Any]]) -> str:
         "not found" if n == "none" else n for n in names)
     lines = [head]
     for shape, row in shapes.items():
-        right = "-" if row["right"] is None else f"{100 * row['right']:.1f}%"
-        lines.append(f"{shape:<12} {row['objects']:>7} {right:>8}   "
+        lines.append(f"{shape:<12} {row['objects']:>7} {100 * row['right']:7.1f}%   "
                      + " / ".join(str(row["drawn"].get(n, 0)) for n in names))
     return "\n".join(lines)
 
