@@ -219,8 +219,14 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
     if decoder:
         gate = decoder.get("gate") or gate  # the reconstructions now come from the fine-tuned decoder
         steps_text = "" if phased else f" for {decoder['steps']} steps"  # phased: the phase lines give the steps
-        history += (f"\n- Decoder: fine-tuned{steps_text} on the DiT's own latents (train stage 'decoder', "
-                    f"the sampler's last {decoder['last_steps']} steps).")
+        if "redraw_windows" in decoder:  # the redraw phase: the phase lines give the earlier decoder phase's settings
+            history += (f"\n- Decoder: fine-tuned on the DiT's own latents (train stage 'decoder'), last{steps_text} on "
+                        f"{decoder['redrawn']} of {decoder['redraw_windows']} windows the DiT generated from pure noise, "
+                        "redrawn by the renderer where it put each object, beside real clips (train.decoder.redraw_rows "
+                        f"{decoder['redraw_rows']} of each batch).")
+        else:
+            history += (f"\n- Decoder: fine-tuned{steps_text} on the DiT's own latents (train stage 'decoder', "
+                        f"the sampler's last {decoder['last_steps']} steps).")
     d = cfg.train.dit
     windows = (f"{d.batch_size} windows of {d.window} latent frames; {d.context_fraction:.0%} of windows with "
                f"1-{d.max_context} context frames; caption dropout {d.caption_dropout:.0%}")

@@ -16,7 +16,7 @@ PROMPTS = [
     "a large cyan circle moving down",
     "a large magenta square bouncing",
 ]
-SQUARES = [p for p in PROMPTS if "square" in p]
+DRAWN_ROUND = ["a large blue square moving left"]  # its sides come out wavy: read as a circle (issue 3)
 SEEDS = (0, 1, 2)
 
 
@@ -47,13 +47,13 @@ def test_builtin_follows_prompt(scores, prompt):
     verdicts = scores[prompt]
     assert mostly_right(verdicts, "colour"), f"wrong colour for '{prompt}': {verdicts}"
     assert mostly_right(verdicts, "direction"), f"wrong motion for '{prompt}': {verdicts}"
-    if prompt not in SQUARES:
+    if prompt not in DRAWN_ROUND:
         assert mostly_right(verdicts, "shape"), f"wrong shape for '{prompt}': {verdicts}"
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped model draws most squares with wavy or slanted sides (issue 3); "
-                   "when this passes, fold the squares into test_builtin_follows_prompt")
-@pytest.mark.parametrize("prompt", SQUARES)
+                   "when this passes, fold the square into test_builtin_follows_prompt")
+@pytest.mark.parametrize("prompt", DRAWN_ROUND)
 def test_builtin_draws_squares(scores, prompt):
     assert mostly_right(scores[prompt], "shape"), f"'{prompt}' came out as {scores[prompt]}"
 

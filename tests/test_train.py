@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,11 @@ import torch
 
 from soragen.config import load_config, read_yaml
 from soragen.errors import UserError
+from soragen.model_io import builtin_installed
 from soragen.pipeline import Pipeline
 from soragen.train import RunFolder, sample_windows, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "text_encoder.tokenizer=words", "text_encoder.d_model=32", "text_encoder.num_layers=1", "text_encoder.num_heads=2",
@@ -1248,3 +1252,50 @@ def test_bf16_mixed_precision_with_a_frozen_text_encoder_trains(tmp_path):
     assert train(cfg) == tmp_path / "model"
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("contrast" in m for m in lines) and all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
+
+
+@pytest.mark.skipif(not builtin_installed(), reason="the built-in model is not in this checkout")
+def test_decoder_stage_learns_redrawn_windows_of_the_builtin_model(tmp_path):
+    """train.decoder.redraw_rows: the built-in DiT generates windows for training captions, the renderer redraws
+    those the detector can read, and the decoder learns them beside real clips; the pool is kept for a resume."""
+    from safetensors import safe_open
+
+    from soragen.model_io import builtin_path
+
+    run = tmp_path / "redraw"
+    shutil.copytree(builtin_path(), run / "model")
+    (run / "model" / "vae" / "decoder_finetune.json").unlink()  # the shipped decoder is tuned: tune it again
+    settings = [f"train.output_dir={run}", "train.stages=[decoder]", "train.decoder.steps=2",
+                "train.decoder.batch_size=2", "train.decoder.clip_frames=9", "train.decoder.clean_fraction=1",
+                "train.decoder.redraw_windows=8", "train.decoder.redraw_rows=1", "train.vae_gate_clips=2",
+                "train.checkpoint_every=2", "train.log_every=1"]
+    train(load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False), resume=True)
+    info = json.loads((run / "model" / "vae" / "decoder_finetune.json").read_text())
+    assert info["redraw_windows"] == 8 and info["redraw_rows"] == 1 and 1 <= info["redrawn"] <= 8
+    with safe_open(str(run / "redraw_pool.safetensors"), framework="pt") as pool:
+        latents, frames = pool.get_tensor("latents"), pool.get_tensor("frames")
+        assert latents.shape == (info["redrawn"], 8, 5, 16, 16) and frames.shape == (info["redrawn"], 9, 64, 64, 3)
+        assert pool.metadata()["windows"] == "8"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [1, 2]
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (["train.decoder.redraw_rows=2", "train.decoder.redraw_windows=8"],
+     "train.decoder.redraw_rows 2 must be less than train.decoder.batch_size 2; give at most 1"),
+    (["train.decoder.redraw_rows=1"], "train.decoder.redraw_rows 1 needs at least as many train.decoder.redraw_windows, got 0"),
+    (["train.decoder.redraw_windows=8"], "train.decoder.redraw_windows 8 makes windows no batch would use"),
+    (["train.decoder.redraw_rows=1", "train.decoder.redraw_windows=8", "data.kind=manifest", "data.path={data}"],
+     "train.decoder.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the windows), got manifest"),
+])
+def test_redraw_settings_are_refused_before_training(tmp_path, settings, fragment):
+    from soragen.data.clips import write_shapes_dataset
+
+    if any("{data}" in s for s in settings):  # a dataset of video files: nothing to redraw them with
+        write_shapes_dataset(tmp_path / "data", num=2, seconds=1.0, seed=0)
+        settings = [s.format(data=tmp_path / "data") for s in settings]
+    cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'run'}", "train.stages=[vae,dit,decoder]",
+                              "train.decoder.batch_size=2", "train.decoder.last_steps=2"] + settings)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

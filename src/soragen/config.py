@@ -447,6 +447,13 @@ class DecoderTrainConfig(_Frozen):
     lr: float = Field(2e-4, ge=0)  # AdamW learning rate of the decoder (cosine decay to 10%)
     last_steps: int = Field(4, ge=1)  # clips start at one of the sampler's last N timesteps
     clean_fraction: float = Field(0.25, ge=0, le=1)  # share of steps decoding the encoder's own latents
+    # Redrawn windows (Shapes World): `redraw_windows` windows of clip_frames frames are generated from pure
+    # noise for training captions at the stage's start (the run folder keeps them), and each that the
+    # detector can read is redrawn by the renderer where the DiT put its objects (soragen.data.redraw);
+    # `redraw_rows` rows of each batch then decode the DiT's latents of one of them, to the redrawn frames.
+    # The other rows are real clips, as above. 0 = off.
+    redraw_windows: int = Field(0, ge=0)
+    redraw_rows: int = Field(0, ge=0)
 
 
 class TrainConfig(_Frozen):

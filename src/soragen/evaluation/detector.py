@@ -76,6 +76,18 @@ def _downsample(frames: np.ndarray) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float32) / 255.0  # (T, 64, 64, 3)
 
 
+def colour_coverage(frame: np.ndarray, colour: str) -> np.ndarray:
+    """How much each pixel of a 64 x 64 frame [64, 64, 3] uint8 is of palette `colour`, as the detector reads
+    pixels (coloured, nearest by chroma; weighted by coverage): [64, 64] float32 in [0, 1]."""
+    small = _downsample(np.asarray(frame)[None])[0]  # (64, 64, 3)
+    value = small.max(axis=-1)
+    sat = (value - small.min(axis=-1)) / np.maximum(value, 1e-6)
+    chroma = small / np.maximum(value, 1e-6)[..., None]  # (64, 64, 3)
+    nearest = np.argmin(((chroma[:, :, None] - _UNIT) ** 2).sum(-1), axis=-1)  # (64, 64)
+    mine = (value >= MIN_VALUE) & (sat >= MIN_SATURATION) & (nearest == _NAMES.index(colour))
+    return np.where(mine, np.minimum(value, 1.0), 0.0).astype(np.float32)
+
+
 def _has_wall(small: np.ndarray) -> bool:
     """True if most frames show a grey bar over the wall columns."""
     band = small[:, :, _WALL_LO : _WALL_HI + 1]  # (T, 64, 8, 3)
@@ -234,7 +246,7 @@ class _Track:
         return str(names[np.argmax(counts)])
 
 
-def _centre(lo: float, hi: float, clip_lo: bool, clip_hi: bool, extent: float) -> float:
+def centre(lo: float, hi: float, clip_lo: bool, clip_hi: bool, extent: float) -> float:
     """Centre along one axis, measured from the unclipped side when one side is clipped."""
     if clip_lo and not clip_hi:
         return hi - extent / 2.0
@@ -260,8 +272,8 @@ def _tracks(per_frame: list[list[Blob]], wall: bool) -> dict[str, _Track]:
         x, y = np.full(t_len, np.nan), np.full(t_len, np.nan)
         for i, b in enumerate(main):
             if b is not None:
-                x[i] = _centre(b.edges[0], b.edges[2], b.clip[0], b.clip[2], width)
-                y[i] = _centre(b.edges[1], b.edges[3], b.clip[1], b.clip[3], height)
+                x[i] = centre(b.edges[0], b.edges[2], b.clip[0], b.clip[2], width)
+                y[i] = centre(b.edges[1], b.edges[3], b.clip[1], b.clip[3], height)
         count = np.array([len(bs) for bs in mine])
         tracks[name] = _Track(name, main, count, x, y, width, height)
     return tracks
