@@ -79,12 +79,12 @@ def test_an_object_missing_from_a_frame_leaves_that_frame_without_target():
 
 def test_colour_coverage_reads_pixels_as_the_detector_does():
     frames = _clip("a large green square moving up and a small red circle moving left")
-    green, red = D.colour_coverage(frames[0], "green"), D.colour_coverage(frames[0], "red")
+    green, red = D.colour_coverage(frames, "green")[0], D.colour_coverage(frames, "red")[0]
     blobs = {b.colour: b for b in D.detect_frame(frames[0])}
     assert green.sum() == pytest.approx(blobs["green"].area, rel=1e-4)
     assert red.sum() == pytest.approx(blobs["red"].area, rel=1e-4)
     assert not (green * red).any()
-    assert D.colour_coverage(frames[0], "blue").sum() == 0
+    assert D.colour_coverage(frames, "blue").sum() == 0
 
 
 @pytest.mark.parametrize("objects, text", [

@@ -1368,6 +1368,7 @@ def _redraw_pool(cfg: Config, run: RunFolder, model_cfg: Config, pipe, tuned_on:
     from soragen.model_io import WEIGHTS, files_digest, save_file_atomic
     from soragen.sampler import denoise, draw_noise, make_scheduler
     from soragen.vae import latent_frames_for
+    from soragen.video_io import to_uint8
 
     t, s = cfg.train.decoder, model_cfg.sampler
     path = run.root / "redraw_pool.safetensors"
@@ -1396,9 +1397,8 @@ def _redraw_pool(cfg: Config, run: RunFolder, model_cfg: Config, pipe, tuned_on:
                         steps=s.steps, guidance=s.guidance, generator=generator,
                         guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates)
             x = pipe.vae.decode(pipe.vae.denormalize(z))  # (b, 3, T, H, W) in [-1, 1]
-            frames = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-            for zi, fi, prompt in zip(z, frames, prompts):
-                if (drawn := redraw(fi, prompt)) is not None:
+            for zi, xi, prompt in zip(z, x, prompts):
+                if (drawn := redraw(to_uint8(xi[None].cpu()), prompt)) is not None:
                     kept["latents"].append(zi.float())
                     kept["frames"].append(torch.from_numpy(drawn[0]))
                     kept["has_target"].append(torch.from_numpy(drawn[1].astype(np.uint8)))

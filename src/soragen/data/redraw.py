@@ -80,6 +80,7 @@ def redraw(frames: np.ndarray, caption: str) -> tuple[np.ndarray, np.ndarray] | 
         r = RADII[spec.size or _most_common([b.size for b in whole])]
         half = _half_extent(spec.shape, r)
         colour = np.asarray(PALETTE[spec.colour], np.float32)
+        cover = colour_coverage(frames, spec.colour)  # (T, 64, 64)
         for i, b in enumerate(blobs):
             if b is None or (b.clip[0] and b.clip[2]) or (b.clip[1] and b.clip[3]):
                 has_target[i] = False
@@ -87,7 +88,7 @@ def redraw(frames: np.ndarray, caption: str) -> tuple[np.ndarray, np.ndarray] | 
             x = centre(b.edges[0], b.edges[2], b.clip[0], b.clip[2], 2 * half)
             y = centre(b.edges[1], b.edges[3], b.clip[1], b.clip[3], 2 * half)
             # Fitted to the blob's pixels: the box of a wavy blob, or of a clipped one's thin edge, is off by a pixel.
-            x, y = _fit(spec.shape, r, x, y, colour_coverage(frames[i], spec.colour), wall)
+            x, y = _fit(spec.shape, r, x, y, cover[i], wall)
             cov, r0, c0 = _coverage(spec.shape, r, x, y)
             patch = video[i, r0 : r0 + cov.shape[0], c0 : c0 + cov.shape[1]]
             a = cov[..., None]

@@ -76,16 +76,26 @@ def _downsample(frames: np.ndarray) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float32) / 255.0  # (T, 64, 64, 3)
 
 
-def colour_coverage(frame: np.ndarray, colour: str) -> np.ndarray:
-    """How much each pixel of a 64 x 64 frame [64, 64, 3] uint8 is of palette `colour`, as the detector reads
-    pixels (coloured, nearest by chroma; weighted by coverage): [64, 64] float32 in [0, 1]."""
-    small = _downsample(np.asarray(frame)[None])[0]  # (64, 64, 3)
+def _palette_pixels(small: np.ndarray, wall: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Downsampled frames [..., 64, 64, 3] -> (each pixel's value, the max channel; its palette index, -1 where the
+    pixel is not coloured or, with `wall`, lies on the wall's columns), both [..., 64, 64]."""
     value = small.max(axis=-1)
     sat = (value - small.min(axis=-1)) / np.maximum(value, 1e-6)
-    chroma = small / np.maximum(value, 1e-6)[..., None]  # (64, 64, 3)
-    nearest = np.argmin(((chroma[:, :, None] - _UNIT) ** 2).sum(-1), axis=-1)  # (64, 64)
-    mine = (value >= MIN_VALUE) & (sat >= MIN_SATURATION) & (nearest == _NAMES.index(colour))
-    return np.where(mine, np.minimum(value, 1.0), 0.0).astype(np.float32)
+    mask = (value >= MIN_VALUE) & (sat >= MIN_SATURATION)
+    if wall:
+        mask[..., _WALL_LO : _WALL_HI + 1] = False
+    pix = np.flatnonzero(mask)  # (P,) coloured pixels
+    chroma = small.reshape(-1, 3)[pix] / value.reshape(-1)[pix, None]  # (P, 3)
+    colour = np.full(mask.shape, -1)
+    colour.reshape(-1)[pix] = np.argmin(((chroma[:, None] - _UNIT) ** 2).sum(-1), axis=1)
+    return value, colour
+
+
+def colour_coverage(frames: np.ndarray, colour: str) -> np.ndarray:
+    """How much each pixel of frames [T, H, W, 3] uint8 (64 x 64 times an integer) is of palette `colour`, as the
+    detector reads pixels (coloured, nearest by chroma; weighted by coverage): [T, 64, 64] float32 in [0, 1]."""
+    value, index = _palette_pixels(_downsample(np.asarray(frames)))
+    return np.where(index == _NAMES.index(colour), np.minimum(value, 1.0), 0.0).astype(np.float32)
 
 
 def _has_wall(small: np.ndarray) -> bool:
@@ -132,15 +142,9 @@ def _classify(fill: float, drop: float, extent: float) -> tuple[str, str]:
 def _blobs(small: np.ndarray, wall: bool) -> list[list[Blob]]:
     """Blobs of every frame of a downsampled video [T, 64, 64, 3]."""
     t_len = small.shape[0]
-    value = small.max(axis=-1)  # (T, 64, 64)
-    sat = (value - small.min(axis=-1)) / np.maximum(value, 1e-6)  # (T, 64, 64)
-    mask = (value >= MIN_VALUE) & (sat >= MIN_SATURATION)
-    if wall:
-        mask[:, :, _WALL_LO : _WALL_HI + 1] = False
+    value, colour = _palette_pixels(small, wall)  # (T, 64, 64) each
+    mask = colour >= 0
     pix = np.flatnonzero(mask)  # (P,) coloured pixels
-    chroma = small.reshape(-1, 3)[pix] / value.reshape(-1)[pix, None]  # (P, 3)
-    colour = np.full(mask.shape, -1)  # (T, 64, 64) palette index, -1 off the mask
-    colour.reshape(-1)[pix] = np.argmin(((chroma[:, None] - _UNIT) ** 2).sum(-1), axis=1)
     lab = _label(mask, colour)
     roots, comp = np.unique(lab.reshape(-1)[pix], return_inverse=True)  # (N,), (P,)
     n = len(roots)
