@@ -1280,6 +1280,71 @@ def test_decoder_stage_learns_redrawn_windows_of_the_builtin_model(tmp_path):
     assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [1, 2]
 
 
+@pytest.mark.skipif(not builtin_installed(), reason="the built-in model is not in this checkout")
+def test_dit_stage_learns_redrawn_windows_of_its_init_model(tmp_path):
+    """train.dit.redraw_rows: the init model's DiT generates windows for training captions, the renderer redraws
+    every one whose objects the detector finds, each as its caption's shape, and the fine-tune takes them beside
+    the data's windows (and its twin and contrast rows); the pool is kept and read again on a resume."""
+    from safetensors import safe_open
+
+    from soragen.model_io import builtin_path
+
+    run = tmp_path / "run"
+    settings = [f"train.output_dir={run}", "train.stages=[dit]", f"train.vae_model={builtin_path()}",
+                f"train.dit.init_model={builtin_path()}", "data.clips=6", "data.clip_latent_frames=4",
+                "train.dit.window=3", "train.dit.max_context=2", "train.dit.batch_size=4", "train.dit.steps=2",
+                "train.dit.contrast_from=0",
+                "train.dit.twin_rows=1", "train.dit.redraw_windows=8", "train.dit.redraw_rows=2",
+                "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=100"]
+    train(load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False))
+    with safe_open(str(run / "dit_redraw_pool.safetensors"), framework="pt") as pool:
+        latents, frames, meta = pool.get_tensor("latents"), pool.get_tensor("frames"), pool.metadata()
+    captions = json.loads(meta["captions"])
+    assert 2 <= len(captions) <= 8 and meta["lean"] == "False" and meta["windows"] == "8"
+    assert latents.shape == (len(captions), 8, 3, 16, 16) and frames.shape == (len(captions), 5, 64, 64, 3)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "dit" and "loss" in m] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
+    before = (run / "dit_redraw_pool.safetensors").stat().st_mtime_ns
+    train(load_config(ROOT / "configs" / "default.yaml", settings + ["train.dit.steps=3"], builtin_default=False),
+          resume=True)
+    assert (run / "dit_redraw_pool.safetensors").stat().st_mtime_ns == before  # read, not made again
+
+
+def test_redrawn_rows_are_noised_from_the_dits_latents_and_count_only_frames_with_targets():
+    """A redrawn row's input is noised from its whole other latents (share 1) and its target is its own x0; a frame
+    without a target adds nothing to the loss."""
+    from diffusers import DDPMScheduler
+
+    from soragen.train import TwinInputs, dit_loss
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    x0 = torch.randn(3, 4, 3, 2, 2, dtype=torch.float64)
+    text, mask = torch.zeros(3, 1, 8), torch.ones(3, 1, dtype=torch.bool)
+    keep = torch.tensor([[True, False, True]])
+    redrawn = TwinInputs(torch.tensor([2]), x0[[2]] + 1000.0, (40, 300), share=1.0, keep=keep)
+    seen = {}
+
+    class Exact(torch.nn.Module):
+        """Predicts the v whose x0 estimate is x0, but for frame 1 of row 2, where it is far off."""
+
+        def forward(self, x, t, text, mask):
+            seen["x"], seen["t"] = x, t
+            a = sched.alphas_cumprod[t].to(x)[:, None, :, None, None]
+            v = (a.sqrt() * x - x0) / (1 - a).sqrt()
+            v[2, :, 1] += 50.0
+            return v
+
+    loss = dit_loss(Exact(), sched, x0, text, mask, torch.zeros(3, dtype=torch.long), 20,
+                    torch.Generator().manual_seed(0), redrawn=redrawn)
+    assert loss < 1e-12  # the frame without a target is not counted
+    t = seen["t"][2]
+    assert ((t >= 40) & (t < 300)).all() and (t == t[0]).all()
+    a = sched.alphas_cumprod[t].to(x0)[None, :, None, None]
+    noise = (seen["x"][2] - a.sqrt() * (x0[2] + 1000.0)) / (1 - a).sqrt()  # noised from the moved latents, whole
+    assert noise.abs().max() < 10
+
+
 @pytest.mark.parametrize("settings, fragment", [
     (["train.decoder.redraw_rows=2", "train.decoder.redraw_windows=8"],
      "train.decoder.redraw_rows 2 must be less than train.decoder.batch_size 2; give at most 1"),
@@ -1287,6 +1352,14 @@ def test_decoder_stage_learns_redrawn_windows_of_the_builtin_model(tmp_path):
     (["train.decoder.redraw_windows=8"], "train.decoder.redraw_windows 8 makes windows no batch would use"),
     (["train.decoder.redraw_rows=1", "train.decoder.redraw_windows=8", "data.kind=manifest", "data.path={data}"],
      "train.decoder.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the windows), got manifest"),
+    (["train.dit.redraw_windows=8"], "train.dit.redraw_windows 8 makes windows no batch would use"),
+    (["train.dit.redraw_rows=2", "train.dit.redraw_windows=8", "train.dit.batch_size=2"],
+     "train.dit.redraw_rows 2 must be less than train.dit.batch_size 2; give at most 1"),
+    (["train.dit.redraw_rows=1"], "train.dit.redraw_rows 1 needs at least as many train.dit.redraw_windows, got 0"),
+    (["train.dit.redraw_rows=1", "train.dit.redraw_windows=8"],
+     "train.dit.redraw_rows redraws windows a trained DiT generated: set train.dit.init_model"),
+    (["train.dit.redraw_rows=1", "train.dit.redraw_windows=8", "data.kind=manifest", "data.path={data}"],
+     "train.dit.redraw_rows needs data.kind shapes"),
 ])
 def test_redraw_settings_are_refused_before_training(tmp_path, settings, fragment):
     from soragen.data.clips import write_shapes_dataset

@@ -423,8 +423,19 @@ class DiTTrainConfig(_Frozen):
     # other object's words were swapped: docs/training-log.md, session 26), so "square" did not say
     # which colour it was, and a caption of two objects was a bag of attributes. 0 = off.
     text_binding: float = Field(0.0, ge=0)
+    # Redrawn windows (Shapes World; a fine-tune of train.dit.init_model): `redraw_windows` windows are generated
+    # by the init model from pure noise for training captions at the stage's start (the run folder keeps them),
+    # and each in which the detector finds every caption object is redrawn by the renderer where the DiT put
+    # them, each object as its caption's shape (soragen.data.redraw, lean=False). `redraw_rows` rows of each
+    # batch then take one: noised from the DiT's own latents at one timestep in `redraw_t` [lo, hi), they must
+    # predict the latents of the redrawn frames. The data teaches a model to keep the shape its input suggests;
+    # at sampling its input is its own blob (a square with wavy sides, drawn round), and these rows teach it to
+    # make the caption's shape from that blob. 0 rows = off.
+    redraw_windows: int = Field(0, ge=0)
+    redraw_rows: int = Field(0, ge=0)
+    redraw_t: tuple[int, int] = (30, 1000)
 
-    @field_validator("shape_contrast_t", "twin_t")
+    @field_validator("shape_contrast_t", "twin_t", "redraw_t")
     @classmethod
     def _shape_span(cls, v: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= v[0] < v[1] <= 1000:

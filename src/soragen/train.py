@@ -743,11 +743,14 @@ class SwappedCaptions:
 
 @dataclass(frozen=True)
 class TwinInputs:
-    """Rows of a training batch noised from latents moved towards their shape twin's (train.dit.twin_rows)."""
+    """Rows of a training batch noised from other latents than those they must predict: moved towards their shape
+    twin's (train.dit.twin_rows), or the DiT's own for redrawn targets (train.dit.redraw_rows)."""
 
     rows: torch.Tensor  # (R,) batch rows, all without context frames, with a caption, not contrast rows
-    x0: torch.Tensor  # (R, C, T, h, w) the rows' shape twins' clean latents
+    x0: torch.Tensor  # (R, C, T, h, w) the latents the rows' inputs are noised from (moved to)
     span: tuple[int, int]  # each row is drawn at one timestep in [lo, hi)
+    share: float | None = None  # how far each row's input is moved to x0; None: uniform in [0, 1] per row
+    keep: torch.Tensor | None = None  # (R, T) bool: frames with a target (None: all)
 
 
 def twin_inputs(twins: torch.Tensor, idx: np.ndarray, starts: np.ndarray, window: int, prompts: list[str],
@@ -779,10 +782,10 @@ def swapped_rows(prompts: list[str], n_ctx: np.ndarray, limit: int, swap: Callab
     return rows, texts
 
 
-def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_train: int
+def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_train: int, skip: Sequence[int] = ()
                    ) -> tuple[SwappedCaptions | None, list[tuple[str, float, int]]]:
-    """The contrast rows of a batch: direction rows (t >= direction_contrast_min_t), then shape rows
-    (t in shape_contrast_t); and per contrast (name, weight, how many rows) in that order."""
+    """The contrast rows of a batch (not in `skip`): direction rows (t >= direction_contrast_min_t), then shape
+    rows (t in shape_contrast_t); and per contrast (name, weight, how many rows) in that order."""
     from soragen.data.shapes import swap_shapes
 
     groups, rows, texts, ranges = [], [], [], []
@@ -791,7 +794,7 @@ def contrast_batch(text_encoder, prompts: list[str], n_ctx: np.ndarray, t, num_t
     for name, weight, limit, swap, span in specs:
         if weight <= 0:
             continue
-        r, x = swapped_rows(prompts, n_ctx, limit, swap, skip=rows)
+        r, x = swapped_rows(prompts, n_ctx, limit, swap, skip=rows + list(skip))
         if r:
             groups.append((name, weight, len(r)))
             rows, texts, ranges = rows + r, texts + x, ranges + [span] * len(r)
@@ -852,7 +855,7 @@ def dit_loss(
     dit, scheduler, x0: torch.Tensor, text, mask, n_ctx: torch.Tensor, context_noise: int, generator,
     timestep_power: float = 1.0, sigma_data: float | None = None, frame_noise: float = 0.0,
     self_condition: bool = False, noise_correlation: float = 0.0, swapped: SwappedCaptions | None = None,
-    weight: torch.Tensor | None = None, twin: TwinInputs | None = None,
+    weight: torch.Tensor | None = None, twin: TwinInputs | None = None, redrawn: TwinInputs | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v-prediction loss (Salimans & Ho 2022, eq. 9) on the frames after each sample's context.
 
@@ -873,6 +876,7 @@ def dit_loss(
     `weight` [B, T, h, w] weighs each latent pixel's squared error (1 = plain), in the contrast too.
     With `twin`, its rows get one timestep each in its span and are noised from x0 + s * (x0_twin - x0),
     s uniform in [0, 1] per row; their target is the v whose x0 estimate is the row's own x0.
+    `redrawn` rows are moved likewise, all the way (its share), and only its frames to keep count.
     """
     from soragen.sampler import draw_noise, x0_estimate
 
@@ -888,18 +892,20 @@ def dit_loss(
         lo, hi = swapped.timesteps[:, 0], swapped.timesteps[:, 1]  # (R,)
         drawn = lo + (torch.rand(len(swapped.rows), generator=generator) * (hi - lo)).long()  # (R,)
         t_main[swapped.rows] = drawn[:, None].expand(-1, t_frames)
-    if twin is not None:
-        lo, hi = twin.span
-        t_main[twin.rows] = torch.randint(lo, hi, (len(twin.rows), 1), generator=generator).expand(-1, t_frames)
+    moved = [m for m in (twin, redrawn) if m is not None]
+    for m in moved:
+        lo, hi = m.span
+        t_main[m.rows] = torch.randint(lo, hi, (len(m.rows), 1), generator=generator).expand(-1, t_frames)
     t_ctx = torch.randint(0, context_noise + 1, (b, 1), generator=generator)
     timesteps = torch.where(is_ctx, t_ctx, t_main)  # (B, T): one timestep per latent frame
     noise = draw_noise(x0.shape, generator, noise_correlation)  # (B, C, T, h, w)
     alpha_bar = scheduler.alphas_cumprod[timesteps].to(x0)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # velocity target
-    if twin is not None:  # x_t from x0 + d, d = s (x0_twin - x0); sqrt(a) x_t - sqrt(1 - a) v' = x0 gives v' = v + a d / sqrt(1 - a)
-        r, a = twin.rows, alpha_bar[twin.rows]
-        shift = torch.rand((len(r), 1, 1, 1, 1), generator=generator).to(x0) * (twin.x0.to(x0) - x0[r])  # (R, C, T, h, w)
+    for m in moved:  # x_t from x0 + d, d = s (m.x0 - x0); sqrt(a) x_t - sqrt(1 - a) v' = x0 gives v' = v + a d / sqrt(1 - a)
+        r, a = m.rows, alpha_bar[m.rows]
+        share = torch.rand((len(r), 1, 1, 1, 1), generator=generator) if m.share is None else torch.tensor(m.share)
+        shift = share.to(x0) * (m.x0.to(x0) - x0[r])  # (R, C, T, h, w)
         x_t[r] = x_t[r] + a.sqrt() * shift
         v[r] = v[r] + a / (1 - a).sqrt() * shift
     x_t, timesteps = x_t.to(x0.device), timesteps.to(x0.device)
@@ -933,7 +939,11 @@ def dit_loss(
     if sigma_data is not None:
         a_main = scheduler.alphas_cumprod[t_main].to(err)  # (B, T)
         err = err / (a_main + (1 - a_main) * sigma_data**2)
-    keep = (~is_ctx).float().to(err.device)
+    keep = ~is_ctx  # (B, T)
+    for m in moved:
+        if m.keep is not None:
+            keep[m.rows] &= m.keep
+    keep = keep.float().to(err.device)
     loss = (err * keep).sum() / keep.sum().clamp(min=1.0)
     return loss if swapped is None else (loss, contrast, gap)
 
@@ -1005,6 +1015,33 @@ def _report_long_captions(text_encoder, captions: list[str]) -> None:
     text_encoder.warn_truncation = False
 
 
+def _dit_redraw_pool(cfg: Config, run: RunFolder, vae, acc, progress: Progress | None) -> dict[str, Any]:
+    """train.dit.redraw_rows: windows of train.dit.init_model redrawn (_redraw_pool, lean=False; kept in the run
+    folder as dit_redraw_pool.safetensors) as the stage trains on them: targets (N, C, W, h, w), the redrawn
+    frames encoded by the run's `vae`; moved (N, C, W, h, w), the DiT's own latents in the same normalization;
+    keep (N, W) bool, the latent frames whose every frame has a target; captions (N strings)."""
+    from soragen.config import load_config
+    from soragen.model_io import resolve_model
+    from soragen.pipeline import Pipeline
+
+    t, f = cfg.train.dit, cfg.vae.temporal_compression
+    folder = resolve_model(t.init_model)
+    pipe = Pipeline.from_config(load_config(None, [f"model={folder}"]))
+    with acc.main_process_first():  # the main process generates; the others read its file
+        pool = _redraw_pool(cfg, run.root / "dit_redraw_pool.safetensors", folder, pipe, t.redraw_windows,
+                            (t.window - 1) * f + 1, t.redraw_rows, "train.dit.redraw_rows", False,
+                            progress if acc.is_main_process else None)
+    targets = []
+    with torch.no_grad():
+        for i in range(0, len(pool["frames"]), 8):
+            x = _clips_to_tensor(list(pool["frames"][i : i + 8].numpy()))  # (b, 3, T, H, W)
+            targets.append(vae.normalize(vae.encode(x)[0]).half())
+        moved = vae.normalize(pipe.vae.denormalize(pool["latents"])).half()
+    has = pool["has_target"].bool()  # (N, T): latent frame k > 0 stands for frames (k - 1) f + 1 .. k f
+    keep = torch.cat([has[:, :1], has[:, 1:].unflatten(1, (-1, f)).all(dim=2)], dim=1)  # (N, W)
+    return {"targets": torch.cat(targets), "moved": moved, "keep": keep, "captions": pool["captions"]}
+
+
 def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> Config:
     """Stage 2: the DiT and the small T5 on the latent cache; writes run/model. Returns the final config."""
     from diffusers import DDPMScheduler
@@ -1044,6 +1081,7 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         twins = vae.normalize(twins.float()).half()  # (N, C, K, h, w), as z_all (cast per batch)
     if z_all.shape[2] < t.window:
         raise UserError(f"train.dit.window {t.window} is longer than data.clip_latent_frames {z_all.shape[2]}")
+    pool = _dit_redraw_pool(cfg, run, vae, acc, progress) if t.redraw_rows else None
 
     torch.manual_seed(cfg.seed)
     corpus = [c for variants in captions for c in variants]
@@ -1124,19 +1162,30 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
             text, mask = text_encoder(prompts)
         return text.float(), mask
 
+    redraw_rows = t.redraw_rows if pool is not None else 0
     while step < end:
-        idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size)
-        x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)]).to(acc.device)  # (B, C, W, h, w)
+        idx, starts, n_ctx = sample_windows(rng, continues, len(captions), z_all.shape[2], t, t.batch_size - redraw_rows)
+        x0 = torch.stack([z_all[k, :, s : s + t.window] for k, s in zip(idx, starts)])  # (B - R, C, W, h, w)
         pixel_weight = None
         if cues is not None:  # (B, W, h, w)
             cue = torch.stack([cues[k, s : s + t.window] for k, s in zip(idx, starts)]).float()
+            cue = torch.cat([cue, cue.new_zeros(redraw_rows, *cue.shape[1:])])  # redrawn rows: plain
             pixel_weight = (1.0 + t.shape_weight * cue).to(acc.device)
         prompts = ["" if rng.random() < t.caption_dropout else captions[k][rng.integers(len(captions[k]))] for k in idx]
+        redrawn, own = None, list(range(len(idx), t.batch_size))  # the last R rows: redrawn windows, captions kept
+        if pool is not None:
+            chosen = torch.from_numpy(rng.choice(len(pool["captions"]), redraw_rows, replace=False))
+            x0 = torch.cat([x0, pool["targets"][chosen]])
+            prompts += [pool["captions"][k] for k in chosen]
+            n_ctx = np.concatenate([n_ctx, np.zeros(redraw_rows, dtype=n_ctx.dtype)])
+            redrawn = TwinInputs(torch.tensor(own), pool["moved"][chosen], t.redraw_t, share=1.0,
+                                 keep=pool["keep"][chosen])
+        x0 = x0.to(acc.device)  # (B, C, W, h, w)
         text, mask = encode(prompts)  # (B, L, D), (B, L)
         sigma_data = cfg.vae.latent_scale if t.loss_weighting == "unit_variance" else None
         swapped, groups = None, []
         if step >= t.contrast_from:
-            swapped, groups = contrast_batch(encode, prompts, n_ctx, t, noise_sched.config.num_train_timesteps)
+            swapped, groups = contrast_batch(encode, prompts, n_ctx, t, noise_sched.config.num_train_timesteps, skip=own)
         metrics, twin = {}, None
         if probe is not None:
             labels = acc.unwrap_model(probe).labels(acc.unwrap_model(text_encoder).tokenizer, prompts,
@@ -1144,12 +1193,12 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
             binding, metrics["binding_acc"] = probe(text, labels)
             metrics["binding"] = binding.item()
         if twins is not None:
-            taken = swapped.rows.tolist() if swapped is not None else []
+            taken = (swapped.rows.tolist() if swapped is not None else []) + own
             twin = twin_inputs(twins, idx, starts, t.window, prompts, n_ctx, t.twin_rows, t.twin_t, skip=taken)
             metrics["twin_rows"] = 0 if twin is None else len(twin.rows)
         loss = dit_loss(dit, noise_sched, x0, text, mask, torch.from_numpy(n_ctx), t.context_noise, generator,
                         t.timestep_power, sigma_data, t.frame_noise, cfg.dit.self_condition,
-                        cfg.sampler.noise_correlation, swapped, pixel_weight, twin)
+                        cfg.sampler.noise_correlation, swapped, pixel_weight, twin, redrawn)
         if swapped is not None:
             loss, contrast, gap = loss
             metrics["v_loss"] = loss.item()
@@ -1285,10 +1334,14 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     tuned_on = files_digest([run.model / "transformer" / WEIGHTS])  # the DiT whose latents the decoder learns
     pool = None
     if t.redraw_rows:  # made by the model folder's decoder as the stage found it, before a checkpoint is loaded
+        def made(progress):
+            return _redraw_pool(cfg, run.root / "redraw_pool.safetensors", run.model, pipe, t.redraw_windows,
+                                t.clip_frames, t.redraw_rows, "train.decoder.redraw_rows", True, progress)
+
         if acc.is_main_process:
-            _redraw_pool(cfg, run, model_cfg, pipe, tuned_on, progress)
+            made(progress)
         acc.wait_for_everyone()
-        pool = _redraw_pool(cfg, run, model_cfg, pipe, tuned_on, None)
+        pool = made(None)
     decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
     scheduler = make_scheduler(s)
     scheduler.set_timesteps(s.steps)
@@ -1356,13 +1409,16 @@ REDRAW_BATCH = 4  # windows generated together for the redraw pool
 REDRAW_VERSION = "1"  # of soragen.data.redraw's rules, in the pool's key: a pool redrawn by other rules is made anew
 
 
-def _redraw_pool(cfg: Config, run: RunFolder, model_cfg: Config, pipe, tuned_on: str, progress: Progress | None
-                 ) -> dict[str, torch.Tensor]:
-    """train.decoder.redraw_windows windows generated by run/model's DiT for training captions, and those of them
-    that soragen.data.redraw redraws: latents (N, C, K, h, w), frames (N, T, H, W, 3) uint8, has_target (N, T).
-    Kept in the run folder (redraw_pool.safetensors) for the DiT it was made with; made anew for another."""
+def _redraw_pool(cfg: Config, path: Path, model: Path, pipe, windows: int, clip_frames: int, rows: int, option: str,
+                 lean: bool, progress: Progress | None) -> dict[str, Any]:
+    """`windows` windows of `clip_frames` frames generated by the DiT of model folder `model` (loaded as `pipe`) for
+    training captions, and those of them that soragen.data.redraw redraws (with `lean`): latents (N, C, K, h, w)
+    normalized by the model's VAE, frames (N, T, H, W, 3) uint8, has_target (N, T), captions (N strings).
+    Kept at `path` for the model it was made with; made anew for another. `option` (the setting that asked
+    for `rows` rows a batch) names the fix when too few windows are redrawn."""
     from safetensors import safe_open
 
+    from soragen.config import load_config
     from soragen.data.clips import make_source
     from soragen.data.redraw import redraw
     from soragen.model_io import WEIGHTS, files_digest, save_file_atomic
@@ -1370,26 +1426,29 @@ def _redraw_pool(cfg: Config, run: RunFolder, model_cfg: Config, pipe, tuned_on:
     from soragen.vae import latent_frames_for
     from soragen.video_io import to_uint8
 
-    t, s = cfg.train.decoder, model_cfg.sampler
-    path = run.root / "redraw_pool.safetensors"
-    key = {"dit_weights": tuned_on, "vae_weights": files_digest([run.model / "vae" / WEIGHTS]),
-           "windows": str(t.redraw_windows), "clip_frames": str(t.clip_frames), "seed": str(cfg.seed),
-           "data": cfg.data.model_dump_json(), "redraw": REDRAW_VERSION}
+    key = {"dit_weights": files_digest([model / "transformer" / WEIGHTS]),
+           "vae_weights": files_digest([model / "vae" / WEIGHTS]), "windows": str(windows),
+           "clip_frames": str(clip_frames), "seed": str(cfg.seed), "data": cfg.data.model_dump_json(),
+           "redraw": REDRAW_VERSION, "lean": str(lean)}
     if path.is_file():
         with safe_open(str(path), framework="pt") as handle:
-            if handle.metadata() == key:
-                return {name: handle.get_tensor(name) for name in handle.keys()}
+            meta = dict(handle.metadata() or {})
+            captions = json.loads(meta.pop("captions", "null"))
+            if meta == key and captions is not None:
+                return {name: handle.get_tensor(name) for name in handle.keys()} | {"captions": captions}
+    model_cfg = load_config(None, [f"model={model}"])
+    s = model_cfg.sampler
     source = make_source(cfg.data, (cfg.video.height, cfg.video.width))
     rng = np.random.default_rng([cfg.seed, 5])
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + 5)
     scheduler = make_scheduler(s)
     f, sc = model_cfg.vae.temporal_compression, model_cfg.vae.spatial_compression
-    shape = (model_cfg.vae.latent_channels, latent_frames_for(t.clip_frames, f), cfg.video.height // sc, cfg.video.width // sc)
-    kept: dict[str, list[torch.Tensor]] = {"latents": [], "frames": [], "has_target": []}
+    shape = (model_cfg.vae.latent_channels, latent_frames_for(clip_frames, f), cfg.video.height // sc, cfg.video.width // sc)
+    kept: dict[str, list] = {"latents": [], "frames": [], "has_target": [], "captions": []}
     made = 0
     with torch.no_grad():
-        while made < t.redraw_windows:
-            b = min(REDRAW_BATCH, t.redraw_windows - made)
+        while made < windows:
+            b = min(REDRAW_BATCH, windows - made)
             clips = [source.sample(rng, 1) for _ in range(b)]  # their captions only: each names a scene at its start
             prompts = [c.captions[rng.integers(len(c.captions))] for c in clips]
             text, mask = pipe.text_encoder(prompts + [s.negative_prompt] * b if s.guidance != 1.0 else prompts)
@@ -1398,20 +1457,22 @@ def _redraw_pool(cfg: Config, run: RunFolder, model_cfg: Config, pipe, tuned_on:
                         guidance_interval=s.guidance_interval, branch_estimates=s.branch_estimates)
             x = pipe.vae.decode(pipe.vae.denormalize(z))  # (b, 3, T, H, W) in [-1, 1]
             for zi, xi, prompt in zip(z, x, prompts):
-                if (drawn := redraw(to_uint8(xi[None].cpu()), prompt)) is not None:
+                if (drawn := redraw(to_uint8(xi[None].cpu()), prompt, lean=lean)) is not None:
                     kept["latents"].append(zi.float())
                     kept["frames"].append(torch.from_numpy(drawn[0]))
                     kept["has_target"].append(torch.from_numpy(drawn[1].astype(np.uint8)))
+                    kept["captions"].append(prompt)
             made += b
             if progress:
-                progress("redraw", made, t.redraw_windows, {"kept": len(kept["latents"])})
-    if len(kept["latents"]) < t.redraw_rows:
-        raise UserError(f"only {len(kept['latents'])} of {t.redraw_windows} generated windows could be redrawn, fewer "
-                        f"than train.decoder.redraw_rows {t.redraw_rows}; raise train.decoder.redraw_windows")
-    log.info("redraw pool: %d of %d generated windows redrawn", len(kept["latents"]), t.redraw_windows)
+                progress("redraw", made, windows, {"kept": len(kept["latents"])})
+    if len(kept["latents"]) < rows:
+        raise UserError(f"only {len(kept['latents'])} of {windows} generated windows could be redrawn, fewer than "
+                        f"{option} {rows}; raise {option.replace('_rows', '_windows')}")
+    log.info("redraw pool: %d of %d generated windows redrawn", len(kept["latents"]), windows)
+    captions = kept.pop("captions")
     pool = {name: torch.stack(v) for name, v in kept.items()}
-    save_file_atomic(pool, path, metadata=key)
-    return pool
+    save_file_atomic(pool, path, metadata=key | {"captions": json.dumps(captions, ensure_ascii=False)})
+    return pool | {"captions": captions}
 
 
 def _forget_stale_decoder(acc, run: RunFolder, tuned_on: str) -> None:
@@ -1499,6 +1560,23 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
         _finished_vae(t.vae.init_model, "train.vae.init_model")
     if t.vae_model is not None and {"vae", "dit"} & set(t.stages):
         _finished_vae(t.vae_model, "train.vae_model")
+    r = t.dit
+    if "dit" in t.stages and r.redraw_windows and not r.redraw_rows:
+        raise UserError(f"train.dit.redraw_windows {r.redraw_windows} makes windows no batch would use: set "
+                        "train.dit.redraw_rows (rows of each batch from them) or redraw_windows=0")
+    if "dit" in t.stages and r.redraw_rows:
+        if r.redraw_rows >= r.batch_size:  # real windows in every batch keep the DiT true to the data
+            raise UserError(f"train.dit.redraw_rows {r.redraw_rows} must be less than train.dit.batch_size "
+                            f"{r.batch_size}; give at most {r.batch_size - 1}")
+        if r.redraw_windows < r.redraw_rows:
+            raise UserError(f"train.dit.redraw_rows {r.redraw_rows} needs at least as many "
+                            f"train.dit.redraw_windows, got {r.redraw_windows}")
+        if cfg.data.kind != "shapes":
+            raise UserError(f"train.dit.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the "
+                            f"windows), got {cfg.data.kind}; set train.dit.redraw_rows=0")
+        if r.init_model is None:
+            raise UserError("train.dit.redraw_rows redraws windows a trained DiT generated: set train.dit.init_model "
+                            "to the model folder to fine-tune, or train.dit.redraw_rows=0")
     if "dit" in t.stages:
         if t.dit.text_binding > 0 and (cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
             raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: "

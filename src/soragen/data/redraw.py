@@ -9,6 +9,9 @@ A window is redrawn only when the detector finds every caption object in most of
 shape leans the caption's way: a triangle read as a triangle; a square (a circle) read as a square or a
 circle and filling at least (less than) SQUARE_LEAN of its extent (a circle fills 0.79, a square 1.0;
 the detector's line is 0.89). Frames in which an object is not found get no target.
+
+With `lean=False` (targets for the DiT, which reads the caption) every object the detector finds is redrawn as
+the caption's shape, however it was drawn: a square drawn round becomes a square where it was.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ def _most_common(values: list[str]) -> str:
     return Counter(values).most_common(1)[0][0]  # ties: the first seen
 
 
-def redraw(frames: np.ndarray, caption: str) -> tuple[np.ndarray, np.ndarray] | None:
+def redraw(frames: np.ndarray, caption: str, lean: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
     """A generated window [T, 64, 64, 3] uint8 redrawn for `caption`: (frames [T, 64, 64, 3] uint8, which frames
-    have a target [T] bool), or None when the window is not redrawn (see the module's docstring)."""
+    have a target [T] bool), or None when the window is not redrawn (see the module's docstring; `lean=False`
+    redraws each found object as the caption's shape whatever shape it was drawn)."""
     specs, wall = parse_caption(caption)
     t_len = len(frames)
     found = [detect_frame(f) for f in frames]  # per frame: its blobs
@@ -71,7 +75,9 @@ def redraw(frames: np.ndarray, caption: str) -> tuple[np.ndarray, np.ndarray] | 
             return None
         drawn = _most_common([b.shape for b in whole])
         fill = float(np.median([b.fill_ratio for b in whole]))
-        if spec.shape == "triangle":
+        if not lean:
+            leans = True
+        elif spec.shape == "triangle":
             leans = drawn == "triangle"
         else:  # a circle and a square are told apart by one line, SQUARE_LEAN, so their targets never disagree
             leans = drawn in ("circle", "square") and (fill >= SQUARE_LEAN) == (spec.shape == "square")
