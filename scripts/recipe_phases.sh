@@ -1,6 +1,6 @@
 # The phases of scripts/train_default.sh, in order, and how to tell one has finished; sourced by it and by
 # scripts/carry_run.sh, with $run the run folder.
-phases=(vae-base base tune1 tune2 cool1 cool2 decoder redraw)
+phases=(vae-base base tune1 tune2 cool1 cool2 decoder redraw redraw-dit)
 
 # Whether phase NAME has finished: the file it writes last.
 finished() {

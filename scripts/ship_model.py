@@ -120,6 +120,31 @@ def to_half(path: Path) -> None:
     follow_umask(path)  # readable as the user's other files are, like the rest of the model folder
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two weights files hold the same tensors, floats compared as float16 (as the package stores them)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in x.items()}
+    return x.keys() == y.keys() and all(
+        half[k].shape == y[k].shape and bool((half[k] == (y[k].half() if y[k].is_floating_point() else y[k])).all())
+        for k in x)
+
+
+def carried_decoder(model: Path, earlier: list[Path]) -> Path | None:
+    """For a model folder without a decoder_finetune.json whose VAE is an earlier model's (a DiT phase on the VAE of
+    a model whose decoder was fine-tuned), that model's decoder_finetune.json: the decoder it ships is that one."""
+    from soragen.model_io import WEIGHTS
+
+    if (model / "vae" / "decoder_finetune.json").is_file():
+        return None
+    for folder in earlier:
+        marker = folder / "vae" / "decoder_finetune.json"
+        if marker.is_file() and same_tensors(model / "vae" / WEIGHTS, folder / "vae" / WEIGHTS):
+            return marker
+    return None
+
+
 def fail(message: str) -> None:
     """One line on stderr and exit code 2, as soragen answers bad input."""
     print(f"error: {message}", file=sys.stderr)
@@ -184,7 +209,13 @@ def install(args: argparse.Namespace, model: Path, tmp: Path, target: Path, buil
         to_half(tmp / sub / WEIGHTS)
     (tmp / "PROMPTS.txt").write_text(PROMPTS + "\n", encoding="utf-8")
     stored = tmp / "soragen.yaml"
-    stored.write_text(portable_config(build_config(read_yaml(stored))).to_yaml(), encoding="utf-8")
+    settings = read_yaml(stored)
+    earlier_models = [run / "model" for run in reversed(args.runs[:-1])] + ([args.after] if args.after else [])
+    if (marker := carried_decoder(model, earlier_models)) is not None:
+        # The decoder it ships is that model's: its record (the card's decoder line and gate) and its settings.
+        shutil.copy(marker, tmp / "vae" / marker.name)
+        settings["train"]["decoder"] = read_yaml(marker.parents[1] / "soragen.yaml")["train"]["decoder"]
+    stored.write_text(portable_config(build_config(settings)).to_yaml(), encoding="utf-8")
 
     # 2. Evaluate the copy as a user would (nothing is replaced yet).
     eval_dir = args.run / "eval-4s"

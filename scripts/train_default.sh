@@ -31,13 +31,19 @@
 #             from pure noise for training captions and redrawn by the renderer where the DiT put each object
 #             (train.decoder.redraw_rows; 1,200 windows generated first, ~15 min), 2 real clips (~4 min): it
 #             draws more of the DiT's wavy squares as squares (docs/training-log.md, session 42)
-# About 4.5 h in all, in fp32, and the redraw phase (session 42: ~20 min on an AMD EPYC with AVX-512). In bf16 run
-# rb2 (session 40, before the redraw phase) took 2 h 33 min from nothing to its evaluated candidate on one AMD EPYC
-# with AVX-512 BF16 (vae-base 13, base 62, tune1 12, tune2 20, cool1 11, cool2 15, decoder 17, the eval 2 min):
-# with the redraw phase about 2 h 55 min. Run r38 took 181 min of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on
-# an Intel Xeon with AMX; cool1 10, cool2 14, decoder 18 on an AMD EPYC with AVX-512 BF16). On 2 cores without
-# AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are slower: vae-base ~35 min, the VAE fine-tune ~17 min,
-# the latent cache 10 min, the DiT stage 2.3 s a step (3,600 steps ~2 h 20 min): 6 h or more.
+#   redraw-dit  redraw's DiT and T5 fine-tuned on its VAE, 600 steps at cool2's rates, 4 rows of each batch windows
+#             redraw's model generated from pure noise (train.dit.redraw_rows; 1,200 generated first, ~16 min),
+#             redrawn with each object as its caption's shape, those without a triangle taken
+#             (train.dit.redraw_shapes), noised from the DiT's own latents: it learns to make the caption's
+#             square from the round blob it drew (~10 min; docs/training-log.md, session 43)
+# About 4.5 h in all, in fp32, and the redraw phases (sessions 42-43: ~20 and ~26 min on an AMD EPYC with AVX-512,
+# redraw-dit in bf16). In bf16 run rb2 (session 40, before the redraw phases) took 2 h 33 min from nothing to its
+# evaluated candidate on one AMD EPYC with AVX-512 BF16 (vae-base 13, base 62, tune1 12, tune2 20, cool1 11, cool2 15,
+# decoder 17, the eval 2 min): with the redraw phases about 3 h 20 min, over issue 3's 3 hours. Run r38 took 181 min
+# of steps (vae-base 19, base 8 + 71, tune1 13, tune2 27 on an Intel Xeon with AMX; cool1 10, cool2 14, decoder 18
+# on an AMD EPYC with AVX-512 BF16). On 2 cores without AVX-512 (AVX2 only; run r31, sessions 31-33) the phases are
+# slower: vae-base ~35 min, the VAE fine-tune ~17 min, the latent cache 10 min, the DiT stage 2.3 s a step (3,600
+# steps ~2 h 20 min): 6 h or more.
 # --precision auto (the default) trains in bf16 (train.mixed_precision=bf16) on a CPU that multiplies bf16 natively
 # (AMX or AVX-512 BF16: the DiT steps 1.5-1.8x faster, scripts/bench_train.py) and in fp32 elsewhere; --precision
 # bf16 or no chooses. Run r38 (sessions 38-39) took the recipe from nothing in bf16 to a model as good
@@ -118,15 +124,19 @@ phase() {
 # A DiT phase from the phase before, on the base phase's VAE (the run folder base: its model's VAE, or its VAE
 # stage's in a carried run). The latent caches are copied from the phase
 # before (under a temporary name, then renamed: an interrupted copy is never taken for a cache), not encoded again.
-tune() {
-  local name=$1 from=$2 cache; shift 2
-  done_from "$name" && return 0
+copy_caches() {
+  local from=$1 name=$2 cache
   mkdir -p "$run/$name"
   for cache in latents.safetensors latents.json twin_latents.safetensors; do
     if [ -f "$run/$from/$cache" ] && [ ! -f "$run/$name/$cache" ]; then
       cp "$run/$from/$cache" "$run/$name/$cache.part" && mv "$run/$name/$cache.part" "$run/$name/$cache"
     fi
   done
+}
+tune() {
+  local name=$1 from=$2; shift 2
+  done_from "$name" && return 0
+  copy_caches "$from" "$name"
   phase "$name" --set 'train.stages=[dit]' --set "train.vae_model=$run/base" \
     --set "train.dit.init_model=$run/$from/model" --set train.dit.contrast_from=0 --set train.dit.twin_rows=4 "$@"
 }
@@ -165,8 +175,17 @@ if ! done_from redraw; then
     --set train.decoder.clip_frames=33 --set train.decoder.clean_fraction=1 --set train.decoder.lr=1e-4 \
     --set train.decoder.redraw_windows=1200 --set train.decoder.redraw_rows=2
 fi
+# redraw-dit trains on the redraw phase's model folder: its DiT the init model, its VAE (and tuned decoder) the VAE.
+# Its encoder is base's, so cool2's latent caches fit it (their key is the encoder's weights).
+done_from redraw-dit || copy_caches cool2 redraw-dit
+phase redraw-dit --set 'train.stages=[dit]' --set "train.vae_model=$run/redraw/model" \
+  --set "train.dit.init_model=$run/redraw/model" --set train.dit.contrast_from=0 --set train.dit.twin_rows=4 \
+  --set train.dit.steps=600 --set train.dit.lr=5e-5 --set train.dit.text_lr=1.2e-4 --set train.dit.warmup=20 \
+  --set train.dit.ema_decay=0.995 --set train.dit.redraw_windows=1200 --set train.dit.redraw_rows=4 \
+  --set 'train.dit.redraw_shapes=[circle,square]'
 if [ -d "$run/candidate" ]; then
   echo "candidate: $run/candidate is already there (delete it to evaluate the run again)"
 else
-  python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder,redraw} --seeds 2 --to "$run/candidate"
+  python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder,redraw,redraw-dit} --seeds 2 \
+    --to "$run/candidate"
 fi

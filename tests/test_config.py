@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,9 @@ def test_every_shipped_preset_validates(preset):
     ("train.vae.lr=-1", "'train.vae.lr': Input should be greater than or equal to 0"),
     ("train.threads=-1", "'train.threads': Input should be greater than or equal to 0"),
     ("train.dit.ema_decay=1.5", "'train.dit.ema_decay': Input should be less than or equal to 1"),
+    ("train.dit.redraw_shapes=[circle,hexagon]", "'train.dit.redraw_shapes.1': Input should be 'circle', 'square' or"),
+    ("train.dit.redraw_t=[500,30]", re.escape("'train.dit.redraw_t': must be [lo, hi] with 0 <= lo < hi <= 1000")),
+    ("train.dit.redraw_shapes=[]", "'train.dit.redraw_shapes': Tuple should have at least 1 item"),
 ])
 def test_training_settings_are_bounded(override, fragment):
     """Out of range, they crashed mid-run (a zero interval) or lost work (keep_checkpoints=-1 deleted them all)."""

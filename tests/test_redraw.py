@@ -57,6 +57,18 @@ def test_a_shape_that_leans_the_other_way_is_not_redrawn(asked, rendered):
     assert redraw(frames, f"a large cyan {asked} moving down") is None
 
 
+@pytest.mark.parametrize("asked, rendered", [("square", "circle"), ("circle", "square"), ("triangle", "circle")])
+def test_without_lean_every_found_object_is_redrawn_as_its_captions_shape(asked, rendered):
+    """lean=False (targets for the DiT, which reads the caption): a circle drawn for a square becomes a square where
+    the circle was."""
+    frames = _clip(f"a large cyan {rendered} moving down")
+    drawn, has_target = redraw(frames, f"a large cyan {asked} moving down", lean=False)
+    assert has_target.all()
+    assert all(b.shape == asked for f in drawn for b in D.detect_frame(f))
+    for a, b in zip(D.detect_frame(drawn[4]), D.detect_frame(frames[4])):
+        assert abs(a.cx - b.cx) <= 1.0
+
+
 def test_an_upside_down_triangle_is_redrawn_as_nothing():
     """The detector's upside-down triangle is no shape of the world: not a circle to redraw, nor a triangle."""
     frames = _clip("a large red triangle moving left")[:, ::-1].copy()  # flipped top to bottom

@@ -51,3 +51,22 @@ def test_a_fine_tune_of_a_shipped_model_keeps_its_phases_and_wall_time():
     assert lines[0].startswith("- Phase `") and any(line.startswith("- History:") for line in lines)
     assert set(times) >= {"vae", "dit"} and all(t > 0 for t in times.values())
     assert sm.earlier_phases("# a card\n- Wall time on 2 CPU cores: dit 5 min (total 5 min)") == ([], {"dit": 300.0})
+
+
+def test_a_dit_phase_on_a_tuned_decoder_ships_that_decoders_record(tmp_path):
+    """A DiT phase exports its VAE without decoder_finetune.json; when that VAE is an earlier model's (compared as
+    the package stores it, in float16), the card takes that model's record of its decoder, and only then."""
+    import torch
+    from safetensors.torch import save_file
+
+    sm = load_script("ship_model")
+    weights = {"decoder.w": torch.randn(4, 4), "steps": torch.tensor([3])}
+    for name, tensors in (("tuned", weights), ("dit", {k: v.double() if v.is_floating_point() else v
+                                                          for k, v in weights.items()}),
+                          ("other", {"decoder.w": weights["decoder.w"] + 1, "steps": weights["steps"]})):
+        (tmp_path / name / "vae").mkdir(parents=True)
+        save_file(tensors, str(tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "tuned" / "vae" / "decoder_finetune.json").write_text('{"steps": 400}')
+    assert sm.carried_decoder(tmp_path / "dit", [tmp_path / "tuned"]) == tmp_path / "tuned" / "vae" / "decoder_finetune.json"
+    assert sm.carried_decoder(tmp_path / "other", [tmp_path / "tuned"]) is None  # another decoder
+    assert sm.carried_decoder(tmp_path / "tuned", [tmp_path / "tuned"]) is None  # it has its own record

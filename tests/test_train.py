@@ -1311,6 +1311,13 @@ def test_dit_stage_learns_redrawn_windows_of_its_init_model(tmp_path):
     assert (run / "dit_redraw_pool.safetensors").stat().st_mtime_ns == before  # read, not made again
 
 
+def test_a_latent_frame_has_a_target_when_every_frame_it_stands_for_has_one():
+    from soragen.train import latent_frames_with_target
+
+    has = torch.tensor([[True, True, False, True, True], [False, True, True, True, True]])  # 5 frames, 3 latent
+    assert latent_frames_with_target(has, 2).tolist() == [[True, False, True], [False, True, True]]
+
+
 def test_redrawn_rows_are_noised_from_the_dits_latents_and_count_only_frames_with_targets():
     """A redrawn row's input is noised from its whole other latents (share 1) and its target is its own x0; a frame
     without a target adds nothing to the loss."""

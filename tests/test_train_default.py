@@ -101,7 +101,7 @@ def test_a_carried_run_goes_on_after_its_newest_finished_phase(tmp_path):
     assert plan.returncode == 0 and plan.stderr == ""
     assert plan.stdout.splitlines()[1:] == ["vae-base: done", "base: done", "tune1: done", "tune2: to train",
                                         "cool1: to train", "cool2: to train", "decoder: to train", "redraw: to train",
-                                        "candidate: to evaluate and write"]
+                                        "redraw-dit: to train", "candidate: to evaluate and write"]
     plan = run_script("--out", str(run), "--dry-run")  # the original: tune2 resumes from its checkpoint
     assert plan.stdout.splitlines()[4] == "tune2: resumes from its newest checkpoint"
 
@@ -118,7 +118,7 @@ def test_a_finished_run_with_its_candidate_is_not_evaluated_again(tmp_path):
     """Run again on a run whose phases and candidate are all there, the script trains nothing and does not
     evaluate again (ship_model.py's 144 videos), and says how to make it."""
     run = tmp_path / "run"
-    for name in ("vae-base", "base", "tune1", "tune2", "cool1", "cool2", "decoder", "redraw"):
+    for name in ("vae-base", "base", "tune1", "tune2", "cool1", "cool2", "decoder", "redraw", "redraw-dit"):
         fake_phase(run, name)
     for name in ("decoder", "redraw"):
         (run / name / "model" / "vae").mkdir()
@@ -127,9 +127,9 @@ def test_a_finished_run_with_its_candidate_is_not_evaluated_again(tmp_path):
     plan = run_script("--out", str(run), "--dry-run")
     assert plan.returncode == 0 and plan.stdout.splitlines()[1:] == [
         f"{name}: done" for name in ("vae-base", "base", "tune1", "tune2", "cool1", "cool2", "decoder", "redraw",
-                                     "candidate")]
+                                     "redraw-dit", "candidate")]
     out = run_script("--out", str(run), "--precision", "no")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1:] == [f"candidate: {run}/candidate is already there (delete it to evaluate the run again)"]
     assert sorted(p.name for p in run.iterdir()) == sorted(["vae-base", "base", "tune1", "tune2", "cool1", "cool2",
-                                                          "decoder", "redraw", "candidate"])
+                                                          "decoder", "redraw", "redraw-dit", "candidate"])

@@ -431,9 +431,13 @@ class DiTTrainConfig(_Frozen):
     # predict the latents of the redrawn frames. The data teaches a model to keep the shape its input suggests;
     # at sampling its input is its own blob (a square with wavy sides, drawn round), and these rows teach it to
     # make the caption's shape from that blob. 0 rows = off.
+    # Only windows whose every object is one of `redraw_shapes` are taken (by default no triangles: redrawn
+    # triangles sit up to a pixel off the DiT's own from frame to frame, and rows of them taught it rounder
+    # triangles; docs/training-log.md, session 43).
     redraw_windows: int = Field(0, ge=0)
     redraw_rows: int = Field(0, ge=0)
     redraw_t: tuple[int, int] = (30, 1000)
+    redraw_shapes: tuple[Literal["circle", "square", "triangle"], ...] = Field(("circle", "square"), min_length=1)
 
     @field_validator("shape_contrast_t", "twin_t", "redraw_t")
     @classmethod

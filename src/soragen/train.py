@@ -69,6 +69,8 @@ class RunFolder:
         self.latents = self.root / "latents.safetensors"
         self.shape_cues = self.root / "shape_cues.safetensors"
         self.twin_latents = self.root / "twin_latents.safetensors"
+        self.redraw_pool = self.root / "redraw_pool.safetensors"  # the decoder stage's (train.decoder.redraw_rows)
+        self.dit_redraw_pool = self.root / "dit_redraw_pool.safetensors"  # the DiT stage's (train.dit.redraw_rows)
         self.samples = self.root / "samples"
         self.metrics = self.root / "metrics.jsonl"
         self.model = self.root / "model"
@@ -80,8 +82,10 @@ class RunFolder:
         return 0 if ckpt is None else int(ckpt.name.rsplit("-", 1)[1])
 
     def caches(self) -> list[str]:
-        """The names of the caches a DiT stage encodes before its first step (kept for the next run to use)."""
-        return [self.latents.name, self.latents.with_suffix(".json").name, self.twin_latents.name, self.shape_cues.name]
+        """The names of the caches a stage makes before its first step (kept for the next run to use: each is keyed,
+        and made anew when its key does not fit the run)."""
+        return [self.latents.name, self.latents.with_suffix(".json").name, self.twin_latents.name, self.shape_cues.name,
+                self.redraw_pool.name, self.dit_redraw_pool.name]
 
     def latest(self, stage: str) -> Path | None:
         """Newest complete checkpoint of a stage (complete = renamed into place)."""
@@ -1019,8 +1023,10 @@ def _dit_redraw_pool(cfg: Config, run: RunFolder, vae, acc, progress: Progress |
     """train.dit.redraw_rows: windows of train.dit.init_model redrawn (_redraw_pool, lean=False; kept in the run
     folder as dit_redraw_pool.safetensors) as the stage trains on them: targets (N, C, W, h, w), the redrawn
     frames encoded by the run's `vae`; moved (N, C, W, h, w), the DiT's own latents in the same normalization;
-    keep (N, W) bool, the latent frames whose every frame has a target; captions (N strings)."""
+    keep (N, W) bool, the latent frames whose every frame has a target; captions (N strings). Only windows whose
+    every caption object has a shape of train.dit.redraw_shapes."""
     from soragen.config import load_config
+    from soragen.data.shapes import parse_caption
     from soragen.model_io import resolve_model
     from soragen.pipeline import Pipeline
 
@@ -1028,18 +1034,33 @@ def _dit_redraw_pool(cfg: Config, run: RunFolder, vae, acc, progress: Progress |
     folder = resolve_model(t.init_model)
     pipe = Pipeline.from_config(load_config(None, [f"model={folder}"]))
     with acc.main_process_first():  # the main process generates; the others read its file
-        pool = _redraw_pool(cfg, run.root / "dit_redraw_pool.safetensors", folder, pipe, t.redraw_windows,
+        pool = _redraw_pool(cfg, run.dit_redraw_pool, folder, pipe, t.redraw_windows,
                             (t.window - 1) * f + 1, t.redraw_rows, "train.dit.redraw_rows", False,
                             progress if acc.is_main_process else None)
+    taken = [i for i, caption in enumerate(pool["captions"])
+             if all(spec.shape in t.redraw_shapes for spec in parse_caption(caption)[0])]
+    if len(taken) < t.redraw_rows:
+        raise UserError(f"only {len(taken)} redrawn windows have shapes of train.dit.redraw_shapes "
+                        f"{list(t.redraw_shapes)}, fewer than train.dit.redraw_rows {t.redraw_rows}; raise "
+                        "train.dit.redraw_windows or name more shapes")
+    log.info("redraw rows from %d of the pool's %d windows (shapes %s)", len(taken), len(pool["captions"]),
+             ", ".join(t.redraw_shapes))
+    pool = {name: pool[name][taken] for name in ("latents", "frames", "has_target")} | {
+        "captions": [pool["captions"][i] for i in taken]}
     targets = []
     with torch.no_grad():
         for i in range(0, len(pool["frames"]), 8):
             x = _clips_to_tensor(list(pool["frames"][i : i + 8].numpy()))  # (b, 3, T, H, W)
             targets.append(vae.normalize(vae.encode(x)[0]).half())
         moved = vae.normalize(pipe.vae.denormalize(pool["latents"])).half()
-    has = pool["has_target"].bool()  # (N, T): latent frame k > 0 stands for frames (k - 1) f + 1 .. k f
-    keep = torch.cat([has[:, :1], has[:, 1:].unflatten(1, (-1, f)).all(dim=2)], dim=1)  # (N, W)
+    keep = latent_frames_with_target(pool["has_target"].bool(), f)  # (N, W)
     return {"targets": torch.cat(targets), "moved": moved, "keep": keep, "captions": pool["captions"]}
+
+
+def latent_frames_with_target(has_target: torch.Tensor, f: int) -> torch.Tensor:
+    """(N, 1 + (T - 1) / f) bool from (N, T) bool frames with a target: latent frame 0 stands for frame 0, latent
+    frame k > 0 for frames (k - 1) f + 1 .. k f (the causal VAE), and has a target when all of them have."""
+    return torch.cat([has_target[:, :1], has_target[:, 1:].unflatten(1, (-1, f)).all(dim=2)], dim=1)
 
 
 def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | None) -> Config:
@@ -1335,7 +1356,7 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     pool = None
     if t.redraw_rows:  # made by the model folder's decoder as the stage found it, before a checkpoint is loaded
         def made(progress):
-            return _redraw_pool(cfg, run.root / "redraw_pool.safetensors", run.model, pipe, t.redraw_windows,
+            return _redraw_pool(cfg, run.redraw_pool, run.model, pipe, t.redraw_windows,
                                 t.clip_frames, t.redraw_rows, "train.decoder.redraw_rows", True, progress)
 
         if acc.is_main_process:
@@ -1563,7 +1584,7 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     r = t.dit
     if "dit" in t.stages and r.redraw_windows and not r.redraw_rows:
         raise UserError(f"train.dit.redraw_windows {r.redraw_windows} makes windows no batch would use: set "
-                        "train.dit.redraw_rows (rows of each batch from them) or redraw_windows=0")
+                        "train.dit.redraw_rows (rows of each batch from them) or train.dit.redraw_windows=0")
     if "dit" in t.stages and r.redraw_rows:
         if r.redraw_rows >= r.batch_size:  # real windows in every batch keep the DiT true to the data
             raise UserError(f"train.dit.redraw_rows {r.redraw_rows} must be less than train.dit.batch_size "
@@ -1604,7 +1625,7 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     d = t.decoder
     if "decoder" in t.stages and d.redraw_windows and not d.redraw_rows:
         raise UserError(f"train.decoder.redraw_windows {d.redraw_windows} makes windows no batch would use: set "
-                        "train.decoder.redraw_rows (rows of each batch from them) or redraw_windows=0")
+                        "train.decoder.redraw_rows (rows of each batch from them) or train.decoder.redraw_windows=0")
     if "decoder" in t.stages and d.redraw_rows:
         if cfg.data.kind != "shapes":
             raise UserError(f"train.decoder.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the "
