@@ -122,13 +122,13 @@ def to_half(path: Path) -> None:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Whether two weights files hold the same tensors, floats compared as float16 (as the package stores them)."""
+    import torch
     from safetensors.torch import load_file
 
     x, y = load_file(str(a)), load_file(str(b))
-    half = {k: v.half() if v.is_floating_point() else v for k, v in x.items()}
+    stored = {k: v.half() if v.is_floating_point() else v for k, v in y.items()}
     return x.keys() == y.keys() and all(
-        half[k].shape == y[k].shape and bool((half[k] == (y[k].half() if y[k].is_floating_point() else y[k])).all())
-        for k in x)
+        torch.equal(v.half() if v.is_floating_point() else v, stored[k]) for k, v in x.items())
 
 
 def carried_decoder(model: Path, earlier: list[Path]) -> Path | None:

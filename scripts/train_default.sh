@@ -152,29 +152,24 @@ tune cool1 tune2 --set train.dit.steps=600 --set train.dit.lr=8e-5 --set train.d
   --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
 tune cool2 cool1 --set train.dit.steps=800 --set train.dit.lr=5e-5 --set train.dit.text_lr=1.2e-4 \
   --set train.dit.warmup=20 --set train.dit.ema_decay=0.995
-# The decoder phase works on a copy of cool2's model folder (copied under a temporary name, then renamed).
-if ! done_from decoder; then
-  mkdir -p "$run/decoder"
-  if [ ! -d "$run/decoder/model" ]; then
-    rm -rf "$run/decoder/model.part"
-    cp -r "$run/cool2/model" "$run/decoder/model.part" && mv "$run/decoder/model.part" "$run/decoder/model"
+# A decoder phase NAME from phase FROM: on a copy of FROM's model folder (copied under a temporary name, then renamed),
+# without the file that marks its decoder as tuned (the stage would take it as done).
+decoder_phase() {
+  local name=$1 from=$2; shift 2
+  done_from "$name" && return 0
+  mkdir -p "$run/$name"
+  if [ ! -d "$run/$name/model" ]; then
+    rm -rf "$run/$name/model.part"
+    cp -r "$run/$from/model" "$run/$name/model.part" && rm -f "$run/$name/model.part/vae/decoder_finetune.json" &&
+      mv "$run/$name/model.part" "$run/$name/model"
   fi
-  train decoder --set 'train.stages=[decoder]' --set train.decoder.steps=1000 --set train.decoder.batch_size=8 \
-    --set train.decoder.last_steps=10 --set train.decoder.clean_fraction=0.2
-fi
-# The redraw phase works on a copy of the decoder phase's model folder, without the file that marks its decoder as
-# tuned (the stage would take it as done).
-if ! done_from redraw; then
-  mkdir -p "$run/redraw"
-  if [ ! -d "$run/redraw/model" ]; then
-    rm -rf "$run/redraw/model.part"
-    cp -r "$run/decoder/model" "$run/redraw/model.part" && rm -f "$run/redraw/model.part/vae/decoder_finetune.json" &&
-      mv "$run/redraw/model.part" "$run/redraw/model"
-  fi
-  train redraw --set 'train.stages=[decoder]' --set train.decoder.steps=400 --set train.decoder.batch_size=4 \
-    --set train.decoder.clip_frames=33 --set train.decoder.clean_fraction=1 --set train.decoder.lr=1e-4 \
-    --set train.decoder.redraw_windows=1200 --set train.decoder.redraw_rows=2
-fi
+  train "$name" --set 'train.stages=[decoder]' "$@"
+}
+decoder_phase decoder cool2 --set train.decoder.steps=1000 --set train.decoder.batch_size=8 \
+  --set train.decoder.last_steps=10 --set train.decoder.clean_fraction=0.2
+decoder_phase redraw decoder --set train.decoder.steps=400 --set train.decoder.batch_size=4 \
+  --set train.decoder.clip_frames=33 --set train.decoder.clean_fraction=1 --set train.decoder.lr=1e-4 \
+  --set train.decoder.redraw_windows=1200 --set train.decoder.redraw_rows=2
 # redraw-dit trains on the redraw phase's model folder: its DiT the init model, its VAE (and tuned decoder) the VAE.
 # Its encoder is base's, so cool2's latent caches fit it (their key is the encoder's weights).
 done_from redraw-dit || copy_caches cool2 redraw-dit

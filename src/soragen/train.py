@@ -1355,14 +1355,9 @@ def train_decoder(cfg: Config, run: RunFolder, resume: bool, progress: Progress 
     tuned_on = files_digest([run.model / "transformer" / WEIGHTS])  # the DiT whose latents the decoder learns
     pool = None
     if t.redraw_rows:  # made by the model folder's decoder as the stage found it, before a checkpoint is loaded
-        def made(progress):
-            return _redraw_pool(cfg, run.redraw_pool, run.model, pipe, t.redraw_windows,
-                                t.clip_frames, t.redraw_rows, "train.decoder.redraw_rows", True, progress)
-
-        if acc.is_main_process:
-            made(progress)
-        acc.wait_for_everyone()
-        pool = made(None)
+        with acc.main_process_first():  # the main process generates; the others read its file
+            pool = _redraw_pool(cfg, run.redraw_pool, run.model, pipe, t.redraw_windows, t.clip_frames, t.redraw_rows,
+                                "train.decoder.redraw_rows", True, progress if acc.is_main_process else None)
     decoder, optimizer, lr_sched = acc.prepare(decoder, optimizer, lr_sched)
     scheduler = make_scheduler(s)
     scheduler.set_timesteps(s.steps)
@@ -1581,21 +1576,9 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
         _finished_vae(t.vae.init_model, "train.vae.init_model")
     if t.vae_model is not None and {"vae", "dit"} & set(t.stages):
         _finished_vae(t.vae_model, "train.vae_model")
-    r = t.dit
-    if "dit" in t.stages and r.redraw_windows and not r.redraw_rows:
-        raise UserError(f"train.dit.redraw_windows {r.redraw_windows} makes windows no batch would use: set "
-                        "train.dit.redraw_rows (rows of each batch from them) or train.dit.redraw_windows=0")
-    if "dit" in t.stages and r.redraw_rows:
-        if r.redraw_rows >= r.batch_size:  # real windows in every batch keep the DiT true to the data
-            raise UserError(f"train.dit.redraw_rows {r.redraw_rows} must be less than train.dit.batch_size "
-                            f"{r.batch_size}; give at most {r.batch_size - 1}")
-        if r.redraw_windows < r.redraw_rows:
-            raise UserError(f"train.dit.redraw_rows {r.redraw_rows} needs at least as many "
-                            f"train.dit.redraw_windows, got {r.redraw_windows}")
-        if cfg.data.kind != "shapes":
-            raise UserError(f"train.dit.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the "
-                            f"windows), got {cfg.data.kind}; set train.dit.redraw_rows=0")
-        if r.init_model is None:
+    if "dit" in t.stages:
+        _check_redraw(cfg, "dit")
+        if t.dit.redraw_rows and t.dit.init_model is None:
             raise UserError("train.dit.redraw_rows redraws windows a trained DiT generated: set train.dit.init_model "
                             "to the model folder to fine-tune, or train.dit.redraw_rows=0")
     if "dit" in t.stages:
@@ -1622,20 +1605,28 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
     if {"dit", "decoder"} <= set(t.stages) and t.decoder.last_steps > cfg.sampler.steps:  # the model gets cfg.sampler
         raise UserError(f"train.decoder.last_steps {t.decoder.last_steps} is more than sampler.steps {cfg.sampler.steps}; "
                         "lower train.decoder.last_steps or raise sampler.steps")
-    d = t.decoder
-    if "decoder" in t.stages and d.redraw_windows and not d.redraw_rows:
-        raise UserError(f"train.decoder.redraw_windows {d.redraw_windows} makes windows no batch would use: set "
-                        "train.decoder.redraw_rows (rows of each batch from them) or train.decoder.redraw_windows=0")
-    if "decoder" in t.stages and d.redraw_rows:
-        if cfg.data.kind != "shapes":
-            raise UserError(f"train.decoder.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the "
-                            f"windows), got {cfg.data.kind}; set train.decoder.redraw_rows=0")
-        if d.redraw_rows >= d.batch_size:  # a real clip in every batch keeps the decoder true to the encoder's latents
-            raise UserError(f"train.decoder.redraw_rows {d.redraw_rows} must be less than train.decoder.batch_size "
-                            f"{d.batch_size}; give at most {d.batch_size - 1}")
-        if d.redraw_windows < d.redraw_rows:
-            raise UserError(f"train.decoder.redraw_rows {d.redraw_rows} needs at least as many "
-                            f"train.decoder.redraw_windows, got {d.redraw_windows}")
+    if "decoder" in t.stages:
+        _check_redraw(cfg, "decoder")
+
+
+def _check_redraw(cfg: Config, stage: str) -> None:
+    """train.STAGE.redraw_windows and redraw_rows (the DiT and decoder stages): rows that some windows fill, fewer
+    than a batch (real data in every batch keeps the stage true to it), and a renderer to redraw with."""
+    s, name = getattr(cfg.train, stage), f"train.{stage}"
+    if s.redraw_windows and not s.redraw_rows:
+        raise UserError(f"{name}.redraw_windows {s.redraw_windows} makes windows no batch would use: set "
+                        f"{name}.redraw_rows (rows of each batch from them) or {name}.redraw_windows=0")
+    if not s.redraw_rows:
+        return
+    if s.redraw_rows >= s.batch_size:
+        raise UserError(f"{name}.redraw_rows {s.redraw_rows} must be less than {name}.batch_size {s.batch_size}; "
+                        f"give at most {s.batch_size - 1}")
+    if s.redraw_windows < s.redraw_rows:
+        raise UserError(f"{name}.redraw_rows {s.redraw_rows} needs at least as many {name}.redraw_windows, got "
+                        f"{s.redraw_windows}")
+    if cfg.data.kind != "shapes":
+        raise UserError(f"{name}.redraw_rows needs data.kind shapes (the Shapes World renderer redraws the windows), "
+                        f"got {cfg.data.kind}; set {name}.redraw_rows=0")
 
 
 def _check_same_dit(cfg: Config, folder: Path) -> None:
