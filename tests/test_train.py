@@ -1311,6 +1311,66 @@ def test_dit_stage_learns_redrawn_windows_of_its_init_model(tmp_path):
     assert (run / "dit_redraw_pool.safetensors").stat().st_mtime_ns == before  # read, not made again
 
 
+@pytest.mark.skipif(not builtin_installed(), reason="the built-in model is not in this checkout")
+def test_redraw_motion_takes_only_windows_that_move_as_captioned(tmp_path, caplog):
+    """The DiT's pool records, per window, whether the DiT's own objects move as the caption says; with
+    train.dit.redraw_motion only those windows are taken, and too few of them is refused in one line."""
+    from safetensors import safe_open
+
+    from soragen.model_io import builtin_path, save_file_atomic
+
+    run = tmp_path / "run"
+    settings = [f"train.output_dir={run}", "train.stages=[dit]", f"train.vae_model={builtin_path()}",
+                f"train.dit.init_model={builtin_path()}", "data.clips=6", "data.clip_latent_frames=4",
+                "train.dit.window=3", "train.dit.max_context=2", "train.dit.batch_size=4", "train.dit.steps=1",
+                "train.dit.contrast_from=0", "train.dit.redraw_windows=8", "train.dit.redraw_rows=2",
+                "train.dit.redraw_motion=true", "train.dit.redraw_shapes=[circle,square,triangle]",
+                "train.checkpoint_every=1", "train.log_every=1", "train.sample_every=100"]
+    path = run / "dit_redraw_pool.safetensors"
+    try:
+        train(load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False))
+    except UserError as e:  # the DiT moved fewer than 2 of its windows as captioned: the pool is kept all the same
+        assert "that move as their captions say (train.dit.redraw_motion)" in str(e)
+    with safe_open(str(path), framework="pt") as pool:
+        tensors = {name: pool.get_tensor(name) for name in pool.keys()}
+        meta = pool.metadata()
+    n = len(json.loads(meta["captions"]))
+    assert tensors["moves"].dtype == torch.uint8 and tensors["moves"].shape == (n,)
+    assert set(tensors["moves"].tolist()) <= {0, 1}
+    for moving, outcome in ((2, None), (1, "only 1 of the pool's redrawn windows that move as their captions say")):
+        tensors["moves"] = torch.zeros(n, dtype=torch.uint8)
+        tensors["moves"][:moving] = 1
+        save_file_atomic(tensors, path, metadata=meta)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run / "model", ignore_errors=True)
+        cfg = load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False)
+        caplog.clear()
+        if outcome is None:
+            with caplog.at_level("INFO", logger="soragen"):
+                assert train(cfg, resume=True) == run / "model"
+            assert f"redraw rows from 2 of the pool's {n} windows" in caplog.text
+        else:
+            with pytest.raises(UserError, match=re.escape(outcome) + ".*set train.dit.redraw_motion=false"):
+                train(cfg, resume=True)
+
+
+@pytest.mark.parametrize("caption, moves", [
+    ("a green circle moving left and a red square moving up", 1),
+    ("a green circle moving up and a red square moving left", 0),
+    ("a green circle moving left and a red square moving down", 0),
+    ("a large blue ball bouncing", 1),
+    ("a large blue ball moving down", 0),
+])
+def test_moves_as_captioned_judges_every_object_by_the_eval_detector(caption, moves):
+    from soragen.data import shapes as S
+    from soragen.train import moves_as_captioned
+
+    true = ("a green circle moving left and a red square moving up" if "green" in caption
+            else "a large blue ball bouncing")
+    frames = S.render(S.scene_from_caption(true, np.random.default_rng(0)), 17)
+    assert moves_as_captioned(frames, caption, 8) == moves
+
+
 def test_a_latent_frame_has_a_target_when_every_frame_it_stands_for_has_one():
     from soragen.train import latent_frames_with_target
 

@@ -434,10 +434,15 @@ class DiTTrainConfig(_Frozen):
     # Only windows whose every object is one of `redraw_shapes` are taken (by default no triangles: redrawn
     # triangles sit up to a pixel off the DiT's own from frame to frame, and rows of them taught it rounder
     # triangles; docs/training-log.md, session 43).
+    # With `redraw_motion` only windows whose every object already moves as its caption says (the eval detector's
+    # judgement of the DiT's own frames) are taken: the redrawn target keeps the DiT's motion, so a window that
+    # moves the wrong way would teach the DiT its own mistake (off: it moved the eval less than its noise,
+    # docs/training-log.md, session 44).
     redraw_windows: int = Field(0, ge=0)
     redraw_rows: int = Field(0, ge=0)
     redraw_t: tuple[int, int] = (30, 1000)
     redraw_shapes: tuple[Literal["circle", "square", "triangle"], ...] = Field(("circle", "square"), min_length=1)
+    redraw_motion: bool = False
 
     @field_validator("shape_contrast_t", "twin_t", "redraw_t")
     @classmethod
