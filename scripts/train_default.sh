@@ -181,6 +181,5 @@ phase redraw-dit --set 'train.stages=[dit]' --set "train.vae_model=$run/redraw/m
 if [ -d "$run/candidate" ]; then
   echo "candidate: $run/candidate is already there (delete it to evaluate the run again)"
 else
-  python scripts/ship_model.py "$run"/{vae-base,base,tune1,tune2,cool1,cool2,decoder,redraw,redraw-dit} --seeds 2 \
-    --to "$run/candidate"
+  python scripts/ship_model.py "${phases[@]/#/$run/}" --seeds 2 --to "$run/candidate"  # every phase's folder, in order
 fi

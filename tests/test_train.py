@@ -1280,6 +1280,17 @@ def test_decoder_stage_learns_redrawn_windows_of_the_builtin_model(tmp_path):
     assert [m["step"] for m in lines if m["stage"] == "decoder" and "loss" in m] == [1, 2]
 
 
+def redraw_dit_settings(run: Path, *more: str) -> list[str]:
+    """A tiny DiT fine-tune of the built-in model with 2 redrawn rows of 4 from a pool of 8 windows, in `run`."""
+    from soragen.model_io import builtin_path
+
+    return [f"train.output_dir={run}", "train.stages=[dit]", f"train.vae_model={builtin_path()}",
+            f"train.dit.init_model={builtin_path()}", "data.clips=6", "data.clip_latent_frames=4",
+            "train.dit.window=3", "train.dit.max_context=2", "train.dit.batch_size=4", "train.dit.contrast_from=0",
+            "train.dit.redraw_windows=8", "train.dit.redraw_rows=2", "train.log_every=1", "train.sample_every=100",
+            *more]
+
+
 @pytest.mark.skipif(not builtin_installed(), reason="the built-in model is not in this checkout")
 def test_dit_stage_learns_redrawn_windows_of_its_init_model(tmp_path):
     """train.dit.redraw_rows: the init model's DiT generates windows for training captions, the renderer redraws
@@ -1287,15 +1298,8 @@ def test_dit_stage_learns_redrawn_windows_of_its_init_model(tmp_path):
     the data's windows (and its twin and contrast rows); the pool is kept and read again on a resume."""
     from safetensors import safe_open
 
-    from soragen.model_io import builtin_path
-
     run = tmp_path / "run"
-    settings = [f"train.output_dir={run}", "train.stages=[dit]", f"train.vae_model={builtin_path()}",
-                f"train.dit.init_model={builtin_path()}", "data.clips=6", "data.clip_latent_frames=4",
-                "train.dit.window=3", "train.dit.max_context=2", "train.dit.batch_size=4", "train.dit.steps=2",
-                "train.dit.contrast_from=0",
-                "train.dit.twin_rows=1", "train.dit.redraw_windows=8", "train.dit.redraw_rows=2",
-                "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=100"]
+    settings = redraw_dit_settings(run, "train.dit.steps=2", "train.dit.twin_rows=1", "train.checkpoint_every=2")
     train(load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False))
     with safe_open(str(run / "dit_redraw_pool.safetensors"), framework="pt") as pool:
         latents, frames, meta = pool.get_tensor("latents"), pool.get_tensor("frames"), pool.metadata()
@@ -1317,15 +1321,11 @@ def test_redraw_motion_takes_only_windows_that_move_as_captioned(tmp_path, caplo
     train.dit.redraw_motion only those windows are taken, and too few of them is refused in one line."""
     from safetensors import safe_open
 
-    from soragen.model_io import builtin_path, save_file_atomic
+    from soragen.model_io import save_file_atomic
 
     run = tmp_path / "run"
-    settings = [f"train.output_dir={run}", "train.stages=[dit]", f"train.vae_model={builtin_path()}",
-                f"train.dit.init_model={builtin_path()}", "data.clips=6", "data.clip_latent_frames=4",
-                "train.dit.window=3", "train.dit.max_context=2", "train.dit.batch_size=4", "train.dit.steps=1",
-                "train.dit.contrast_from=0", "train.dit.redraw_windows=8", "train.dit.redraw_rows=2",
-                "train.dit.redraw_motion=true", "train.dit.redraw_shapes=[circle,square,triangle]",
-                "train.checkpoint_every=1", "train.log_every=1", "train.sample_every=100"]
+    settings = redraw_dit_settings(run, "train.dit.steps=1", "train.dit.redraw_motion=true",
+                                   "train.dit.redraw_shapes=[circle,square,triangle]", "train.checkpoint_every=1")
     path = run / "dit_redraw_pool.safetensors"
     try:
         train(load_config(ROOT / "configs" / "default.yaml", settings, builtin_default=False))

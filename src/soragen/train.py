@@ -1601,7 +1601,6 @@ def check_before_stages(cfg: Config, run: RunFolder, resume: bool) -> None:
         if t.dit.redraw_rows and t.dit.init_model is None:
             raise UserError("train.dit.redraw_rows redraws windows a trained DiT generated: set train.dit.init_model "
                             "to the model folder to fine-tune, or train.dit.redraw_rows=0")
-    if "dit" in t.stages:
         if t.dit.text_binding > 0 and (cfg.text_encoder.pretrained is not None or not cfg.text_encoder.trainable):
             raise UserError("train.dit.text_binding trains the small T5 with the DiT: it needs text_encoder.trainable: "
                             "true and no text_encoder.pretrained (or set train.dit.text_binding=0)")
