@@ -1,6 +1,6 @@
 """Benchmark the built-in model's training recipe step by step on this machine.
 
-    python scripts/bench_train.py [--steps 10] [--mixed-precision bf16] [--json FILE]
+    python scripts/bench_train.py [--steps 10] [--mixed-precision bf16] [--set KEY=VALUE ...] [--json FILE]
 
 Times, on the built-in model's architecture and the recipe's settings (configs/default.yaml,
 scripts/train_default.sh), the steps its phases repeat, each the median of --steps after two
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=10, help="timed repetitions of each step (median)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="as train.mixed_precision: bf16 autocast in the training steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a change to the recipe, as soragen train's --set (e.g. dit.width=384 with dit.heads=6)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from soragen.sampler import denoise, draw_noise, make_scheduler
     from soragen.train import dit_loss, reconstruction_loss, vae_loss
 
-    recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", ["model=null"],
+    recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", ["model=null", *args.set],
                          builtin_default=False)
     pipe = Pipeline.from_config(recipe)  # the recipe's architecture, random weights
     vae, dit, text_encoder = pipe.vae, pipe.dit, pipe.text_encoder

@@ -41,6 +41,17 @@ def test_text_settings_take_the_words_as_written():
         load_config(None, ["sampler.steps=yes"], builtin_default=False)
 
 
+def test_mixed_precision_no_is_the_word_no(tmp_path):
+    # YAML reads the word no as false; scripts/train_default.sh passes --set train.mixed_precision=no on a CPU
+    # without native bf16 products, and a config file may say `mixed_precision: no`.
+    assert load_config(None, ["train.mixed_precision=no"], builtin_default=False).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path, builtin_default=False).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"], builtin_default=False)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["dit.depth=4", "seed=7"])
     path = tmp_path / "resolved.yaml"

@@ -497,6 +497,12 @@ class TrainConfig(_Frozen):
     dit: DiTTrainConfig = DiTTrainConfig()
     decoder: DecoderTrainConfig = DecoderTrainConfig()
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_read_as_false(cls, v: Any) -> Any:
+        """YAML reads the word no as false: `mixed_precision: no` and `--set train.mixed_precision=no` mean "no"."""
+        return "no" if v is False else v
+
     @field_validator("stages")
     @classmethod
     def _stages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
