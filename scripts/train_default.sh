@@ -7,8 +7,8 @@
 # Re-running continues an interrupted phase from its newest checkpoint and skips finished ones, and every phase
 # before a finished one; a run whose candidate folder exists is done (delete it to evaluate again). --dry-run lists
 # what a run would do next, and trains nothing. To carry a run to another machine, copy what scripts/carry_run.sh
-# selects (each phase's config and metrics, the base phase's VAE and the newest finished phase's model, without
-# checkpoints or caches) and run this script on the copy.
+# selects (each phase's config and metrics, the base phase's VAE, the newest finished phase's model and the half-
+# trained phase's newest checkpoint as weights only; no caches) and run this script on the copy.
 #   bash scripts/train_default.sh                                   # runs/default
 #   bash scripts/train_default.sh --out runs/b --set train.dit.text_binding=0.5   # the recipe with a change
 #   bash scripts/train_default.sh --out runs/c --precision no       # in fp32 even where bf16 is native

@@ -434,6 +434,42 @@ def test_a_resume_trains_at_the_settings_learning_rates_and_ema_decay(tmp_path):
     assert [m["step"] for m in lines if m["stage"] == "dit" and "loss" in m] == [2, 4]
 
 
+def test_a_carried_checkpoint_resumes_with_its_weights_schedule_and_a_fresh_optimizer(tmp_path, caplog):
+    """carry_checkpoint keeps a half-trained stage's weights as float16 and no optimizer; in a fresh run folder (the
+    other machine) --resume continues from its step with those weights, the EMA from them, the schedule at its step."""
+    from safetensors.torch import load_file
+
+    from soragen.train import carry_checkpoint
+
+    src, dst = RunFolder(tmp_path / "a"), RunFolder(tmp_path / "b")
+    train(train_config(TINY + [f"train.output_dir={src.root}", "train.dit.stop_after=2", "train.dit.steps=6",
+                               "train.dit.warmup=4"]))
+    ckpt = src.latest("dit")
+    carried = carry_checkpoint(ckpt, dst.checkpoints / ckpt.name)
+    assert sorted(p.name for p in (carried / "state").iterdir()) == sorted(
+        p.name for p in (ckpt / "state").glob("model*.safetensors"))
+    weights = load_file(str(carried / "state" / "model.safetensors"))
+    full = load_file(str(ckpt / "state" / "model.safetensors"))
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    assert all(torch.allclose(weights[k].float(), full[k], rtol=1e-3, atol=1e-5) for k in full)
+    shutil.copytree(src.vocabulary, dst.vocabulary)  # carry_run.sh carries the word ids and settings with it
+    shutil.copy(src.root / "config.yaml", dst.root / "config.yaml")
+    with caplog.at_level("INFO", logger="soragen"):
+        train(train_config(TINY + [f"train.output_dir={dst.root}", "train.dit.stop_after=3", "train.dit.steps=6",
+                                   "train.dit.warmup=4"]), resume=True)
+    assert "from the carried checkpoint" in caplog.text and "optimizer starts afresh" in caplog.text
+    after = dst.latest("dit")
+    assert after.name == "dit-0000003" and not json.loads((after / "meta.json").read_text()).get("carried")
+    sched = torch.load(after / "state" / "scheduler.bin", weights_only=True)
+    assert sched["last_epoch"] == torch.load(ckpt / "state" / "scheduler.bin", weights_only=True)["last_epoch"] + 1
+    lines = [json.loads(line) for line in (dst.root / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "dit" and "loss" in m] == [3]
+    assert json.loads((after / "meta.json").read_text())["ema"]["optimization_step"] == 3
+    # one optimizer step from the carried weights (a fresh Adam moves each weight by about the learning rate)
+    resumed = load_file(str(after / "state" / "model.safetensors"))
+    assert max((resumed[k] - weights[k].float()).abs().max().item() for k in weights) < 2e-3
+
+
 def test_a_fine_tune_of_another_dit_size_is_refused_before_its_cache(trained, tmp_path):
     _, _, model = trained
     cfg = train_config(TINY + [f"train.output_dir={tmp_path / 'ft'}", "train.stages=[dit]", f"train.vae_model={model}",

@@ -106,6 +106,45 @@ def test_a_carried_run_goes_on_after_its_newest_finished_phase(tmp_path):
     assert plan.stdout.splitlines()[4] == "tune2: resumes from its newest checkpoint"
 
 
+def test_a_half_trained_phase_is_carried_as_its_newest_checkpoints_weights(tmp_path):
+    """The phase after the newest finished one, stopped at a checkpoint, is carried with its config, metrics and word
+    ids and that checkpoint's weights as float16 (no optimizer state); train_default.sh resumes it from there."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, dest = tmp_path / "run", tmp_path / "carried"
+    for name in ("vae-base", "base"):
+        fake_phase(run, name)
+    tune1 = run / "tune1"
+    for step in (200, 300):
+        ckpt = tune1 / "checkpoints" / f"dit-0000{step}"
+        (ckpt / "state").mkdir(parents=True)
+        save_file({"w": torch.full((4,), step / 1000)}, str(ckpt / "state" / "model.safetensors"))
+        (ckpt / "state" / "optimizer.bin").write_bytes(b"moments")
+        (ckpt / "meta.json").write_text(json.dumps({"stage": "dit", "step": step}))
+    (tune1 / "checkpoints" / ".dit-0000400").mkdir()  # being written when the process was stopped
+    (tune1 / "config.yaml").write_text("phase: tune1\n")
+    (tune1 / "metrics.jsonl").write_text('{"stage": "dit", "step": 300, "time": 0}\n')
+    (tune1 / "tokenizer").mkdir()
+    (tune1 / "tokenizer" / "tokenizer.json").write_text("{}")
+    (tune1 / "latents.safetensors").write_bytes(b"cache")
+    out = subprocess.run(["bash", str(CARRY), str(run), str(dest)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "phases up to base, and tune1 at its checkpoint dit-0000300" in out.stdout
+    files = sorted(str(p.relative_to(dest / "tune1")) for p in (dest / "tune1").rglob("*") if p.is_file())
+    assert files == ["checkpoints/dit-0000300/meta.json", "checkpoints/dit-0000300/state/model.safetensors",
+                     "config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json"]
+    weights = load_file(str(dest / "tune1" / "checkpoints" / "dit-0000300" / "state" / "model.safetensors"))
+    assert weights["w"].dtype == torch.float16 and torch.allclose(weights["w"].float(), torch.full((4,), 0.3), atol=1e-3)
+    meta = json.loads((dest / "tune1" / "checkpoints" / "dit-0000300" / "meta.json").read_text())
+    assert meta == {"stage": "dit", "step": 300, "carried": True}
+    assert (dest / "base" / "model" / "soragen.yaml").is_file() and (dest / "base" / "vae" / "config.json").is_file()
+    plan = run_script("--out", str(dest), "--dry-run")
+    assert plan.stdout.splitlines()[1:4] == ["vae-base: done", "base: done", "tune1: resumes from its newest checkpoint"]
+
+
 def test_carry_run_with_no_finished_phase_carries_nothing(tmp_path):
     (tmp_path / "run" / "vae-base" / "checkpoints").mkdir(parents=True)
     out = subprocess.run(["bash", str(CARRY), str(tmp_path / "run"), str(tmp_path / "dest")], capture_output=True,

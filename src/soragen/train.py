@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -231,6 +232,13 @@ class _StageLog:
                     f"or train the {self.stage} stage anew in another train.output_dir")
 
             configured = _learning_rates(self.lr_sched)
+            if _is_carried(ckpt):
+                step = self._resume_carried(ckpt, damaged)
+                _keep_learning_rates(self.lr_sched, configured, self.stage)
+                if self.acc.is_main_process:
+                    self.run.forget_metrics(self.stage, after=step)
+                self.t_last, self.n_last = time.perf_counter(), step
+                return step
             scaler = self.acc.scaler  # fp16's loss scaler (GPU), absent from checkpoints written in bf16 or fp32
             if scaler is not None and not (ckpt / "state" / "scaler.pt").is_file():
                 self.acc.scaler = None  # the checkpoint has no scale to load: the scaler starts afresh
@@ -262,6 +270,36 @@ class _StageLog:
         self.t_last, self.n_last = time.perf_counter(), step
         return step
 
+    def _resume_carried(self, ckpt: Path, damaged: Callable[[Exception], Exception]) -> int:
+        """Resume from a checkpoint carried to another machine (scripts/carry_run.sh): the models' weights only,
+        stored as float16. They load into this run's models; the optimizer starts afresh (its moments are not
+        carried), the learning-rate schedule goes on from the checkpoint's step, and load_extra gets the meta."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        try:
+            meta = json.loads((ckpt / "meta.json").read_text())
+            step = int(meta["step"])
+            for i, model in enumerate(self.acc._models):  # the models accelerate saves, in its file order
+                name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"  # float16, cast on loading;
+                load_model(self.acc.unwrap_model(model), str(ckpt / "state" / name))  # tied weights saved once
+            if self.load_extra is not None:
+                self.load_extra(ckpt, meta)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise damaged(e) from None
+        except RuntimeError as e:  # load_state_dict: other sizes or parts
+            raise CheckpointMismatch(
+                f"carried checkpoint {ckpt} does not fit this run's settings ({first_line(e)}); resume with the "
+                f"settings it was written with, or train the {self.stage} stage anew in another train.output_dir") from None
+        if self.lr_sched is not None:
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(step):
+                    self.lr_sched.step()
+        log.info("resumed the %s stage from the carried checkpoint %s (step %d; its optimizer starts afresh)",
+                 self.stage, ckpt, step)
+        return step
+
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
         """After optimizer step `step`: the metric line (every log_every), progress, the checkpoint (every checkpoint_every)."""
         acc, cfg = self.acc, self.cfg
@@ -285,6 +323,35 @@ class _StageLog:
         self.acc.save_state(str(tmp / "state"), safe_serialization=True)
         extra = self.save_extra(tmp) if self.save_extra is not None else {}
         _write_json(tmp / "meta.json", {"stage": self.stage, "step": step, **extra, "config": self.cfg.to_dict()})
+
+
+def carry_checkpoint(ckpt: Path, dest: Path) -> Path:
+    """Write a checkpoint's weights-only copy for carrying a half-trained phase to another machine
+    (scripts/carry_run.sh): each model's weights as float16 and the meta marked carried; no optimizer moments,
+    EMA copy, RNG or scheduler state, about a quarter of the checkpoint. `--resume` takes it as _StageLog does.
+    Written under a temporary name, then renamed."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt, dest = Path(ckpt), Path(dest)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    part = dest.with_name(dest.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    (part / "state").mkdir(parents=True)
+    for weights in sorted((ckpt / "state").glob("model*.safetensors")):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        save_file(tensors, str(part / "state" / weights.name))
+    _write_json(part / "meta.json", {**meta, "carried": True})
+    shutil.rmtree(dest, ignore_errors=True)
+    part.rename(dest)
+    return dest
+
+
+def _is_carried(ckpt: Path) -> bool:
+    """Whether a checkpoint is a carried one (weights only; scripts/carry_checkpoint.py wrote it)."""
+    try:
+        return bool(json.loads((ckpt / "meta.json").read_text()).get("carried"))
+    except (OSError, ValueError, AttributeError):
+        return False  # the full resume names what is wrong with it
 
 
 def _learning_rates(lr_sched) -> list[float] | None:
@@ -1149,8 +1216,12 @@ def train_dit(cfg: Config, run: RunFolder, resume: bool, progress: Progress | No
         return {"ema": state}
 
     def load_ema(ckpt: Path, meta: dict[str, Any]) -> None:
-        shadow = load_file(str(ckpt / "ema.safetensors"))
-        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[f"{i}"] for i in range(len(shadow))]})
+        if meta.get("carried"):  # weights only: the average starts again from the carried weights, its step kept
+            shadow = [p.detach().clone() for p in trained]
+        else:
+            weights = load_file(str(ckpt / "ema.safetensors"))
+            shadow = [weights[f"{i}"] for i in range(len(weights))]
+        ema.load_state_dict({**meta["ema"], "shadow_params": shadow})
         if ema.decay != t.ema_decay:  # the checkpoint's decay came with its state; the run's settings decide
             log.info("the EMA decay: %s from the settings (its checkpoint had %s)", t.ema_decay, ema.decay)
             ema.decay = t.ema_decay
