@@ -442,12 +442,12 @@ def test_a_carried_checkpoint_resumes_with_its_weights_schedule_and_a_fresh_opti
     from soragen.train import carry_checkpoint
 
     src, dst = RunFolder(tmp_path / "a"), RunFolder(tmp_path / "b")
-    train(train_config(TINY + [f"train.output_dir={src.root}", "train.dit.stop_after=2", "train.dit.steps=6",
-                               "train.dit.warmup=4"]))
+    more = ["train.dit.steps=6", "train.dit.warmup=4", "train.dit.text_binding=0.5"]  # DiT, T5 and binding probe
+    train(train_config(TINY + [f"train.output_dir={src.root}", "train.dit.stop_after=2"] + more))
     ckpt = src.latest("dit")
     carried = carry_checkpoint(ckpt, dst.checkpoints / ckpt.name)
-    assert sorted(p.name for p in (carried / "state").iterdir()) == sorted(
-        p.name for p in (ckpt / "state").glob("model*.safetensors"))
+    assert sorted(p.name for p in (carried / "state").iterdir()) == [
+        "model.safetensors", "model_1.safetensors", "model_2.safetensors"]
     weights = load_file(str(carried / "state" / "model.safetensors"))
     full = load_file(str(ckpt / "state" / "model.safetensors"))
     assert all(w.dtype == torch.float16 for w in weights.values())
@@ -455,8 +455,7 @@ def test_a_carried_checkpoint_resumes_with_its_weights_schedule_and_a_fresh_opti
     shutil.copytree(src.vocabulary, dst.vocabulary)  # carry_run.sh carries the word ids and settings with it
     shutil.copy(src.root / "config.yaml", dst.root / "config.yaml")
     with caplog.at_level("INFO", logger="soragen"):
-        train(train_config(TINY + [f"train.output_dir={dst.root}", "train.dit.stop_after=3", "train.dit.steps=6",
-                                   "train.dit.warmup=4"]), resume=True)
+        train(train_config(TINY + [f"train.output_dir={dst.root}", "train.dit.stop_after=3"] + more), resume=True)
     assert "from the carried checkpoint" in caplog.text and "optimizer starts afresh" in caplog.text
     after = dst.latest("dit")
     assert after.name == "dit-0000003" and not json.loads((after / "meta.json").read_text()).get("carried")
